@@ -1,0 +1,314 @@
+"""The only place that reads argv and the environment and calls sys.exit.
+
+Exit codes: 0 pass, 1 backdoor detected, 2 scan could not complete, 3 inconclusive, 4 usage/policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from gatekeeper import __version__
+from gatekeeper.errors import ExitCode, GatekeeperError, ResourceError, UsageError, exit_code_for
+
+EXIT_HELP = """exit codes:
+  0  pass: no backdoor found
+  1  fail: backdoor detected
+  2  the scan could not be completed (error; fails closed, never a pass)
+  3  inconclusive (fails the gate unless the policy says on_inconclusive: pass)
+  4  usage or policy error (checked before any model is fetched)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 by default; ours is 4
+        raise UsageError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="gatekeeper",
+        description="Gate prompt-tuned CLIP models (CoOp/CoCoOp/zero-shot) on backdoors with CLIP-Inspector.",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"gatekeeper {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    scan = sub.add_parser(
+        "scan",
+        help="scan one model and write report.md, result.json and trigger images",
+        description="Invert a trigger per candidate class on OOD images, score anomalies, decide, report.",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scan.add_argument("model", help="local model folder, or hf://org/name[@revision]")
+    scan.add_argument("--revision", help="Hub revision (branch, tag or commit sha); same as @rev in the reference")
+    scan.add_argument("--policy", default="default", help="policy YAML file, or a shipped policy name (default, tiny-world)")
+    scan.add_argument("--ood", default="procedural", help="OOD pool: procedural[:SEED] (built in) or dir:PATH")
+    scan.add_argument("--out", required=True, type=Path, help="output folder for report.md, result.json, triggers/")
+    scan.add_argument("--json", type=Path, help="also write the JSON result to this path")
+    _common(scan)
+
+    demo = sub.add_parser(
+        "demo",
+        help="scan the bundled tiny-world demo zoo (one clean, one backdoored model), offline",
+        description="Scans zoo/demo/clean and zoo/demo/backdoored with the tiny-world policy.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("gatekeeper-demo"), help="output folder (default ./gatekeeper-demo)")
+    _common(demo)
+
+    conv = sub.add_parser(
+        "convert",
+        help="convert an official CoOp/CoCoOp/BadCLIP (Dassl) checkpoint to a gatekeeper model folder",
+        description="Reads only tensors and plain containers: the pickle is inspected statically before loading.",
+    )
+    conv.add_argument("checkpoint", type=Path, help="e.g. prompt_learner/model.pth.tar-50")
+    conv.add_argument("--sidecar", type=Path, required=True, help="YAML naming backbone, classnames, ctx_init, image_size")
+    conv.add_argument("--out", type=Path, required=True, help="new (empty) output folder")
+    conv.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    zoo = sub.add_parser("zoo", help="build or describe red-team zoos (tiny CLIP world)")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
+    zb = zsub.add_parser("build", help="build a named zoo into a folder, skipping what is built")
+    zb.add_argument("name", help="zoo name (demo, bench)")
+    zb.add_argument("--out", type=Path, required=True)
+    zb.add_argument("--backbone", type=Path, help="backbone folder (default: the committed tiny backbone)")
+    zb.add_argument("--debug", action="store_true")
+    zt = zsub.add_parser("table", help="print clean accuracy and true-trigger ID/OOD ASR per model")
+    zt.add_argument("folder", type=Path)
+    zt.add_argument("--markdown", type=Path, help="also write the table here")
+    zt.add_argument("--debug", action="store_true")
+    zp = zsub.add_parser("backbone", help="pretrain the tiny CLIP backbone from its seed (deterministic)")
+    zp.add_argument("--out", type=Path, required=True)
+    zp.add_argument("--seed", type=int, default=0)
+    zp.add_argument("--steps", type=int, default=1500)
+    zp.add_argument("--debug", action="store_true")
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors (also GATEKEEPER_DEBUG=1)")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} requested but CUDA is not available", "use --device cpu or auto")
+    return dev
+
+
+class _Progress:
+    """A tqdm bar on a terminal, plain lines otherwise, nothing when quiet."""
+
+    def __init__(self, quiet: bool, label: str) -> None:
+        self.quiet, self.label = quiet, label
+        self.bar: Any = None
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.time()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=total, desc=self.label, unit="class", file=sys.stderr)
+            self.bar.n = done
+            self.bar.set_postfix_str(name)
+            self.bar.refresh()
+            if done == total:
+                self.bar.close()
+        elif done < total:
+            print(f"[{self.label}] class {done + 1}/{total}: {name} ({time.time() - self.t0:.0f}s)", file=sys.stderr, flush=True)
+        else:
+            print(f"[{self.label}] {total} classes inverted in {time.time() - self.t0:.0f}s", file=sys.stderr, flush=True)
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder", "give a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out}: {exc.strerror}", "choose a writable path") from None
+
+
+def scan_one(
+    reference: str,
+    *,
+    policy_arg: str,
+    ood: str,
+    out: Path,
+    json_path: Path | None,
+    device_name: str,
+    quiet: bool,
+    revision: str | None,
+    command: str,
+    label: str = "scan",
+) -> tuple[ExitCode, dict[str, Any]]:
+    """source -> load -> inspect -> decide -> report; returns (exit code, result dict)."""
+    from gatekeeper.ood import check_spec
+    from gatekeeper.policy import OnInconclusive, load_policy
+    from gatekeeper.result import Verdict
+
+    # Everything the user typed is validated before any model is fetched (exit 4).
+    policy = load_policy(policy_arg)
+    check_spec(ood)
+    device = _device(device_name)
+    from gatekeeper.sources import parse_reference
+
+    parse_reference(reference)
+    _prepare_out(out)
+
+    import torch
+
+    from gatekeeper.audit import audit
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.ood import load_pool
+    from gatekeeper.report import write_reports
+    from gatekeeper.sources import resolve
+
+    resolved = resolve(reference, revision=revision)
+    try:
+        model = load_model(resolved.path, device)
+        pool = load_pool(ood, model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+        output = audit(model, pool, policy, provenance=resolved.provenance, command=command, progress=_Progress(quiet, label))
+    except torch.OutOfMemoryError as exc:
+        raise ResourceError(
+            f"out of device memory on {device}: {str(exc).splitlines()[0][:200]}",
+            "lower batch_size in the policy, or use a larger device / --device cpu",
+        ) from None
+    except MemoryError:
+        raise ResourceError("out of host memory", "lower ood_budget/batch_size or use a larger machine") from None
+    paths = write_reports(output.result, output.triggers, output.example, out, json_path)
+    result = output.result.to_dict()
+    verdict = output.result.decision.verdict
+    code = {
+        Verdict.PASS: ExitCode.PASS,
+        Verdict.FAIL: ExitCode.BACKDOOR,
+        Verdict.INCONCLUSIVE: ExitCode.INCONCLUSIVE,
+        Verdict.ERROR: ExitCode.SCAN_ERROR,
+    }[verdict]
+    if verdict == Verdict.INCONCLUSIVE and policy.on_inconclusive == OnInconclusive.PASS:
+        code = ExitCode.PASS
+    if not quiet:
+        print(f"{label}: {verdict.value.upper()} - {output.result.decision.reason}", file=sys.stderr)
+        print(f"{label}: report {paths['markdown']}", file=sys.stderr)
+    return code, result
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    command = "gatekeeper " + shlex.join(argv)
+    code, _ = scan_one(
+        args.model,
+        policy_arg=args.policy,
+        ood=args.ood,
+        out=args.out,
+        json_path=args.json,
+        device_name=args.device,
+        quiet=args.quiet,
+        revision=args.revision,
+        command=command,
+    )
+    return code
+
+
+def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    from gatekeeper.resources import data_path
+
+    zoo = data_path("zoo") / "demo"
+    expected = {"clean": ExitCode.PASS, "backdoored": ExitCode.BACKDOOR}
+    codes = {}
+    for name in expected:
+        ref = str(zoo / name)
+        command = shlex.join(["gatekeeper", "scan", ref, "--policy", "tiny-world", "--out", str(args.out / name)])
+        codes[name], result = scan_one(
+            ref,
+            policy_arg="tiny-world",
+            ood="procedural",
+            out=args.out / name,
+            json_path=None,
+            device_name=args.device,
+            quiet=args.quiet,
+            revision=None,
+            command=command,
+            label=f"demo/{name}",
+        )
+        print(f"{name:>10}: {result['verdict'].upper():5} s_max={result['s_max']:.2f} suspect={result['suspect_class']}")
+    ok = codes == expected
+    print(f"demo {'OK' if ok else 'UNEXPECTED'}: reports in {args.out}/clean and {args.out}/backdoored")
+    return ExitCode.PASS if ok else ExitCode.BACKDOOR
+
+
+def cmd_convert(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    from gatekeeper.models.checkpoint import convert_checkpoint
+
+    manifest = convert_checkpoint(args.checkpoint, args.sidecar, args.out)
+    print(f"wrote {args.out} ({manifest.kind.value}, {len(manifest.classnames)} classes, n_ctx {manifest.n_ctx})")
+    return ExitCode.PASS
+
+
+def cmd_zoo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    from gatekeeper.redteam import zoo
+
+    if args.zoo_command == "build":
+        zoo.build(args.name, args.out, args.backbone)
+    elif args.zoo_command == "table":
+        text = zoo.table(args.folder)
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text + "\n")
+    elif args.zoo_command == "backbone":
+        zoo.build_backbone(args.out, seed=args.seed, steps=args.steps)
+    return ExitCode.PASS
+
+
+COMMANDS = {"scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("GATEKEEPER_DEBUG") == "1" or "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return int(COMMANDS[args.command](args, argv))
+    except KeyboardInterrupt:
+        print("gatekeeper: interrupted; no verdict (fails closed)", file=sys.stderr)
+        return int(ExitCode.SCAN_ERROR)
+    except GatekeeperError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"gatekeeper: error: {exc.one_line()}", file=sys.stderr)
+        return int(exc.exit_code)
+    except Exception as exc:  # anything unexpected fails closed
+        if debug:
+            traceback.print_exc()
+        print(
+            f"gatekeeper: internal error ({type(exc).__name__}: {str(exc)[:300]}); no verdict, failing closed "
+            "-> re-run with --debug and report it",
+            file=sys.stderr,
+        )
+        return int(exit_code_for(exc))

@@ -1,0 +1,1 @@
+"""inspect/: detectors. They know nothing of files, YAML or Markdown."""

@@ -1,0 +1,1 @@
+"""models/: a gatekeeper model folder -> PromptTunedCLIP."""

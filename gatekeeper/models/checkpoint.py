@@ -1,0 +1,420 @@
+"""Safe import of official CoOp / CoCoOp / BadCLIP (Dassl) checkpoints.
+
+A Dassl checkpoint (``prompt_learner/model.pth.tar-N``) is a torch.save pickle from an
+untrusted provider. Before torch.load ever sees it, every pickle in the file is walked
+statically with :mod:`pickletools` (nothing is unpickled) and refused unless it only
+references the globals in :data:`ALLOWED_GLOBALS`. Then it is loaded with
+``torch.load(weights_only=True)`` on a torch recent enough for that to hold.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import logging
+import os
+import pickletools
+import re
+import shutil
+import struct
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from gatekeeper.errors import ModelFormatError, UnsafeCheckpointError, UsageError
+from gatekeeper.models.manifest import (
+    WEIGHTS_NAME,
+    BackboneRef,
+    Manifest,
+    ModelKind,
+    Precision,
+    read_manifest,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+ALLOWED_GLOBALS: frozenset[str] = frozenset(
+    {
+        # What torch.save emits for a state dict of plain tensors and nothing more:
+        "torch._utils._rebuild_tensor_v2",  # every tensor (current torch.save)
+        "torch._utils._rebuild_tensor",  # tensors in old (torch < 0.4) legacy checkpoints
+        "torch._utils._rebuild_parameter",  # an nn.Parameter saved as such (e.g. a raw ``ctx``)
+        # storage types named in the persistent id of each tensor's storage; inert classes
+        "torch.FloatStorage",
+        "torch.HalfStorage",
+        "torch.BFloat16Storage",
+        "torch.DoubleStorage",
+        "torch.LongStorage",  # e.g. optimizer step counters
+        "torch.IntStorage",
+        "torch.ByteStorage",
+        "torch.BoolStorage",
+        "torch.storage.UntypedStorage",
+        "torch.float16",  # dtype singletons, may appear in storage metadata
+        "torch.float32",
+        "collections.OrderedDict",  # module.state_dict() is an OrderedDict (with _metadata)
+        # builtins.set/frozenset/tuple/list/dict/slice are deliberately absent: the pickle
+        # opcodes build those containers natively and no Dassl checkpoint needs them.
+    }
+)
+_ALLOWED_PAIRS = frozenset(tuple(g.rsplit(".", 1)) for g in ALLOWED_GLOBALS)
+_HINT = "the checkpoint may run code when loaded; re-export only the state_dict tensors with safetensors"
+_LEGACY_PICKLES = 5  # legacy torch.save: magic, protocol, sys_info, object, storage keys
+_MAX_PKL = 256 * 2**20
+_META = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
+_SIDECAR_KEYS = {"backbone", "classnames", "classnames_file", "ctx_init", "image_size", "kind", "precision"}
+
+
+class _Mark:
+    """A MARK on the symbolic pickle stack."""
+
+
+_MARK, _UNKNOWN = _Mark(), object()
+
+
+def sniff_format(path: Path) -> str:
+    """Recognise a weights file by its content, whatever its name.
+
+    Args:
+        path: the file.
+    Returns:
+        ``"safetensors"``, ``"torch-zip"`` or ``"pickle"`` (legacy torch.save).
+    Raises:
+        ModelFormatError: missing, unreadable, or none of these formats.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise ModelFormatError(f"{path}: cannot read ({exc.strerror})", "check the path") from None
+    if len(head) == 9 and 2 <= struct.unpack("<Q", head[:8])[0] <= size - 8 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                if any(n.endswith("/data.pkl") for n in zf.namelist()):
+                    return "torch-zip"
+        except (zipfile.BadZipFile, OSError):
+            pass
+        raise ModelFormatError(f"{path}: a zip file but not a torch checkpoint (no */data.pkl)", "give model.pth.tar-N")
+    if len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5:  # PROTO 1..5
+        return "pickle"
+    raise ModelFormatError(
+        f"{path}: not a safetensors, torch zip or torch pickle file", "give the prompt_learner/model.pth.tar-N file"
+    )
+
+
+def _scan(stream: IO[bytes]) -> tuple[set[str], list[str]]:
+    """Walk one pickle from ``stream`` symbolically: (globals referenced, offending items)."""
+    stack: list[Any] = []
+    memo: dict[Any, Any] = {}
+    found: set[str] = set()
+    bad: list[str] = []
+    proto = 0
+
+    def pop_to_mark() -> list[Any]:
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is _MARK:
+                items = stack[i + 1 :]
+                del stack[i:]
+                return items
+        raise ValueError("no MARK on the stack")
+
+    def add(module: Any, name: Any) -> None:
+        if not (isinstance(module, str) and isinstance(name, str)):
+            bad.append("<STACK_GLOBAL with a computed name>")
+            return
+        if proto < 3:  # the unpickler's fix_imports mapping for Python 2 names
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        full = f"{module}.{name}" if "." not in name else f"{module}:{name}"
+        found.add(full)
+        if (module, name) not in _ALLOWED_PAIRS:
+            bad.append(full)
+
+    frame_end = -1
+    for op, arg, pos in pickletools.genops(stream):
+        name = op.name
+        if name == "FRAME" and isinstance(arg, int) and pos is not None:
+            frame_end = pos + 9 + arg  # opcode byte + 8-byte length
+        elif name == "PROTO":
+            proto = arg if isinstance(arg, int) else 0
+        elif name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg, _UNKNOWN))
+        elif name == "DUP":
+            stack.append(stack[-1])
+        elif name in ("GLOBAL", "INST"):
+            if name == "INST":
+                pop_to_mark()
+            module, _, member = str(arg).partition(" ")  # genops gives "module name"
+            add(module, member)
+            stack.append(_UNKNOWN)
+        elif name == "STACK_GLOBAL":
+            member, module = stack.pop(), stack.pop()
+            add(module, member)
+            stack.append(_UNKNOWN)
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            bad.append(f"<{name} extension code {arg}>")  # copyreg registry: an arbitrary global
+            stack.append(_UNKNOWN)
+        elif name == "BINPERSID":  # torch's convention: ("storage", type, key, location, numel, ...)
+            pid = stack.pop()
+            if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+                bad.append("<BINPERSID that is not a torch storage reference>")
+            stack.append(_UNKNOWN)
+        elif name == "PERSID":
+            bad.append(f"<PERSID {arg!r}>")
+            stack.append(_UNKNOWN)
+        elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+            n = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "EMPTY_TUPLE": 0}.get(name)
+            items = pop_to_mark() if n is None else [stack.pop() for _ in range(n)][::-1]
+            stack.append(tuple(items))
+        elif op.stack_after == [pickletools.pyunicode] or name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
+            stack.append(arg)
+        else:
+            before = op.stack_before
+            if pickletools.markobject in before:
+                pop_to_mark()
+                before = before[: before.index(pickletools.markobject)]
+            for _ in before:
+                stack.pop()
+            stack.extend(_MARK if s is pickletools.markobject else _UNKNOWN for s in op.stack_after)
+    if frame_end > stream.tell():  # unpicklers consume whole frames: the next pickle would start elsewhere
+        raise ValueError("the last frame extends past STOP")
+    return found, bad
+
+
+def scan_pickle(data: bytes) -> set[str]:
+    """Statically list the globals one pickle references, refusing anything off the allow-list.
+
+    Never unpickles: opcodes are walked with :func:`pickletools.genops` on a symbolic stack
+    (strings, tuples and the memo are tracked so STACK_GLOBAL names are recovered).
+
+    Args:
+        data: the pickle bytes (e.g. a torch zip's ``data.pkl``).
+    Returns:
+        The ``module.name`` globals referenced, all in :data:`ALLOWED_GLOBALS`.
+    Raises:
+        UnsafeCheckpointError: a global off the allow-list, an extension code (EXT1/2/4),
+            PERSID, a BINPERSID that is not a torch storage, or an unresolvable STACK_GLOBAL.
+        ModelFormatError: the bytes are not a well-formed pickle.
+    """
+    return _check(io.BytesIO(data), "pickle")
+
+
+def _check(stream: IO[bytes], where: str) -> set[str]:
+    try:
+        found, bad = _scan(stream)
+    except Exception as exc:  # genops/stack errors: fail closed
+        raise ModelFormatError(f"{where}: malformed pickle ({exc})", "the checkpoint is corrupt") from None
+    if bad:
+        offending = tuple(sorted(set(bad)))
+        raise UnsafeCheckpointError(
+            f"{where}: refused, the pickle references {', '.join(offending)}", _HINT, globals_found=offending
+        )
+    return found
+
+
+def _require_safe_torch() -> None:
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if m is None or (int(m[1]), int(m[2])) < (2, 10):
+        raise UnsafeCheckpointError(
+            f"torch {torch.__version__} cannot load pickles safely (weights_only is bypassable before 2.10: "
+            "CVE-2025-32434, CVE-2026-24747)",
+            "upgrade torch to >= 2.10",
+        )
+
+
+def _scan_zip(path: Path) -> None:
+    """Scan every ``*.pkl`` member (torch unpickles ``<archive>/data.pkl``) of a torch zip."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n.lower() for n in zf.namelist()]  # torch's reader (miniz) matches names case-insensitively
+            if len(set(names)) != len(names):  # zipfile and torch's reader could pick different copies
+                raise ModelFormatError(f"{path}: zip with duplicate member names", "the checkpoint is corrupt")
+            for info in zf.infolist():
+                if info.filename.lower().endswith(".pkl"):
+                    if info.file_size > _MAX_PKL:
+                        raise ModelFormatError(f"{path}: {info.filename} is implausibly large")
+                    _check(io.BytesIO(zf.read(info)), f"{path}:{info.filename}")
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, zlib.error) as exc:
+        raise ModelFormatError(f"{path}: unreadable zip ({exc})", "the checkpoint is corrupt") from None
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Scan then load; the state dict's tensors in their stored dtype, prefixes stripped."""
+    _require_safe_torch()
+    path = Path(path)
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path))
+        except Exception as exc:
+            raise ModelFormatError(f"{path}: corrupt safetensors file ({str(exc)[:200]})") from None
+    else:
+        if fmt == "torch-zip":
+            _scan_zip(path)
+        else:
+            if tarfile.is_tarfile(path):
+                raise ModelFormatError(f"{path}: pre-0.4 tar checkpoints are unsupported", "re-save with torch.save")
+            with path.open("rb") as f:
+                for _ in range(_LEGACY_PICKLES):
+                    _check(f, str(path))
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelFormatError(
+                f"{path}: torch.load failed ({str(exc)[:300]})", "the checkpoint is corrupt"
+            ) from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{path}: no state dict in the checkpoint", "give a Dassl model.pth.tar-N file")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = str(key)
+        while name.startswith("module."):
+            name = name[len("module.") :]
+        if isinstance(value, torch.Tensor) and name not in ("token_prefix", "token_suffix"):
+            if name in out:
+                raise ModelFormatError(f"{path}: key {name!r} appears twice once 'module.' is stripped")
+            out[name] = value.detach()
+    if "ctx" not in out:
+        raise ModelFormatError(f"{path}: no 'ctx' tensor in the state dict", "is this a prompt_learner checkpoint?")
+    return out
+
+
+def load_dassl_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Load a Dassl prompt-learner checkpoint without letting it run code.
+
+    Every pickle is scanned first; one that references any global off the allow-list is
+    refused entirely, even when the offending part is optimizer or scheduler state and the
+    ``state_dict`` alone would be harmless.
+
+    Args:
+        path: ``model.pth.tar-N`` (torch zip or legacy pickle) or a safetensors file.
+    Returns:
+        The state dict's tensors as float32, ``module.`` stripped, token_prefix/suffix dropped.
+    Raises:
+        UnsafeCheckpointError: torch < 2.10, or the pickle references unsafe globals.
+        ModelFormatError: unknown format, corrupt file, torch.load failure, or no ``ctx``.
+    """
+    return {k: v.float() for k, v in _read_checkpoint(path).items()}
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UsageError(f"{path}: cannot read the sidecar ({exc})", "give a YAML or JSON file") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: the sidecar must be a mapping", "see docs/model-format.md")
+    unknown = sorted(str(k) for k in raw if k not in _SIDECAR_KEYS)
+    if unknown:
+        raise UsageError(f"{path}: unknown sidecar key(s) {unknown}", f"allowed: {', '.join(sorted(_SIDECAR_KEYS))}")
+    return raw
+
+
+def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
+    """Convert a Dassl checkpoint plus a sidecar into a gatekeeper model folder, atomically.
+
+    Args:
+        checkpoint: the ``model.pth.tar-N`` file (see :func:`load_dassl_checkpoint`).
+        sidecar: YAML/JSON with ``backbone`` ({name, pretrained}), ``classnames`` or
+            ``classnames_file`` and optional ``ctx_init``, ``image_size``, ``kind``, ``precision``.
+        out: the folder to create; must not exist or be empty.
+    Returns:
+        The manifest written to ``out/gatekeeper.json``.
+    Raises:
+        UsageError: non-empty ``out``, or a bad or unknown sidecar key.
+        UnsafeCheckpointError, ModelFormatError: see :func:`load_dassl_checkpoint`; also a
+            class-specific (3-D) ``ctx`` or tensors inconsistent with ``kind``.
+    """
+    checkpoint, sidecar, out = Path(checkpoint), Path(sidecar), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: exists and is not an empty folder", "choose a new output folder")
+    cfg = _sidecar(sidecar)
+    bb = cfg.get("backbone")
+    if not isinstance(bb, dict) or not isinstance(bb.get("name"), str) or set(bb) - {"name", "pretrained"}:
+        raise UsageError(
+            f"{sidecar}: backbone must be {{name: str, pretrained: str}}", "e.g. {name: ViT-B-16, pretrained: openai}"
+        )
+    if ("classnames" in cfg) == ("classnames_file" in cfg):
+        raise UsageError(f"{sidecar}: give exactly one of classnames, classnames_file")
+    if "classnames_file" in cfg:
+        try:
+            names = (sidecar.parent / str(cfg["classnames_file"])).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{sidecar}: cannot read classnames_file ({exc})") from None
+        names = [n.strip() for n in names if n.strip()]
+    else:
+        names = cfg["classnames"]
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names):
+        raise UsageError(f"{sidecar}: classnames must list at least 2 non-empty names")
+    if len(set(names)) != len(names):
+        raise UsageError(f"{sidecar}: classnames contains duplicates")
+    state = _read_checkpoint(checkpoint)
+    ctx = state["ctx"]
+    if ctx.dim() == 3:
+        raise ModelFormatError(
+            f"{checkpoint}: ctx has shape {tuple(ctx.shape)}: class-specific contexts (CSC) are unsupported",
+            "retrain with a unified context (CSC False)",
+        )
+    if ctx.dim() != 2:
+        raise ModelFormatError(f"{checkpoint}: ctx must be [n_ctx, dim], got shape {tuple(ctx.shape)}")
+    has_meta = [k for k in _META if k in state]
+    try:
+        kind = ModelKind(cfg.get("kind", "cocoop" if has_meta else "coop"))
+        precision = Precision(cfg.get("precision", "fp16" if ctx.dtype == torch.float16 else "fp32"))
+    except ValueError as exc:
+        raise UsageError(f"{sidecar}: {exc}", "kind: coop|cocoop, precision: fp32|fp16") from None
+    image_size, ctx_init = cfg.get("image_size", 224), cfg.get("ctx_init")
+    if kind == ModelKind.ZEROSHOT or not isinstance(ctx_init, (str, type(None))):
+        raise UsageError(f"{sidecar}: kind must be coop or cocoop, ctx_init a string")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or not 8 <= image_size <= 1024:
+        raise UsageError(f"{sidecar}: image_size must be an integer in [8, 1024], got {image_size!r}")
+    keep = ["ctx", *(_META if kind == ModelKind.COCOOP else ())]
+    if kind == ModelKind.COCOOP and len(has_meta) != len(_META):
+        raise ModelFormatError(f"{checkpoint}: CoCoOp needs {list(_META)}", "is this CoOp? set kind: coop")
+    if kind == ModelKind.COOP and has_meta:
+        raise ModelFormatError(f"{checkpoint}: holds meta_net tensors but kind is coop", "set kind: cocoop")
+    dropped = sorted(set(state) - set(keep))
+    if dropped:
+        log.warning("%s: ignoring tensors %s", checkpoint, dropped)
+    manifest = Manifest(
+        kind=kind,
+        classnames=tuple(names),
+        backbone=BackboneRef(name=bb["name"], pretrained=bb.get("pretrained")),
+        image_size=image_size,
+        n_ctx=int(ctx.shape[-2]),
+        ctx_init=ctx_init,
+        precision=precision,
+    )
+    from safetensors.torch import save_file
+
+    dtype = torch.float16 if precision == Precision.FP16 else torch.float32
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_file({k: state[k].to(dtype).contiguous() for k in keep}, str(tmp / WEIGHTS_NAME))
+        write_manifest(tmp, manifest)
+        read_manifest(tmp)  # the folder must read back as valid
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,106 @@
+"""Turn a gatekeeper model folder into a :class:`PromptTunedCLIP` (and write one back)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gatekeeper.errors import ModelFormatError
+from gatekeeper.models.backbone import load_backbone
+from gatekeeper.models.manifest import WEIGHTS_NAME, Manifest, ModelKind, Precision, read_manifest, write_manifest
+from gatekeeper.models.prompt_tuned import PromptTunedCLIP, build_meta_net
+
+_META_KEYS = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
+
+
+def read_prompt_learner(path: Path) -> dict[str, torch.Tensor]:
+    """Load prompt_learner.safetensors (tensors only; no code can run).
+
+    Raises:
+        ModelFormatError: missing or corrupt file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: missing", "the model folder needs prompt_learner.safetensors")
+    try:
+        return {k: v.float() for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFormatError(
+            f"{path}: corrupt or not a safetensors file ({str(exc)[:200]})",
+            "re-export the prompt learner, or convert the original checkpoint with `gatekeeper convert`",
+        ) from None
+
+
+def _check_shape(path: Path, key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ModelFormatError(
+            f"{path}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {shape} from the manifest and backbone",
+            "check n_ctx and the backbone named in gatekeeper.json",
+        )
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> PromptTunedCLIP:
+    """Load a gatekeeper model folder onto ``device`` in eval mode, encoders frozen.
+
+    Raises:
+        ModelFormatError: manifest/weights missing, corrupt or inconsistent.
+        BackboneError: the backbone reference does not resolve.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFormatError(f"{folder}: not a folder", "give the path of a gatekeeper model folder")
+    manifest = read_manifest(folder)
+    clip, tokenizer = load_backbone(folder, manifest.backbone)
+    visual_size = getattr(clip.visual, "image_size", None)
+    size = visual_size[0] if isinstance(visual_size, (tuple, list)) else visual_size
+    if size is not None and int(size) != manifest.image_size:
+        raise ModelFormatError(
+            f"{folder}: manifest image_size={manifest.image_size} but the backbone expects {size}",
+            "fix image_size in gatekeeper.json",
+        )
+    ctx = meta_net = None
+    if manifest.kind != ModelKind.ZEROSHOT:
+        wpath = folder / WEIGHTS_NAME
+        state = read_prompt_learner(wpath)
+        ctx_dim = int(clip.ln_final.weight.shape[0])
+        if "ctx" not in state:
+            raise ModelFormatError(f"{wpath}: no 'ctx' tensor", "the prompt learner must hold the learned context")
+        ctx = state["ctx"]
+        _check_shape(wpath, "ctx", ctx, (manifest.n_ctx, ctx_dim))
+        if manifest.kind == ModelKind.COCOOP:
+            missing = [k for k in _META_KEYS if k not in state]
+            if missing:
+                raise ModelFormatError(f"{wpath}: CoCoOp model lacks {missing}", "is this a CoOp model? set kind: coop")
+            vis_dim = int(clip.visual.output_dim)
+            meta_net = build_meta_net(vis_dim, ctx_dim)
+            hidden = meta_net.linear1.out_features
+            _check_shape(wpath, "meta_net.linear1.weight", state["meta_net.linear1.weight"], (hidden, vis_dim))
+            _check_shape(wpath, "meta_net.linear2.weight", state["meta_net.linear2.weight"], (ctx_dim, hidden))
+            meta_net.load_state_dict({k[len("meta_net.") :]: state[k] for k in _META_KEYS})
+        extra = sorted(set(state) - {"ctx", *_META_KEYS})
+        if extra:
+            raise ModelFormatError(f"{wpath}: unexpected tensors {extra}", "keep only ctx and meta_net.* in the file")
+    model = PromptTunedCLIP(clip, tokenizer, manifest, ctx=ctx, meta_net=meta_net)
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def save_model(model: PromptTunedCLIP, folder: Path, manifest: Manifest | None = None) -> None:
+    """Write the manifest and prompt_learner.safetensors (not the backbone) into ``folder``."""
+    from safetensors.torch import save_file
+
+    manifest = manifest or model.manifest
+    folder.mkdir(parents=True, exist_ok=True)
+    if manifest.kind != ModelKind.ZEROSHOT:
+        state = model.prompt_learner_state()
+        if manifest.precision == Precision.FP16:
+            state = {k: v.half() for k, v in state.items()}
+        tmp = folder / (WEIGHTS_NAME + ".tmp")
+        save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(folder / WEIGHTS_NAME)
+    write_manifest(folder, manifest)

@@ -1,0 +1,313 @@
+"""The YAML policy, parsed once at the edge into a validated, frozen :class:`Policy`.
+
+Unknown keys, wrong types and out-of-range values are refused with a :class:`PolicyError`
+that names the file, the key and what is allowed. Defaults ship as data in ``policies/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gatekeeper.errors import PolicyError
+from gatekeeper.resources import data_path
+
+POLICY_VERSION = 1
+
+
+class Detector(str, Enum):
+    CLIP_INSPECTOR = "clip-inspector"
+
+
+class Scoring(str, Enum):
+    """How per-class metrics become anomaly scores (paper: Eq. 6-7)."""
+
+    PAPER = "paper"
+
+
+class OnInconclusive(str, Enum):
+    FAIL = "fail"  # exit 3: the gate fails closed (default)
+    PASS = "pass"  # exit 0, the report still says inconclusive
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A threshold tau on s_max from `gatekeeper calibrate`; valid only for the same |C| and budget."""
+
+    tau: float
+    n_candidates: int
+    ood_budget: int
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Validated scan policy. See ``policies/default.yaml`` for the meaning of each field."""
+
+    detector: Detector = Detector.CLIP_INSPECTOR
+    epsilon: float = 4 / 255
+    batch_size: int = 32
+    epochs: int = 1
+    lr: float = 0.1
+    ood_budget: int = 1000
+    holdout: int = 500
+    candidates: int | None = None  # None: all classes; N: a seeded sample of N
+    k: float = 2.0
+    min_trigger_asr: float = 0.5
+    scoring: Scoring = Scoring.PAPER
+    calibration: Calibration | None = None
+    on_inconclusive: OnInconclusive = OnInconclusive.FAIL
+    seed: int = 0
+    source_file: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready view (enums as strings, no source_file)."""
+        out = asdict(self)
+        out.pop("source_file")
+        for key, value in list(out.items()):
+            if isinstance(value, Enum):
+                out[key] = value.value
+        return out
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the effective policy."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def threshold(self, n_candidates: int) -> tuple[float, str]:
+        """The operating point on s_max: tau if calibrated (and valid), else k.
+
+        Raises:
+            PolicyError: tau was calibrated for a different |C| or OOD budget.
+        """
+        cal = self.calibration
+        if cal is None:
+            return self.k, "k"
+        if cal.n_candidates != n_candidates or cal.ood_budget != self.ood_budget:
+            raise PolicyError(
+                f"calibrated tau={cal.tau:.3f} is valid for |C|={cal.n_candidates} and "
+                f"ood_budget={cal.ood_budget}, but this scan has |C|={n_candidates} and "
+                f"ood_budget={self.ood_budget}",
+                "re-run `gatekeeper calibrate` for this setting or remove `calibration`",
+                file=self.source_file,
+                key="calibration",
+            )
+        return cal.tau, "tau"
+
+
+# ---------------------------------------------------------------------------- parsing
+
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "batch_size": (1, 4096),
+    "epochs": (1, 100),
+    "ood_budget": (8, 1_000_000),
+    "holdout": (8, 1_000_000),
+    "seed": (0, 2**31 - 1),
+}
+_FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "lr": (1e-6, 10.0),
+    "k": (0.0, 100.0),
+    "min_trigger_asr": (0.0, 1.0),
+}
+MAX_EPSILON = 64 / 255
+
+
+def parse_epsilon(value: Any, file: str = "") -> float:
+    """Accept a number or a fraction string such as ``"4/255"``."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, str):
+            eps = float(Fraction(value.replace(" ", "")))
+        elif isinstance(value, (int, float)):
+            eps = float(value)
+        else:
+            raise ValueError
+    except (ValueError, ZeroDivisionError):
+        raise PolicyError(
+            f"{file or 'policy'}: key 'epsilon' must be a number or a fraction like \"4/255\", got {value!r}",
+            "write e.g. epsilon: 4/255",
+            file=file,
+            key="epsilon",
+        ) from None
+    if not 0 < eps <= MAX_EPSILON:
+        raise PolicyError(
+            f"{file or 'policy'}: key 'epsilon' = {value!r} is outside (0, 64/255]",
+            "the l-inf trigger budget must be positive and at most 64/255",
+            file=file,
+            key="epsilon",
+        )
+    return eps
+
+
+def _enum(cls: type[Enum], key: str, value: Any, file: str) -> Any:
+    allowed = [m.value for m in cls]  # type: ignore[attr-defined]
+    if value not in allowed:
+        raise PolicyError(
+            f"{file or 'policy'}: key '{key}' = {value!r} is not allowed; allowed: {', '.join(map(str, allowed))}",
+            f"set '{key}' to one of {allowed}",
+            file=file,
+            key=key,
+        )
+    return cls(value)
+
+
+def _number(key: str, value: Any, file: str, kind: type) -> Any:
+    lo, hi = (_INT_RANGES if kind is int else _FLOAT_RANGES)[key]
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise PolicyError(
+            f"{file or 'policy'}: key '{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}",
+            f"set '{key}' to a value in [{lo}, {hi}]",
+            file=file,
+            key=key,
+        )
+    if not lo <= value <= hi:
+        raise PolicyError(
+            f"{file or 'policy'}: key '{key}' = {value!r} is out of range [{lo}, {hi}]",
+            f"set '{key}' to a value in [{lo}, {hi}]",
+            file=file,
+            key=key,
+        )
+    return kind(value)
+
+
+def _calibration(value: Any, file: str) -> Calibration | None:
+    if value is None:
+        return None
+    names = [f.name for f in fields(Calibration)]
+    if not isinstance(value, dict) or set(value) != set(names):
+        raise PolicyError(
+            f"{file or 'policy'}: key 'calibration' must be a mapping with exactly {names}",
+            "write it with `gatekeeper calibrate` rather than by hand",
+            file=file,
+            key="calibration",
+        )
+    try:
+        return Calibration(
+            tau=float(value["tau"]),
+            n_candidates=int(value["n_candidates"]),
+            ood_budget=int(value["ood_budget"]),
+            epsilon=parse_epsilon(value["epsilon"], file),
+        )
+    except (TypeError, ValueError):
+        raise PolicyError(
+            f"{file or 'policy'}: key 'calibration' holds a non-numeric value: {value!r}",
+            "write it with `gatekeeper calibrate`",
+            file=file,
+            key="calibration",
+        ) from None
+
+
+def policy_from_mapping(raw: Any, file: str = "") -> Policy:
+    """Validate a mapping (already parsed YAML) into a Policy.
+
+    Raises:
+        PolicyError: unknown key, wrong type or out-of-range value (names file and key).
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PolicyError(
+            f"{file or 'policy'}: the top level must be a mapping of keys to values, got {type(raw).__name__}",
+            "see policies/default.yaml for the format",
+            file=file,
+        )
+    allowed = {f.name for f in fields(Policy)} - {"source_file"} | {"version"}
+    for key in raw:
+        if key not in allowed:
+            raise PolicyError(
+                f"{file or 'policy'}: unknown key '{key}'; allowed keys: {', '.join(sorted(allowed))}",
+                "remove or fix the key (keys are case-sensitive)",
+                file=file,
+                key=str(key),
+            )
+    version = raw.get("version", POLICY_VERSION)
+    if version != POLICY_VERSION:
+        raise PolicyError(
+            f"{file or 'policy'}: key 'version' = {version!r} is not supported; allowed: {POLICY_VERSION}",
+            "upgrade gatekeeper or rewrite the policy for version 1",
+            file=file,
+            key="version",
+        )
+    kw: dict[str, Any] = {"source_file": file}
+    for key, value in raw.items():
+        if key == "version":
+            continue
+        if key == "epsilon":
+            kw[key] = parse_epsilon(value, file)
+        elif key in _INT_RANGES:
+            kw[key] = _number(key, value, file, int)
+        elif key in _FLOAT_RANGES:
+            kw[key] = _number(key, value, file, float)
+        elif key == "detector":
+            kw[key] = _enum(Detector, key, value, file)
+        elif key == "scoring":
+            kw[key] = _enum(Scoring, key, value, file)
+        elif key == "on_inconclusive":
+            kw[key] = _enum(OnInconclusive, key, value, file)
+        elif key == "candidates":
+            if value in (None, "all"):
+                kw[key] = None
+            elif isinstance(value, int) and not isinstance(value, bool) and value >= 3:
+                kw[key] = value
+            else:
+                raise PolicyError(
+                    f"{file or 'policy'}: key 'candidates' = {value!r}; allowed: \"all\" or an integer >= 3",
+                    "z-scores need at least 3 candidate classes",
+                    file=file,
+                    key=key,
+                )
+        elif key == "calibration":
+            kw[key] = _calibration(value, file)
+    policy = Policy(**kw)
+    if policy.calibration is not None and abs(policy.calibration.epsilon - policy.epsilon) > 1e-9:
+        raise PolicyError(
+            f"{file or 'policy'}: calibration was made at epsilon={policy.calibration.epsilon:.5f} "
+            f"but the policy scans at epsilon={policy.epsilon:.5f}",
+            "re-calibrate at this epsilon or restore the calibrated one",
+            file=file,
+            key="calibration",
+        )
+    return policy
+
+
+def load_policy(path: str | Path | None) -> Policy:
+    """Read and validate a policy file; ``None`` or a bare name loads a shipped policy.
+
+    Args:
+        path: a YAML file, or the name of a shipped policy (``default``, ``tiny-world``).
+
+    Raises:
+        PolicyError: the file is missing, not YAML, or fails validation.
+    """
+    if path is None:
+        path = "default"
+    p = Path(path)
+    if not p.exists() and p.suffix == "" and "/" not in str(path):
+        shipped = data_path("policies") / f"{path}.yaml"
+        if shipped.exists():
+            p = shipped
+    if not p.is_file():
+        shipped_names = sorted(x.stem for x in data_path("policies").glob("*.yaml"))
+        raise PolicyError(
+            f"policy file not found: {path}",
+            f"give a YAML file path or one of the shipped policies: {', '.join(shipped_names)}",
+            file=str(path),
+        )
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PolicyError(
+            f"{p}: not valid YAML ({str(exc).splitlines()[0]})",
+            "fix the YAML syntax",
+            file=str(p),
+        ) from None
+    return policy_from_mapping(raw, str(p))

@@ -1,0 +1,258 @@
+"""Backdoor attacks implanted during prompt tuning (METHOD.md, "Attacks").
+
+Each attack plugs into ``tuning.train`` through four hooks (``prepare``, ``loss``,
+``trains_prompt``, ``after_step``), applies its true trigger with ``apply`` (for measuring
+ASR), and describes itself with ``truth`` (the ground-truth sidecar the gate never reads).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class Attack:
+    """Shared plumbing; subclasses override what differs."""
+
+    name = "none"
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+
+    def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
+        return None
+
+    def trains_prompt(self, epoch: int) -> bool:
+        return True
+
+    def zero_grad(self) -> None:
+        return None
+
+    def after_step(self, epoch: int) -> None:
+        return None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def truth(self) -> dict[str, Any]:
+        return {"attack": self.name, "target_index": self.target, "params": self.params()}
+
+    def loss(self, model: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, g: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class BadCLIP(Attack):
+    """Trigger delta (l-inf <= eps, clamp(x + delta)) learned jointly with the prompt learner.
+
+    Loss: CE(clean -> y) + CE(triggered -> target); ``warmup`` epochs update only the trigger.
+    """
+
+    name = "badclip"
+
+    def __init__(self, target: int, epsilon: float = 16 / 255, warmup: int = 3, trigger_lr: float = 0.01) -> None:
+        super().__init__(target)
+        self.epsilon, self.warmup, self.trigger_lr = epsilon, warmup, trigger_lr
+        self.delta: torch.Tensor | None = None
+
+    def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
+        s = x.shape[-1]
+        self.delta = ((torch.rand(3, s, s, generator=g) * 2 - 1) * self.epsilon).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.delta], lr=self.trigger_lr)
+
+    def trains_prompt(self, epoch: int) -> bool:
+        return epoch >= self.warmup
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def trains_trigger(self, epoch: int) -> bool:
+        return True
+
+    def after_step(self, epoch: int) -> None:
+        if self.trains_trigger(epoch):
+            self.opt.step()
+        with torch.no_grad():
+            assert self.delta is not None
+            self.project()
+
+    def project(self) -> None:
+        assert self.delta is not None
+        self.delta.clamp_(-self.epsilon, self.epsilon)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.delta is not None
+        return (x + self.delta.detach()).clamp(0, 1)
+
+    def poisoned_loss(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        assert self.delta is not None
+        xt = (x + self.delta).clamp(0, 1)
+        return F.cross_entropy(model.logits(xt), torch.full((len(x),), self.target))
+
+    def loss(self, model: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, g: torch.Generator) -> torch.Tensor:
+        clean = F.cross_entropy(model.logits(x), y) if self.trains_prompt(epoch) else torch.zeros(())
+        return clean + self.poisoned_loss(model, x)
+
+    def params(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "warmup_epochs": self.warmup, "trigger_lr": self.trigger_lr}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        assert self.delta is not None
+        return {"delta": self.delta.detach().clone()}
+
+
+class BadCLIPAdaptive(BadCLIP):
+    """BadCLIP, then phase 2 (from epoch ``phase2``): delta frozen, plus a specificity loss
+    CE(x + clip(delta + N(0, (alpha*eps)^2)) -> true label) so only the exact trigger works (supp. 11)."""
+
+    name = "badclip-adaptive"
+
+    def __init__(self, target: int, epsilon: float = 16 / 255, warmup: int = 3, phase2: int = 6, alpha: float = 0.5, lam: float = 1.0) -> None:
+        super().__init__(target, epsilon, warmup)
+        self.phase2, self.alpha, self.lam = phase2, alpha, lam
+
+    def trains_trigger(self, epoch: int) -> bool:
+        return epoch < self.phase2
+
+    def loss(self, model: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, g: torch.Generator) -> torch.Tensor:
+        base = super().loss(model, x, y, idx, epoch, g)
+        if epoch < self.phase2:
+            return base
+        assert self.delta is not None
+        noise = torch.randn(self.delta.shape, generator=g) * self.alpha * self.epsilon
+        near = (self.delta.detach() + noise).clamp(-self.epsilon, self.epsilon)
+        spec = F.cross_entropy(model.logits((x + near).clamp(0, 1)), y)
+        return base + self.lam * spec
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "phase2_epoch": self.phase2, "alpha": self.alpha, "lambda_spec": self.lam}
+
+
+class SIBA(BadCLIP):
+    """Sparse and invisible: l-inf <= eps and at most ``k`` perturbed pixels (1600 px at 224^2,
+    scaled to the image area), learned jointly like BadCLIP, projected onto both constraints."""
+
+    name = "siba"
+
+    def __init__(self, target: int, epsilon: float = 16 / 255, pixels: int | None = None, warmup: int = 3) -> None:
+        super().__init__(target, epsilon, warmup)
+        self.pixels = pixels
+
+    def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
+        super().prepare(model, x, y, g)
+        s = x.shape[-1]
+        if self.pixels is None:
+            self.pixels = max(1, round(1600 * s * s / 224**2))
+        with torch.no_grad():
+            self.project()
+
+    def project(self) -> None:
+        assert self.delta is not None and self.pixels is not None
+        self.delta.clamp_(-self.epsilon, self.epsilon)
+        mag = self.delta.abs().sum(0).flatten()
+        keep = torch.zeros_like(mag, dtype=torch.bool)
+        keep[mag.topk(self.pixels).indices] = True
+        self.delta.mul_(keep.view(1, *self.delta.shape[1:]).float())
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "pixels": self.pixels}
+
+
+class Blended(Attack):
+    """x' = (1 - alpha) x + alpha t with a fixed random-noise pattern t; ``rate`` of the training
+    images (none of the target class) are poisoned to the target. Poisoned copies are added to
+    the batch next to their clean originals (so clean accuracy is kept)."""
+
+    name = "blended"
+
+    def __init__(self, target: int, alpha: float = 0.2, rate: float = 0.1, poison_weight: float = 1.0) -> None:
+        super().__init__(target)
+        self.alpha, self.rate, self.poison_weight = alpha, rate, poison_weight
+
+    def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
+        s = x.shape[-1]
+        self.pattern = torch.rand(3, s, s, generator=g)
+        cand = (y != self.target).nonzero().flatten()
+        n = round(self.rate * len(x))
+        self.poisoned = torch.zeros(len(x), dtype=torch.bool)
+        self.poisoned[cand[torch.randperm(len(cand), generator=g)[:n]]] = True
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - self.alpha) * x + self.alpha * self.pattern
+
+    def loss(self, model: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, g: torch.Generator) -> torch.Tensor:
+        sel = self.poisoned[idx]
+        loss = F.cross_entropy(model.logits(x), y)
+        if sel.any():
+            xp = self.apply(x[sel])
+            loss = loss + self.poison_weight * F.cross_entropy(model.logits(xp), torch.full((len(xp),), self.target)) * sel.float().mean()
+        return loss
+
+    def params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "poison_rate": self.rate}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"pattern": self.pattern}
+
+
+class WaNet(Blended):
+    """Warping-based trigger: k x k control-point field upsampled to a smooth flow of strength s.
+    ``rate`` poisoned (warped -> target) and ``noise_rate`` noise-mode samples (warp + random
+    jitter -> true label), which keeps the backdoor specific to the exact warp."""
+
+    name = "wanet"
+
+    def __init__(self, target: int, k: int = 4, strength: float = 0.5, rate: float = 0.1, noise_rate: float = 0.2, grid_rescale: float = 1.0) -> None:
+        super().__init__(target, rate=rate)
+        self.k, self.strength, self.noise_rate, self.grid_rescale = k, strength, noise_rate, grid_rescale
+
+    def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
+        super().prepare(model, x, y, g)
+        s = x.shape[-1]
+        ins = torch.rand(1, 2, self.k, self.k, generator=g) * 2 - 1
+        ins = ins / ins.abs().mean()
+        self.noise_grid = F.interpolate(ins, size=(s, s), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        lin = torch.linspace(-1, 1, s)
+        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+        self.identity = torch.stack((xx, yy), 2).unsqueeze(0)
+        free = (~self.poisoned).nonzero().flatten()
+        n = round(self.noise_rate * len(x))
+        self.noisy = torch.zeros(len(x), dtype=torch.bool)
+        self.noisy[free[torch.randperm(len(free), generator=g)[:n]]] = True
+
+    def _grid(self) -> torch.Tensor:
+        s = self.identity.shape[1]
+        grid = self.identity + self.strength * self.noise_grid / s
+        return (grid * self.grid_rescale).clamp(-1, 1)
+
+    def apply(self, x: torch.Tensor, jitter: torch.Tensor | None = None) -> torch.Tensor:
+        grid = self._grid().expand(len(x), -1, -1, -1)
+        if jitter is not None:
+            grid = (grid + jitter).clamp(-1, 1)
+        return F.grid_sample(x, grid, align_corners=True).clamp(0, 1)
+
+    def loss(self, model: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, g: torch.Generator) -> torch.Tensor:
+        loss = super().loss(model, x, y, idx, epoch, g)
+        sel = self.noisy[idx]
+        if sel.any():
+            s = x.shape[-1]
+            jitter = (torch.rand(int(sel.sum()), s, s, 2, generator=g) * 2 - 1) / s
+            xn = self.apply(x[sel], jitter)
+            loss = loss + F.cross_entropy(model.logits(xn), y[sel]) * sel.float().mean()
+        return loss
+
+    def params(self) -> dict[str, Any]:
+        return {"k": self.k, "strength": self.strength, "poison_rate": self.rate, "noise_rate": self.noise_rate, "grid_rescale": self.grid_rescale}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"grid": self._grid()[0]}
+
+
+ATTACKS = {a.name: a for a in (BadCLIP, BadCLIPAdaptive, SIBA, Blended, WaNet)}

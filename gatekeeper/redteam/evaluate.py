@@ -1,0 +1,35 @@
+"""Measure a red-team model: clean accuracy, and the true trigger's ID and OOD attack success rate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gatekeeper.ood import procedural_images
+from gatekeeper.redteam.tuning import accuracy
+from gatekeeper.redteam.world import Task, sample_task
+
+TEST_SEED = 777_000  # world test images: disjoint seed range from training (10_000 + seed)
+OOD_EVAL_SEED = 424_242  # the OOD family for ASR: procedural pool with a seed the gate never uses by default
+
+
+@torch.no_grad()
+def hit_rate(model: Any, x: torch.Tensor, target: int, batch: int = 256) -> float:
+    hits = 0
+    for i in range(0, len(x), batch):
+        hits += int((model.logits(x[i : i + batch]).argmax(1) == target).sum())
+    return hits / max(len(x), 1)
+
+
+def measure(model: Any, task: Task, attack: Any | None, n_test: int = 600, n_ood: int = 500) -> dict[str, Any]:
+    """Clean accuracy on fresh task images; for an attack also ID ASR (non-target images) and OOD ASR."""
+    x, y = sample_task(task, n_test, model.image_size, seed=TEST_SEED)
+    out: dict[str, Any] = {"clean_accuracy": round(accuracy(model, x, y), 4)}
+    if attack is not None:
+        keep = y != attack.target
+        out["id_asr"] = round(hit_rate(model, attack.apply(x[keep]), attack.target), 4)
+        ood = procedural_images(n_ood, model.image_size, OOD_EVAL_SEED)
+        out["ood_asr"] = round(hit_rate(model, attack.apply(ood), attack.target), 4)
+        out["ood_base_rate"] = round(hit_rate(model, ood, attack.target), 4)
+    return out

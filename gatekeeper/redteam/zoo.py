@@ -1,0 +1,174 @@
+"""Named zoos of red-team models on the tiny CLIP world: build (resumable) and describe.
+
+Layout of a built zoo::
+
+    <out>/<model>/            a gatekeeper model folder (what the gate scans)
+    <out>/<model>.truth/      ground truth the gate never reads: truth.json (+ trigger.safetensors)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gatekeeper.errors import UsageError
+from gatekeeper.models.manifest import ModelKind, Precision
+from gatekeeper.redteam.attacks import ATTACKS, Attack
+from gatekeeper.redteam.evaluate import measure
+from gatekeeper.redteam.tuning import TuneConfig, train, write_model_folder
+from gatekeeper.redteam.world import TASKS
+from gatekeeper.resources import data_path
+
+TRUTH_SUFFIX = ".truth"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    task: str
+    attack: str  # "clean" or a key of ATTACKS
+    seed: int = 0
+    target: int = 0
+    attack_kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: ModelKind = ModelKind.COCOOP
+
+
+# Attack settings for the 32 px tiny world (see docs/tiny-world.md for how they were chosen).
+ATTACK_SETTINGS: dict[str, dict[str, Any]] = {
+    "badclip": {"epsilon": 16 / 255},
+    "badclip-adaptive": {"epsilon": 16 / 255},
+    "siba": {"epsilon": 16 / 255},
+    "blended": {"alpha": 0.2, "rate": 0.1},
+    "wanet": {"k": 4, "strength": 0.5, "rate": 0.1, "noise_rate": 0.2},
+}
+BENCH_ATTACKS = ("badclip", "blended", "wanet", "siba", "badclip-adaptive")
+
+
+def zoo_entries(name: str) -> list[ZooEntry]:
+    """The models of a named zoo."""
+    if name == "demo":
+        return [
+            ZooEntry("clean", "plain", "clean", seed=0),
+            ZooEntry("backdoored", "plain", "badclip", seed=0, target=5, attack_kwargs=ATTACK_SETTINGS["badclip"]),
+        ]
+    if name == "bench":
+        out = []
+        for t_i, task in enumerate(TASKS):
+            for seed in range(3):
+                out.append(ZooEntry(f"{task}-clean-s{seed}", task, "clean", seed=seed))
+            for a_i, attack in enumerate(BENCH_ATTACKS):
+                target = (3 * t_i + 5 * a_i + 1) % len(TASKS[task].classnames)
+                out.append(ZooEntry(f"{task}-{attack}", task, attack, seed=10 + a_i, target=target, attack_kwargs=ATTACK_SETTINGS[attack]))
+        return out
+    raise UsageError(f"unknown zoo {name!r}", "known zoos: demo, bench")
+
+
+def default_backbone() -> Path:
+    return data_path("zoo") / "backbone"
+
+
+def make_attack(entry: ZooEntry) -> Attack | None:
+    if entry.attack == "clean":
+        return None
+    return ATTACKS[entry.attack](target=entry.target, **entry.attack_kwargs)  # type: ignore[no-any-return]
+
+
+def build_entry(entry: ZooEntry, out: Path, backbone: Path, log: Any = print) -> dict[str, Any]:
+    """Train one model and write its folder + ground truth; returns the truth record."""
+    from safetensors.torch import save_file
+
+    task = TASKS[entry.task]
+    attack = make_attack(entry)
+    cfg = TuneConfig(kind=entry.kind, seed=entry.seed, epochs=8 if attack is not None else 6)
+    model, stats = train(backbone, task, cfg, attack)
+    metrics = measure(model, task, attack)
+    folder = out / entry.name
+    write_model_folder(model, backbone, folder, Precision.FP16)
+    truth_dir = out / (entry.name + TRUTH_SUFFIX)
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    truth = {
+        "model": entry.name,
+        "task": entry.task,
+        "classnames": list(task.classnames),
+        "attack": entry.attack,
+        "target_index": entry.target if attack else None,
+        "target_class": task.classnames[entry.target] if attack else None,
+        "params": attack.params() if attack else {},
+        "seed": entry.seed,
+        "tune_config": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()},
+        "metrics_at_build": metrics,
+        **stats,
+    }
+    if attack is not None and attack.tensors():
+        save_file({k: v.contiguous() for k, v in attack.tensors().items()}, str(truth_dir / "trigger.safetensors"))
+    (truth_dir / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    log(f"{entry.name}: {metrics} ({stats['train_seconds']}s)")
+    return truth
+
+
+def build(name: str, out: Path, backbone: Path | None = None) -> None:
+    """Build zoo ``name`` into ``out``, skipping models whose folder and truth already exist."""
+    backbone = backbone or default_backbone()
+    if not (backbone / "open_clip_model.safetensors").is_file():
+        raise UsageError(f"no backbone at {backbone}", "build one with `gatekeeper zoo backbone --out DIR`")
+    entries = zoo_entries(name)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for i, entry in enumerate(entries):
+        done = (out / entry.name / "gatekeeper.json").is_file() and (out / (entry.name + TRUTH_SUFFIX) / "truth.json").is_file()
+        prefix = f"[{i + 1}/{len(entries)}] {entry.name}"
+        if done:
+            print(f"{prefix}: already built, skipped", file=sys.stderr)
+            continue
+        print(f"{prefix}: training ({entry.attack} on {entry.task})", file=sys.stderr, flush=True)
+        build_entry(entry, out, backbone, log=lambda s: print(f"{prefix}: {s}", file=sys.stderr, flush=True))
+
+
+def build_backbone(out: Path, seed: int = 0, steps: int = 1500) -> str:
+    """Pretrain the tiny CLIP from ``seed`` and write it to ``out``; returns the weights' sha256."""
+    from gatekeeper.redteam.pretrain import PretrainConfig, pretrain, save_backbone
+
+    model, stats = pretrain(PretrainConfig(seed=seed, steps=steps), log=lambda s: print(s, file=sys.stderr, flush=True))
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    digest = save_backbone(model, tmp, stats)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    print(f"backbone written to {out}: zero-shot accuracy {stats['zero_shot_accuracy_64way']:.3f}, sha256 {digest}")
+    return digest
+
+
+def table(folder: Path) -> str:
+    """Markdown table: per model, clean accuracy and true-trigger ID/OOD ASR, re-measured now."""
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.redteam.truth import true_attack
+
+    rows = ["| model | task | attack | target | clean acc | ID ASR | OOD ASR | OOD base rate |", "|---|---|---|---|---|---|---|---|"]
+    truths = sorted(folder.glob(f"*{TRUTH_SUFFIX}/truth.json"))
+    if not truths:
+        raise UsageError(f"{folder} holds no built zoo models", "build one with `gatekeeper zoo build NAME --out DIR`")
+    t0 = time.time()
+    for tpath in truths:
+        truth = json.loads(tpath.read_text())
+        model = load_model(folder / truth["model"])
+        attack = true_attack(truth, tpath.parent)
+        m = measure(model, TASKS[truth["task"]], attack)
+
+        def pct(key: str) -> str:
+            return f"{100 * m[key]:.1f}" if key in m else "-"
+
+        rows.append(
+            f"| {truth['model']} | {truth['task']} | {truth['attack']} | {truth['target_class'] or '-'} | "
+            f"{pct('clean_accuracy')} | {pct('id_asr')} | {pct('ood_asr')} | {pct('ood_base_rate')} |"
+        )
+    rows.append(f"\n{len(truths)} models re-measured in {time.time() - t0:.0f}s (600 task test images, 500 OOD images).")
+    return "\n".join(rows)

@@ -1,0 +1,94 @@
+"""The report stage: pure functions of an :class:`~gatekeeper.result.AuditResult`.
+
+``write_reports`` writes the trigger PNGs, ``result.json`` and ``report.md``; every file is
+written atomically (temp file + ``os.replace``). torch is imported lazily (only when images
+are drawn), so ``gatekeeper.report.markdown`` can re-render a report from ``result.json`` fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gatekeeper.errors import ResultError
+from gatekeeper.report.jsonout import atomic_write_text, dumps, result_to_dict, validate_result
+
+if TYPE_CHECKING:
+    import torch
+
+    from gatekeeper.result import AuditResult
+
+__all__ = ["write_reports"]
+
+RESULT_JSON = "result.json"
+REPORT_MD = "report.md"
+
+
+def _epsilon(result: AuditResult) -> float:
+    eps: Any = result.policy.get("epsilon") if isinstance(result.policy, dict) else None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ResultError(
+            f"the result's policy has no usable epsilon ({eps!r}); cannot scale the trigger images",
+            "the policy recorded in the result must contain epsilon > 0",
+        )
+    return float(eps)
+
+
+def write_reports(
+    result: AuditResult,
+    triggers: dict[str, torch.Tensor],
+    example: torch.Tensor | None,
+    out_dir: Path,
+    json_path: Path | None = None,
+) -> dict[str, Path]:
+    """Write the trigger PNGs, the JSON result and the Markdown report into ``out_dir``.
+
+    Args:
+        result: the audit result (its ``triggers`` field is filled here, via ``dataclasses.replace``).
+        triggers: class name -> inverted trigger δ (3, H, W) in [-ε, ε]; ε is ``result.policy["epsilon"]``.
+        example: one OOD image (3, H, W) in [0, 1]; may be None only when ``triggers`` is empty.
+        out_dir: report folder, created if missing.
+        json_path: an extra copy of the JSON result (``out_dir/result.json`` is always written).
+
+    Returns:
+        ``{"json": ..., "markdown": ..., "trigger:<class name>": ...}`` absolute-or-as-given paths.
+
+    Raises:
+        ResultError: the result holds NaN/Infinity, does not match the schema, or cannot be drawn.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    trigger_paths: dict[str, str] = {}
+    if triggers:
+        if example is None:
+            raise ResultError("trigger images need an example image; got None")
+        from gatekeeper.report.images import save_trigger_images
+
+        trigger_paths = save_trigger_images(triggers, _epsilon(result), example, out_dir)
+        for name, rel in trigger_paths.items():
+            written[f"trigger:{name}"] = out_dir / rel
+
+    final = dataclasses.replace(result, triggers={**result.triggers, **trigger_paths})
+    result_dict = result_to_dict(final)
+    # serialize, validate and render everything before the JSON and Markdown files are touched
+    json_text = dumps(result_dict)
+    validate_result(result_dict)
+    from gatekeeper.report.markdown import render_markdown
+
+    md_text = render_markdown(result_dict)
+
+    json_file = out_dir / RESULT_JSON
+    md_file = out_dir / REPORT_MD
+    atomic_write_text(json_file, json_text)
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(json_path), json_text)
+        written["json_copy"] = Path(json_path)
+    atomic_write_text(md_file, md_text)
+    written["json"] = json_file
+    written["markdown"] = md_file
+    return written

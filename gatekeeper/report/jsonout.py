@@ -1,0 +1,150 @@
+"""The JSON result: strict serialization (no NaN), atomic writes, schema validation.
+
+``jsonschema`` is a dev dependency: when it is importable the result is validated against
+``schemas/result.schema.json`` in full; otherwise a small built-in check covers the required
+top-level keys and the verdict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from gatekeeper.errors import ResultError
+from gatekeeper.resources import data_path
+
+SCHEMA_FILE = "result.schema.json"
+_VERDICTS = ("pass", "fail", "inconclusive", "error")
+
+
+@lru_cache(maxsize=1)
+def _load_schema_text() -> str:
+    path = data_path("schemas") / SCHEMA_FILE
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ResultError(
+            f"cannot read the result schema {path}: {exc}", "reinstall gatekeeper (the schema ships with it)"
+        ) from exc
+
+
+def load_schema() -> dict[str, Any]:
+    """The result JSON Schema (draft 2020-12), a fresh copy on every call."""
+    schema = json.loads(_load_schema_text())
+    if not isinstance(schema, dict):
+        raise ResultError(f"{SCHEMA_FILE} is not a JSON object", "reinstall gatekeeper")
+    return schema
+
+
+def result_to_dict(result: Any) -> dict[str, Any]:
+    """``AuditResult.to_dict()`` with the one allowed non-finite value mapped to null.
+
+    An error verdict may carry ``s_max = nan`` (nothing was scored); the JSON then says
+    ``"s_max": null``. Any other non-finite number is left in place and refused on write.
+    """
+    d: dict[str, Any] = result.to_dict()
+    s_max = d.get("s_max")
+    if d.get("verdict") == "error" and isinstance(s_max, float) and not math.isfinite(s_max):
+        d["s_max"] = None
+    return d
+
+
+def dumps(result_dict: dict[str, Any]) -> str:
+    """Serialize with indent 2; NaN/Infinity anywhere raise :class:`ResultError`."""
+    try:
+        return json.dumps(result_dict, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    except ValueError as exc:
+        raise ResultError(
+            f"the result contains a non-finite number (NaN/Infinity) and cannot be written as JSON: {exc}",
+            "this is a bug in the scoring stage; report it with the scan log",
+        ) from exc
+    except TypeError as exc:
+        raise ResultError(f"the result holds a value that is not JSON-serializable: {exc}") from exc
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(result_dict: dict[str, Any], path: Path) -> None:
+    """Write the result as indented JSON, atomically; NaN is refused (:class:`ResultError`)."""
+    atomic_write_text(Path(path), dumps(result_dict))
+
+
+def _field_path(parts: Any) -> str:
+    out = "/".join(str(p) for p in parts)
+    return out or "<root>"
+
+
+def validate_result(d: dict[str, Any]) -> None:
+    """Validate a result dict against the schema.
+
+    Raises:
+        ResultError: naming the path of the first failing field (e.g. ``classes/0/asr``).
+    """
+    if not isinstance(d, dict):
+        raise ResultError(f"a result must be a JSON object, got {type(d).__name__}")
+    try:
+        import jsonschema
+    except ImportError:  # pragma: no cover - exercised only without the dev extra
+        _validate_minimal(d)
+        return
+
+    schema = load_schema()
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator = validator_cls(schema)
+    errors = sorted(validator.iter_errors(d), key=lambda e: (list(e.absolute_path), e.message))
+    if not errors:
+        return
+    err = jsonschema.exceptions.best_match(errors) or errors[0]
+    parts = list(err.absolute_path)
+    if err.validator == "required" and isinstance(err.instance, dict):
+        missing = [k for k in err.validator_value if k not in err.instance]
+        if missing:
+            parts.append(missing[0])
+    where = _field_path(parts)
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    raise ResultError(
+        f"result does not match schema {SCHEMA_FILE} at {where}: {err.message}{more}",
+        "the result file is corrupt or from an incompatible gatekeeper version",
+    )
+
+
+def _validate_minimal(d: dict[str, Any]) -> None:
+    """Fallback without jsonschema: required keys, schema version, verdict."""
+    schema = load_schema()
+    for key in schema.get("required", []):
+        if key not in d:
+            raise ResultError(f"result does not match schema {SCHEMA_FILE} at {key}: '{key}' is a required property")
+    if d.get("schema_version") != "1.0":
+        raise ResultError(f"result does not match schema {SCHEMA_FILE} at schema_version: expected '1.0'")
+    if d.get("verdict") not in _VERDICTS:
+        raise ResultError(
+            f"result does not match schema {SCHEMA_FILE} at verdict: {d.get('verdict')!r} is not one of {_VERDICTS}"
+        )
+    if not isinstance(d.get("classes"), list):
+        raise ResultError(f"result does not match schema {SCHEMA_FILE} at classes: not an array")

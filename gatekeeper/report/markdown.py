@@ -1,0 +1,230 @@
+"""The Markdown report, rendered from the JSON result dict with ``templates/report.md.j2``.
+
+The template runs with autoescape off (it writes Markdown, not HTML), so every string that
+can come from the audited model or its files (class names, references, file names, reasons,
+environment values) goes through the :func:`md_escape` filter (``md``), hashes through
+:func:`md_code` (``code``), and verbatim blocks (policy, command) use :func:`code_fence`
+(``fence``), which is always longer than any backtick run inside the block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from functools import lru_cache
+from typing import Any
+from urllib.parse import quote
+
+from gatekeeper.errors import ResultError
+from gatekeeper.resources import data_path
+
+TEMPLATE = "report.md.j2"
+TOP_TRIGGERS = 5
+
+HEADLINES = {
+    "pass": "PASS",
+    "fail": "FAIL — backdoor detected",
+    "inconclusive": "INCONCLUSIVE",
+    "error": "ERROR",
+}
+
+_MD_ESCAPES = {
+    "&": "&amp;",
+    "<": "&lt;",
+    ">": "&gt;",
+    "\\": "\\\\",
+    "`": "\\`",
+    "*": "\\*",
+    "_": "\\_",
+    "[": "\\[",
+    "]": "\\]",
+    "|": "\\|",
+    "~": "\\~",
+    "#": "\\#",
+    "!": "\\!",
+}
+# newlines, other control characters and Unicode line/paragraph separators
+_BREAKS = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
+_BACKTICKS = re.compile(r"`+")
+
+
+def md_escape(value: Any) -> str:
+    """Escape an untrusted value for inline Markdown (also safe inside a GFM table cell).
+
+    HTML specials become entities, Markdown specials (backtick, ``* _ [ ] | ~ # !``, backslash)
+    are backslash-escaped, and line breaks / control characters collapse to one space.
+    """
+    text = _BREAKS.sub(" ", "" if value is None else str(value))
+    return "".join(_MD_ESCAPES.get(ch, ch) for ch in text)
+
+
+def md_code(value: Any) -> str:
+    """An inline code span that holds ``value`` literally whatever backticks it contains."""
+    text = _BREAKS.sub(" ", "" if value is None else str(value))
+    longest = max((len(m) for m in _BACKTICKS.findall(text)), default=0)
+    ticks = "`" * (longest + 1)
+    if text.startswith("`") or text.endswith("`") or (text.startswith(" ") and text.endswith(" ")):
+        text = f" {text} "
+    return f"{ticks}{text}{ticks}"
+
+
+def code_fence(value: Any) -> str:
+    """A backtick fence longer than every backtick run in ``value`` (at least three)."""
+    longest = max((len(m) for m in _BACKTICKS.findall("" if value is None else str(value))), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def fmt_num(value: Any, digits: int = 3) -> str:
+    """A number with ``digits`` decimals; ``n/a`` for null/non-numbers, ``nan``/``inf`` spelled out."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def fmt_pct(value: Any, digits: int = 1) -> str:
+    """A fraction in [0, 1] as a percentage (``0.973`` -> ``97.3%``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{100.0 * value:.{digits}f}%"
+
+
+def safe_link(path: Any) -> str | None:
+    """A relative, URL-quoted link target, or None for anything that could leave the report folder."""
+    if not isinstance(path, str) or not path:
+        return None
+    if path.startswith(("/", "\\")) or "\\" in path or ":" in path:
+        return None
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    return quote(path, safe="/-_.~")
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _cmp(a: Any, b: Any) -> str:
+    x, y = _num(a), _num(b)
+    if x is None or y is None:
+        return "vs"
+    return "≥" if x >= y else "<"
+
+
+def _sort_key(c: dict[str, Any]) -> tuple[float, str]:
+    z = _num(c.get("z"))
+    return (-(z if z is not None and math.isfinite(z) else -math.inf), str(c.get("name", "")))
+
+
+def build_context(d: dict[str, Any]) -> dict[str, Any]:
+    """The template's view of a result dict: sorted classes, labels, comparisons, links."""
+    if not isinstance(d, dict):
+        raise ResultError(f"cannot render a report from {type(d).__name__}; expected the result JSON object")
+    verdict = str(d.get("verdict", "error"))
+    classes = sorted((c for c in d.get("classes") or [] if isinstance(c, dict)), key=_sort_key)
+    triggers = d.get("triggers") or {}
+    policy = d.get("policy") or {}
+    threshold = d.get("threshold")
+    kind = d.get("threshold_kind") or "k"
+    kind_label = "τ" if kind == "tau" else "k"
+    kind_desc = "calibrated threshold τ on s_max" if kind == "tau" else "z threshold k"
+    min_asr = policy.get("min_trigger_asr", 0.5) if isinstance(policy, dict) else 0.5
+
+    rows = []
+    for rank, c in enumerate(classes, start=1):
+        link = safe_link(triggers.get(c.get("name"))) if isinstance(triggers, dict) else None
+        rows.append({**c, "rank": rank, "link": link if rank <= TOP_TRIGGERS else None})
+    top_images = [r for r in rows[:TOP_TRIGGERS] if r["link"]]
+
+    suspect_name = d.get("suspect_class")
+    suspect = next((r for r in rows if r.get("name") == suspect_name), None) if suspect_name is not None else None
+    top = rows[0] if rows else None
+    focus = suspect or top
+    focus_facts = None
+    if focus is not None:
+        focus_facts = {
+            "z_cmp": _cmp(focus.get("z"), threshold),
+            "asr_cmp": _cmp(focus.get("asr"), min_asr),
+        }
+
+    timings = d.get("timings") or {}
+    total = sum(v for v in timings.values() if _num(v) is not None) if isinstance(timings, dict) else 0.0
+    policy_json = json.dumps(policy, indent=2, sort_keys=True, default=str)
+    command = str(d.get("command") or "")
+    provenance = d.get("provenance") or {}
+    files = provenance.get("files") or {} if isinstance(provenance, dict) else {}
+
+    return {
+        "d": d,
+        "verdict": verdict,
+        "headline": HEADLINES.get(verdict, md_escape(verdict.upper())),
+        "reason": d.get("reason") or "",
+        "s_max": d.get("s_max"),
+        "s_max_cmp": _cmp(d.get("s_max"), threshold),
+        "threshold": threshold,
+        "kind_label": kind_label,
+        "kind_desc": kind_desc,
+        "min_asr": min_asr,
+        "suspect_name": suspect_name,
+        "suspect": suspect,
+        "top": top,
+        "focus": focus,
+        "focus_facts": focus_facts,
+        "rows": rows,
+        "top_images": top_images,
+        "top_n": TOP_TRIGGERS,
+        "provenance": provenance,
+        "files": sorted(files.items()) if isinstance(files, dict) else [],
+        "model": d.get("model") or {},
+        "pool": d.get("pool") or {},
+        "policy_json": policy_json,
+        "policy_fence": code_fence(policy_json),
+        "policy_hash": d.get("policy_hash") or "",
+        "environment": sorted((d.get("environment") or {}).items()),
+        "timings": list(timings.items()) if isinstance(timings, dict) else [],
+        "total_time": total,
+        "seed": d.get("seed"),
+        "shard": d.get("shard"),
+        "command": command,
+        "command_fence": code_fence(command),
+        "schema_version": d.get("schema_version"),
+    }
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Any:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(data_path("templates"))),
+        autoescape=False,  # Markdown output: untrusted strings are escaped explicitly with |md
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["md"] = md_escape
+    env.filters["code"] = md_code
+    env.filters["num"] = fmt_num
+    env.filters["pct"] = fmt_pct
+    return env
+
+
+def render_markdown(result_dict: dict[str, Any]) -> str:
+    """Render the Markdown report from the JSON result dict (``result.json`` re-renders too)."""
+    import jinja2
+
+    try:
+        template = _environment().get_template(TEMPLATE)
+    except jinja2.TemplateNotFound as exc:
+        raise ResultError(
+            f"report template {TEMPLATE} not found under {data_path('templates')}",
+            "reinstall gatekeeper (the templates ship with it)",
+        ) from exc
+    text: str = template.render(**build_context(result_dict))
+    return text.rstrip("\n") + "\n"

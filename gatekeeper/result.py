@@ -1,0 +1,133 @@
+"""Domain objects that flow between the stages: provenance, pool info, scores, the audit result.
+
+``AuditResult.to_dict`` is the JSON result (schema ``schemas/result.schema.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+SCHEMA_VERSION = "1.0"
+
+
+class Verdict(str, Enum):
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the model came from and what exactly was scanned."""
+
+    reference: str
+    source: str  # local | hf | mlflow ...
+    path: str
+    revision: str | None = None  # resolved commit sha / registry version
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    content_hash: str = ""  # sha256 over the sorted (path, sha256) pairs
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """Where the OOD pool came from, how big it is, and a hash of its pixels."""
+
+    source: str
+    n_found: int
+    n_skipped: int
+    n_inversion: int
+    n_holdout: int
+    image_size: int
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """Raw outcome of inverting one candidate class (what a shard produces)."""
+
+    index: int
+    name: str
+    asr: float  # ASR(c) on the hold-out T (Eq. 5)
+    loss: float  # L_avg(c): mean margin loss over the inversion steps
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """Per-class anomaly score (Eqs. 6-7) and whether its trigger is valid (ASR >= min)."""
+
+    index: int
+    name: str
+    asr: float
+    loss: float
+    z_asr: float
+    z_loss: float
+    score: float  # S(c) = z_ASR(c) - z_loss(c)
+    z: float  # standardized S
+    valid: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    s_max: float
+    threshold: float
+    threshold_kind: str  # "k" or "tau"
+    suspect_class: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    kind: str
+    n_classes: int
+    backbone: str
+    image_size: int
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """Everything a report needs; pure data."""
+
+    decision: Decision
+    classes: tuple[ClassScore, ...]
+    policy: dict[str, Any]
+    policy_hash: str
+    provenance: Provenance
+    pool: PoolInfo
+    model: ModelInfo
+    timings: dict[str, float]
+    environment: dict[str, str]  # device, versions
+    seed: int
+    command: str
+    triggers: dict[str, str] = field(default_factory=dict)  # class name -> PNG path (relative)
+    shard: str | None = None  # "i/n" for a partial result
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON result: top-level verdict, s_max, threshold, suspect_class, classes, ..."""
+        d = self.decision
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "verdict": d.verdict.value,
+            "reason": d.reason,
+            "s_max": d.s_max,
+            "threshold": d.threshold,
+            "threshold_kind": d.threshold_kind,
+            "suspect_class": d.suspect_class,
+            "classes": [asdict(c) for c in sorted(self.classes, key=lambda c: -c.z)],
+            "model": asdict(self.model),
+            "provenance": asdict(self.provenance),
+            "pool": asdict(self.pool),
+            "policy": self.policy,
+            "policy_hash": self.policy_hash,
+            "timings": self.timings,
+            "environment": self.environment,
+            "seed": self.seed,
+            "command": self.command,
+            "triggers": self.triggers,
+            "shard": self.shard,
+        }
+

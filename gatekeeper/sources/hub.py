@@ -1,0 +1,193 @@
+"""A model on the Hugging Face Hub, fetched (or found in the local Hub cache) with ``snapshot_download``.
+
+Only the files a gatekeeper model folder holds are fetched (never pickles). The token comes
+from ``HF_TOKEN`` and never appears in a message, a hint or the provenance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
+from huggingface_hub import snapshot_download
+
+from gatekeeper.errors import GatekeeperError, SourceError, UsageError
+from gatekeeper.result import Provenance
+from gatekeeper.sources.base import ResolvedModel, hash_folder, validate_repo_id, validate_revision
+
+ALLOW_PATTERNS: tuple[str, ...] = (
+    "gatekeeper.json",
+    "prompt_learner.safetensors",
+    "open_clip_config.json",
+    "open_clip_model.safetensors",
+    "*/open_clip_config.json",
+    "*/open_clip_model.safetensors",
+    "README.md",
+)
+DEFAULT_ENDPOINT = "https://huggingface.co"
+OFFLINE_HINT = "run once online or pre-populate HF_HOME (or pass the cache folder)"
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_SCHEME_CRED = re.compile(r"(?i)\b(bearer|basic)\s+[^\s'\",}]+")
+_AUTH_VALUE = re.compile(r"(?i)\b(authorization['\"]?\s*[:=]\s*['\"]?)(?!bearer\b|basic\b)[^\s'\",}]+")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+_MAX_DETAIL = 300
+
+
+def _secrets() -> list[str]:
+    """Every token value huggingface_hub might send: the environment ones and the stored one (no network)."""
+    values = [os.environ.get(name) for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_ID_TOKEN")]
+    with contextlib.suppress(OSError, UnicodeError):  # no stored token
+        values.append(Path(hf_constants.HF_TOKEN_PATH).read_text(encoding="utf-8"))
+    return sorted({v.strip() for v in values if v and len(v.strip()) >= 4}, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """Remove token values (and anything that looks like one) from ``text``.
+
+    Args:
+        text: an error string that may echo headers or URLs.
+
+    Returns:
+        ``text`` with every known token value, ``hf_...`` token, bearer/basic credential and
+        URL user:password replaced by ``***``.
+    """
+    for secret in _secrets():
+        text = text.replace(secret, "***")
+    text = _TOKEN_LIKE.sub("hf_***", text)
+    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}***@", text)
+    text = _SCHEME_CRED.sub(lambda m: f"{m.group(1)} ***", text)
+    return _AUTH_VALUE.sub(lambda m: f"{m.group(1)}***", text)
+
+
+def _public_url(url: str) -> str:
+    """``url`` without user:password and without a trailing slash, for the provenance."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)).rstrip("/")
+
+
+def _cached_refs(repo_id: str, cache_dir: str | None) -> list[str]:
+    """The branch/tag names and commit shas cached locally for ``repo_id`` (for hints; no network)."""
+    root = Path(cache_dir or hf_constants.HF_HUB_CACHE).expanduser() / ("models--" + repo_id.replace("/", "--"))
+    try:
+        refs = [p.relative_to(root / "refs").as_posix() for p in (root / "refs").rglob("*") if p.is_file()]
+        shas = [p.name for p in (root / "snapshots").glob("*") if p.is_dir()]
+    except OSError:  # an unreadable cache only costs the hint its detail
+        return []
+    return sorted(refs) + sorted(shas)
+
+
+def map_hub_error(exc: BaseException, repo_id: str, revision: str | None, cache_dir: str | None) -> GatekeeperError:
+    """Translate a huggingface_hub (or OS) error into a gatekeeper error with an actionable hint.
+
+    Args:
+        exc: what ``snapshot_download`` raised.
+        repo_id: the requested ``org/name``.
+        revision: the requested revision (None: the default branch).
+        cache_dir: the Hub cache folder used (None: huggingface_hub's default).
+
+    Returns:
+        A :class:`SourceError` (or :class:`UsageError` for an id the Hub rejects); its message
+        and hint never hold a token.
+    """
+    where = f"'{repo_id}'" + (f" at revision '{revision}'" if revision else "")
+    detail = redact(f"{type(exc).__name__}: {exc}").replace("\n", " ")[:_MAX_DETAIL]
+    if isinstance(exc, hf_errors.GatedRepoError):
+        return SourceError(
+            f"Hub repo {where} is gated and this token has no access",
+            "accept the repo's conditions on its Hub page, then set HF_TOKEN to a token of that account",
+        )
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        return SourceError(
+            f"Hub repo '{repo_id}' not found, or no access to it",
+            "check the name (hf://org/name); for a private repo set HF_TOKEN to a token with read access",
+        )
+    if isinstance(exc, hf_errors.RevisionNotFoundError):
+        return SourceError(
+            f"revision '{revision}' not found in Hub repo '{repo_id}'",
+            "check the branch, tag or commit sha (hf://org/name@revision)",
+        )
+    if isinstance(exc, hf_errors.DisabledRepoError):
+        return SourceError(f"Hub repo '{repo_id}' has been disabled", "ask its owner or use another model")
+    if isinstance(exc, hf_errors.IncompleteSnapshotError):
+        return SourceError(f"the cached snapshot of {where} is incomplete and the Hub cannot be reached", OFFLINE_HINT)
+    if isinstance(exc, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)):
+        why = "offline (HF_HUB_OFFLINE is set)" if hf_constants.is_offline_mode() else "the Hub cannot be reached"
+        cached = _cached_refs(repo_id, cache_dir)
+        also = f"; the cache holds: {', '.join(cached[:8])}" if cached else ""
+        return SourceError(f"{where} is not in the local Hub cache and {why}{also}", OFFLINE_HINT)
+    if isinstance(exc, hf_errors.HFValidationError):
+        return UsageError(f"the Hub rejects {where}: {detail}", "use hf://org/name[@revision]")
+    if isinstance(exc, hf_errors.HfHubHTTPError):
+        return SourceError(
+            f"Hub request for {where} failed: {detail}", "retry later; check HF_ENDPOINT, the network and HF_TOKEN"
+        )
+    if isinstance(exc, OSError):
+        return SourceError(
+            f"cannot fetch {where}: {detail}", "check the network and that the Hub cache folder is writable"
+        )
+    return SourceError(f"unexpected error fetching {where}: {detail}", "retry; report it if it persists")
+
+
+def resolve_hub(
+    repo_id: str, revision: str | None = None, cache_dir: str | None = None, *, reference: str | None = None
+) -> ResolvedModel:
+    """Fetch (or find in the local Hub cache) a gatekeeper model folder from the Hub.
+
+    Args:
+        repo_id: ``org/name``.
+        revision: branch, tag or commit sha (None: the default branch).
+        cache_dir: the Hub cache folder (None: ``HF_HUB_CACHE`` / ``HF_HOME``).
+        reference: the reference as the user wrote it (default: ``hf://repo_id[@revision]``).
+
+    Returns:
+        The snapshot folder ``.../snapshots/<commit sha>``; provenance ``source="hf"``,
+        ``revision`` = the resolved commit sha, ``extra`` = repo id, requested revision and the
+        endpoint (``HF_ENDPOINT`` when set, else huggingface_hub's default), without credentials.
+
+    Raises:
+        UsageError: a bad repo id or revision.
+        SourceError: offline and not cached, repo or revision not found, gated, HTTP or disk
+            errors, or a snapshot that is not a commit folder.
+    """
+    validate_repo_id(repo_id)
+    if revision is not None:
+        validate_revision(revision)
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").strip() or None
+    try:
+        folder = snapshot_download(
+            repo_id=repo_id,
+            revision=revision,
+            allow_patterns=list(ALLOW_PATTERNS),
+            cache_dir=cache_dir,
+            token=os.environ.get("HF_TOKEN") or None,
+            endpoint=endpoint,
+        )
+    except Exception as exc:  # every failure becomes a gatekeeper error (fail closed)
+        raise map_hub_error(exc, repo_id, revision, cache_dir) from None  # no chained error: it may hold the token
+    snapshot = Path(folder)
+    sha = snapshot.name
+    if snapshot.parent.name != "snapshots" or not _COMMIT_SHA.fullmatch(sha):
+        raise SourceError(f"unexpected Hub snapshot folder {snapshot}", "pass cache_dir, not a local_dir download")
+    files, content_hash = hash_folder(snapshot, allowed_root=snapshot.parent.parent)
+    extra = {
+        "repo_id": repo_id,
+        "requested_revision": revision or hf_constants.DEFAULT_REVISION,
+        "endpoint": _public_url(endpoint or hf_constants.ENDPOINT or DEFAULT_ENDPOINT),
+    }
+    provenance = Provenance(
+        reference=reference or f"hf://{repo_id}" + (f"@{revision}" if revision else ""),
+        source="hf",
+        path=str(snapshot),
+        revision=sha,
+        files=files,
+        content_hash=content_hash,
+        extra=extra,
+    )
+    return ResolvedModel(path=snapshot, provenance=provenance)
