@@ -80,9 +80,13 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Prompt
             _check_shape(wpath, "meta_net.linear1.weight", state["meta_net.linear1.weight"], (hidden, vis_dim))
             _check_shape(wpath, "meta_net.linear2.weight", state["meta_net.linear2.weight"], (ctx_dim, hidden))
             meta_net.load_state_dict({k[len("meta_net.") :]: state[k] for k in _META_KEYS})
-        extra = sorted(set(state) - {"ctx", *_META_KEYS})
+        allowed = {"ctx", *(_META_KEYS if manifest.kind == ModelKind.COCOOP else ())}
+        extra = sorted(set(state) - allowed)
         if extra:
-            raise ModelFormatError(f"{wpath}: unexpected tensors {extra}", "keep only ctx and meta_net.* in the file")
+            raise ModelFormatError(
+                f"{wpath}: unexpected tensors {extra} for a {manifest.kind.value} model",
+                "check 'kind' in gatekeeper.json (meta_net.* means cocoop)",
+            )
     model = PromptTunedCLIP(clip, tokenizer, manifest, ctx=ctx, meta_net=meta_net)
     model.eval().to(device)
     for p in model.parameters():

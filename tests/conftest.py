@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models built in-process (no network, no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_ZOO = REPO / "zoo" / "demo"
+BACKBONE = REPO / "zoo" / "backbone"
+
+
+@pytest.fixture(scope="session")
+def random_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny open_clip CLIP in the local-dir layout (for shape/format tests)."""
+    from gatekeeper.redteam.pretrain import build_tiny_clip, save_backbone
+
+    folder = tmp_path_factory.mktemp("random_backbone") / "backbone"
+    save_backbone(build_tiny_clip(seed=0), folder, {"note": "random init, tests only"}, fp16=False)
+    return folder
+
+
+def make_model_folder(backbone: Path, out: Path, kind: str, classnames: tuple[str, ...], seed: int = 0) -> Path:
+    """A gatekeeper model folder with a random prompt learner on ``backbone``."""
+    from gatekeeper.models.manifest import ModelKind, Precision
+    from gatekeeper.redteam.tuning import TuneConfig, new_prompt_learner, write_model_folder
+
+    torch.manual_seed(seed)
+    model = new_prompt_learner(backbone, classnames, TuneConfig(kind=ModelKind(kind), seed=seed))
+    if model.meta_net is not None:
+        for p in model.meta_net.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    write_model_folder(model, backbone, out, Precision.FP32)
+    return out
+
+
+@pytest.fixture()
+def model_factory(random_backbone: Path, tmp_path: Path):
+    def build(kind: str = "cocoop", classnames: tuple[str, ...] = ("red circle", "blue square", "green star", "white ring"), name: str = "m") -> Path:
+        return make_model_folder(random_backbone, tmp_path / name, kind, classnames)
+
+    return build

@@ -1,0 +1,123 @@
+"""Bad model folders give a clear ModelFormatError/BackboneError (exit code 2), never a model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from gatekeeper.errors import BackboneError, ExitCode, ModelFormatError
+from gatekeeper.models.loader import load_model
+
+CLASSES = ("red circle", "blue square", "green star")
+
+
+def _edit_manifest(folder, **changes):
+    path = folder / "gatekeeper.json"
+    m = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            m.pop(k, None)
+        else:
+            m[k] = v
+    path.write_text(json.dumps(m))
+
+
+def test_round_trip_all_kinds(model_factory):
+    for kind in ("coop", "cocoop"):
+        model = load_model(model_factory(kind, CLASSES, name=kind))
+        assert model.kind.value == kind and model.classnames == list(CLASSES)
+
+
+def test_missing_weights(model_factory):
+    folder = model_factory("cocoop", CLASSES)
+    (folder / "prompt_learner.safetensors").unlink()
+    with pytest.raises(ModelFormatError, match="prompt_learner.safetensors: missing") as info:
+        load_model(folder)
+    assert info.value.exit_code == ExitCode.SCAN_ERROR
+
+
+def test_corrupt_weights(model_factory):
+    folder = model_factory("cocoop", CLASSES)
+    data = (folder / "prompt_learner.safetensors").read_bytes()
+    (folder / "prompt_learner.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFormatError, match="corrupt"):
+        load_model(folder)
+
+
+def test_manifest_missing_keys_and_bad_json(model_factory):
+    folder = model_factory("cocoop", CLASSES)
+    _edit_manifest(folder, classnames=None)
+    with pytest.raises(ModelFormatError, match="missing key\\(s\\): classnames"):
+        load_model(folder)
+    (folder / "gatekeeper.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="not valid JSON"):
+        load_model(folder)
+    (folder / "gatekeeper.json").unlink()
+    with pytest.raises(ModelFormatError, match="no gatekeeper manifest"):
+        load_model(folder)
+
+
+def test_n_ctx_that_does_not_match_the_tensors(model_factory):
+    folder = model_factory("cocoop", CLASSES)
+    _edit_manifest(folder, n_ctx=7)
+    with pytest.raises(ModelFormatError, match="'ctx' has shape \\(4, 64\\), expected \\(7, 64\\)"):
+        load_model(folder)
+
+
+def test_cocoop_weights_declared_as_coop(model_factory):
+    folder = model_factory("cocoop", CLASSES)
+    _edit_manifest(folder, kind="coop")
+    with pytest.raises(ModelFormatError, match="unexpected tensors"):
+        load_model(folder)
+
+
+def test_duplicate_or_empty_classnames(model_factory):
+    folder = model_factory("coop", CLASSES)
+    _edit_manifest(folder, classnames=["a", "a", "b"])
+    with pytest.raises(ModelFormatError, match="duplicates"):
+        load_model(folder)
+    _edit_manifest(folder, classnames=["a"])
+    with pytest.raises(ModelFormatError, match="at least 2"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "backbone,match",
+    [
+        ({"name": "ViT-Nope-99"}, "unknown open_clip model name"),
+        ({"name": "local-dir:../outside"}, "outside the model folder"),
+        ({"name": "local-dir:missing"}, "has no open_clip_config.json"),
+        ({"name": "ViT-B-32", "pretrained": "openai"}, "did not load"),
+        ({"name": "hf-hub:nobody/not-a-repo"}, "did not load"),
+    ],
+)
+def test_backbone_that_does_not_resolve(model_factory, monkeypatch, backbone, match):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = model_factory("coop", CLASSES)
+    _edit_manifest(folder, backbone=backbone)
+    with pytest.raises(BackboneError, match=match) as info:
+        load_model(folder)
+    assert info.value.exit_code == ExitCode.SCAN_ERROR
+
+
+def test_pickle_weights_next_to_a_local_backbone_are_refused(model_factory):
+    folder = model_factory("coop", CLASSES)
+    torch.save({"x": torch.zeros(1)}, folder / "backbone" / "open_clip_pytorch_model.bin")
+    with pytest.raises(BackboneError, match="pickle weight files"):
+        load_model(folder)
+
+
+def test_image_size_mismatch(model_factory):
+    folder = model_factory("coop", CLASSES)
+    _edit_manifest(folder, image_size=64)
+    with pytest.raises(ModelFormatError, match="image_size=64 but the backbone expects 32"):
+        load_model(folder)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(ModelFormatError, match="not a folder"):
+        load_model(tmp_path / "nope")
+    shutil.rmtree(tmp_path)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gatekeeper.errors import PoolError, UsageError
+from gatekeeper.ood import check_spec, load_pool, procedural_images
+
+
+def test_procedural_is_deterministic_and_in_range():
+    a, b = procedural_images(20, 32, 7), procedural_images(20, 32, 7)
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, procedural_images(20, 32, 8))
+    assert a.std(dim=(1, 2, 3)).min() > 0.02  # not flat images
+
+
+def test_pool_split_is_disjoint_and_recorded():
+    pool = load_pool("procedural", 32, 40, 10, seed=0)
+    assert pool.inversion.shape == (40, 3, 32, 32) and pool.holdout.shape == (10, 3, 32, 32)
+    flat_d = {t.numpy().tobytes() for t in pool.inversion}
+    assert not any(t.numpy().tobytes() in flat_d for t in pool.holdout)
+    assert pool.info.source == "procedural:0" and pool.info.n_inversion == 40 and len(pool.info.content_hash) == 64
+    assert load_pool("procedural", 32, 40, 10, seed=0).info.content_hash == pool.info.content_hash
+
+
+def _write_images(folder, n, size=(48, 40)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+
+
+def test_dir_pool_reads_recursively_skips_unreadable(tmp_path):
+    _write_images(tmp_path / "a", 10)
+    _write_images(tmp_path / "b" / "c", 10)
+    (tmp_path / "0broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("ignored")
+    pool = load_pool(f"dir:{tmp_path}", 32, 15, 5, seed=0)
+    assert pool.inversion.shape == (15, 3, 32, 32)
+    assert pool.info.n_skipped == 1 and pool.info.n_found == 20
+
+
+def test_dir_pool_too_small_says_how_many(tmp_path):
+    _write_images(tmp_path, 7)
+    with pytest.raises(PoolError, match="has 7 usable images .*needs 30"):
+        load_pool(f"dir:{tmp_path}", 32, 20, 10, seed=0)
+
+
+def test_empty_or_missing_folder(tmp_path):
+    with pytest.raises(PoolError, match="has 0 usable images"):
+        load_pool(f"dir:{tmp_path}", 32, 20, 10, seed=0)
+    with pytest.raises(PoolError, match="does not exist"):
+        load_pool(f"dir:{tmp_path / 'nope'}", 32, 20, 10, seed=0)
+
+
+@pytest.mark.parametrize("spec", ["imagenet", "dir:", "procedural:x", ""])
+def test_bad_spec_is_a_usage_error(spec):
+    with pytest.raises(UsageError):
+        check_spec(spec)
