@@ -43,15 +43,21 @@ def load_schema() -> dict[str, Any]:
 
 
 def result_to_dict(result: Any) -> dict[str, Any]:
-    """``AuditResult.to_dict()`` with the one allowed non-finite value mapped to null.
+    """``AuditResult.to_dict()`` with unmeasurable numbers mapped to null.
 
-    An error verdict may carry ``s_max = nan`` (nothing was scored); the JSON then says
-    ``"s_max": null``. Any other non-finite number is left in place and refused on write.
+    An inconclusive or error verdict may carry non-finite ``s_max`` and per-class losses or
+    scores (a degenerate model); the JSON then says null. For pass/fail, non-finite numbers are
+    left in place and refused on write (they would be a bug).
     """
     d: dict[str, Any] = result.to_dict()
-    s_max = d.get("s_max")
-    if d.get("verdict") == "error" and isinstance(s_max, float) and not math.isfinite(s_max):
-        d["s_max"] = None
+    if d.get("verdict") not in ("error", "inconclusive"):
+        return d
+
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    d["s_max"] = clean(d.get("s_max"))
+    d["classes"] = [{k: clean(v) for k, v in c.items()} for c in d.get("classes", [])]
     return d
 
 
