@@ -1,10 +1,38 @@
 """Safe import of official CoOp / CoCoOp / BadCLIP (Dassl) checkpoints.
 
 A Dassl checkpoint (``prompt_learner/model.pth.tar-N``) is a torch.save pickle from an
-untrusted provider. Before torch.load ever sees it, every pickle in the file is walked
-statically with :mod:`pickletools` (nothing is unpickled) and refused unless it only
-references the globals in :data:`ALLOWED_GLOBALS`. Then it is loaded with
-``torch.load(weights_only=True)`` on a torch recent enough for that to hold.
+untrusted provider: ``{"state_dict", "epoch", "optimizer", "scheduler", "val_result"}``.
+Only ``state_dict`` is kept, but the rest must be read past, and ``scheduler`` is not plain
+data: every CoOp config uses a warmup, and Dassl's ``ConstantWarmupScheduler`` /
+``LinearWarmupScheduler`` keep the wrapped scheduler in ``successor``, so
+``scheduler.state_dict()`` holds a pickled ``torch.optim.lr_scheduler.CosineAnnealingLR``
+instance, which holds its ``torch.optim.sgd.SGD`` (whose ``state`` is a
+``collections.defaultdict(dict)``).
+
+Before torch.load ever sees the file, every pickle in it is walked statically with
+:mod:`pickletools` (nothing is unpickled) and each global it references falls in one of
+three classes:
+
+(a) :data:`ALLOWED_GLOBALS`: tensor rebuild functions, storage types, dtypes and the
+    dict classes of a state dict. torch's weights_only unpickler resolves these to the
+    real objects (they are in its own default allow-list), so the tensors load for real.
+(b) :data:`OPAQUE_GLOBALS`: a short, explicit list of optimizer / LR-scheduler classes
+    and their helper containers, the training state a Dassl checkpoint carries next to the
+    weights. They are never imported nor called: for the load, each name is mapped (with
+    ``torch.serialization.safe_globals`` and its ``(obj, "module.qualname")`` form, which
+    binds a *name* to an object of our choosing) to an inert stand-in defined here, an
+    :class:`OpaqueObject` subclass (``defaultdict``: an empty plain dict, see
+    :class:`_OpaqueDefaultDict`). The unpickler then only ever calls ``__new__``,
+    ``__init__`` and ``__setstate__`` of those stand-ins, which keep the pickled state as
+    inert data and run nothing else; the real ``SGD``, ``CosineAnnealingLR`` or Dassl
+    classes (provider code, in Dassl's case) are not touched.
+(c) anything else (``os.system``, ``builtins.exec``, ``functools.partial``, ``numpy``
+    functions, extension codes, ...): the whole file is refused with
+    :class:`~gatekeeper.errors.UnsafeCheckpointError`, wherever in the file it hides,
+    including inside the optimizer or scheduler state.
+
+Then the file is loaded with ``torch.load(weights_only=True)`` (on a torch recent enough for
+that to hold), which re-checks every global against (a) plus the stand-ins of (b).
 """
 
 from __future__ import annotations
@@ -19,10 +47,12 @@ import shutil
 import struct
 import tarfile
 import tempfile
+import threading
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import torch
 
@@ -58,11 +88,44 @@ ALLOWED_GLOBALS: frozenset[str] = frozenset(
         "torch.float16",  # dtype singletons, may appear in storage metadata
         "torch.float32",
         "collections.OrderedDict",  # module.state_dict() is an OrderedDict (with _metadata)
-        # builtins.set/frozenset/tuple/list/dict/slice are deliberately absent: the pickle
-        # opcodes build those containers natively and no Dassl checkpoint needs them.
+        # MultiStepLR.milestones (Dassl's multi_step scheduler). torch's weights_only unpickler
+        # resolves it to the real Counter whatever we register (its default allow-list wins),
+        # so it cannot be stubbed; it is a stdlib dict subclass whose constructor only counts.
+        "collections.Counter",
+        # builtins.set/frozenset/tuple/list/slice are deliberately absent: the pickle opcodes
+        # build those containers natively and no Dassl checkpoint needs them (builtins.dict is
+        # opaque, below: it only appears as a defaultdict's default factory).
+    }
+)
+OPAQUE_GLOBALS: frozenset[str] = frozenset(
+    {
+        # Training state next to the weights, derived by torch.save-ing a Dassl checkpoint built
+        # as Dassl's build_optimizer / build_lr_scheduler do (torch 2.15) and listing its globals:
+        # the warmup scheduler's ``successor`` pickles as the wrapped scheduler instance, which
+        # holds the optimizer instance, whose ``state`` is a defaultdict(dict). Each name maps to
+        # an inert stand-in (:data:`_OPAQUE_STUBS`); none of these is ever imported or called.
+        "torch.optim.sgd.SGD",  # Dassl's OPTIM.NAME: sgd (every CoOp/CoCoOp config) ...
+        "torch.optim.adam.Adam",  # ... adam, amsgrad
+        "torch.optim.adamw.AdamW",  # ... adamw
+        "torch.optim.rmsprop.RMSprop",  # ... rmsprop
+        "torch.optim.lr_scheduler.CosineAnnealingLR",  # LR_SCHEDULER: cosine (every CoOp config)
+        "torch.optim.lr_scheduler.StepLR",  # single_step
+        "torch.optim.lr_scheduler.MultiStepLR",  # multi_step (its milestones: collections.Counter)
+        "torch.optim.lr_scheduler.ExponentialLR",
+        "torch.optim.lr_scheduler.LambdaLR",  # its lr_lambdas are functions: other globals, refused
+        # Dassl's warmup wrappers: scheduler.state_dict() is a plain dict so their names do not
+        # appear in a Dassl checkpoint, but they do where the scheduler object itself is saved.
+        "dassl.optim.lr_scheduler.ConstantWarmupScheduler",
+        "dassl.optim.lr_scheduler.LinearWarmupScheduler",
+        "collections.defaultdict",  # Optimizer.state is defaultdict(dict) ...
+        "builtins.dict",  # ... whose default factory pickles as the global builtins.dict
+        # Never here: anything that calls or resolves something given to it (builtins.getattr,
+        # eval, exec, functools.partial, operator.*, copyreg.*, torch.load, torch._C.*, numpy
+        # functions, os.*, subprocess.*) nor Dassl's RAdam (provider code that no CoOp config uses).
     }
 )
 _ALLOWED_PAIRS = frozenset(tuple(g.rsplit(".", 1)) for g in ALLOWED_GLOBALS)
+_OPAQUE_PAIRS = frozenset(tuple(g.rsplit(".", 1)) for g in OPAQUE_GLOBALS)
 _HINT = "the checkpoint may run code when loaded; re-export only the state_dict tensors with safetensors"
 _LEGACY_PICKLES = 5  # legacy torch.save: magic, protocol, sys_info, object, storage keys
 _MAX_PKL = 256 * 2**20
@@ -75,6 +138,55 @@ class _Mark:
 
 
 _MARK, _UNKNOWN = _Mark(), object()
+
+
+class OpaqueObject:
+    """Inert stand-in for a training-state object (optimizer, LR scheduler) of a checkpoint.
+
+    Every name in :data:`OPAQUE_GLOBALS` (but ``collections.defaultdict``) is bound, for the
+    load only, to its own subclass of this class, our code and not the provider's. Whatever
+    the pickle does with it (NEWOBJ: ``cls.__new__(cls, *args)``; REDUCE: ``cls(*args)``;
+    BUILD: ``inst.__setstate__(state)``), the arguments are discarded and the BUILD state is
+    kept as data in :attr:`state`: no method of the real class runs, nothing is imported,
+    and nothing given by the pickle is ever called.
+    """
+
+    qualname: ClassVar[str] = ""  # the pickled global this subclass stands for
+    state: Any = None  # the last BUILD state (tensors, numbers, dicts, other stand-ins)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # REDUCE calls the class: keep nothing
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.qualname}>"
+
+
+class _OpaqueDefaultDict:
+    """Stand-in for ``collections.defaultdict``: constructing it gives an empty plain dict.
+
+    The default factory (also opaque) is dropped. It cannot be an :class:`OpaqueObject`:
+    torch's weights_only unpickler only runs SETITEM(S), which fills a defaultdict, on an
+    object whose type is exactly dict, OrderedDict or Counter.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> dict[Any, Any]:  # type: ignore[misc]
+        return {}
+
+
+def _stub(name: str) -> type:
+    if name == "collections.defaultdict":
+        return _OpaqueDefaultDict
+    return type(f"Opaque[{name}]", (OpaqueObject,), {"qualname": name, "__module__": __name__})
+
+
+_OPAQUE_STUBS: dict[str, type] = {name: _stub(name) for name in sorted(OPAQUE_GLOBALS)}
+_LOAD_LOCK = threading.Lock()  # safe_globals edits torch's process-wide allow-list
 
 
 def sniff_format(path: Path) -> str:
@@ -137,7 +249,7 @@ def _scan(stream: IO[bytes]) -> tuple[set[str], list[str]]:
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full = f"{module}.{name}" if "." not in name else f"{module}:{name}"
         found.add(full)
-        if (module, name) not in _ALLOWED_PAIRS:
+        if (module, name) not in _ALLOWED_PAIRS and (module, name) not in _OPAQUE_PAIRS:
             bad.append(full)
 
     frame_end = -1
@@ -194,7 +306,7 @@ def _scan(stream: IO[bytes]) -> tuple[set[str], list[str]]:
 
 
 def scan_pickle(data: bytes) -> set[str]:
-    """Statically list the globals one pickle references, refusing anything off the allow-list.
+    """Statically list the globals one pickle references, refusing anything off the two lists.
 
     Never unpickles: opcodes are walked with :func:`pickletools.genops` on a symbolic stack
     (strings, tuples and the memo are tracked so STACK_GLOBAL names are recovered).
@@ -202,9 +314,10 @@ def scan_pickle(data: bytes) -> set[str]:
     Args:
         data: the pickle bytes (e.g. a torch zip's ``data.pkl``).
     Returns:
-        The ``module.name`` globals referenced, all in :data:`ALLOWED_GLOBALS`.
+        The ``module.name`` globals referenced, all in :data:`ALLOWED_GLOBALS` (loaded for
+        real) or :data:`OPAQUE_GLOBALS` (loaded as inert stand-ins).
     Raises:
-        UnsafeCheckpointError: a global off the allow-list, an extension code (EXT1/2/4),
+        UnsafeCheckpointError: a global in neither list, an extension code (EXT1/2/4),
             PERSID, a BINPERSID that is not a torch storage, or an unresolvable STACK_GLOBAL.
         ModelFormatError: the bytes are not a well-formed pickle.
     """
@@ -250,12 +363,69 @@ def _scan_zip(path: Path) -> None:
         raise ModelFormatError(f"{path}: unreadable zip ({exc})", "the checkpoint is corrupt") from None
 
 
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with each opaque name bound to its inert stand-in."""
+    stubs: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [(s, n) for n, s in _OPAQUE_STUBS.items()]
+    with _LOAD_LOCK, torch.serialization.safe_globals(stubs):
+        # add_safe_globals elsewhere in this process could bind one of our names to the real
+        # class as well; torch would then pick either, so refuse rather than guess.
+        for entry in torch.serialization.get_safe_globals():
+            obj, name = entry if isinstance(entry, tuple) else (entry, _qualified(entry))
+            if name in _OPAQUE_STUBS and obj is not _OPAQUE_STUBS[name]:
+                raise UnsafeCheckpointError(
+                    f"{path}: refused, {name} is registered with torch.serialization.add_safe_globals in this "
+                    "process, so the load could construct the real class instead of an inert stand-in",
+                    "load checkpoints in a process that does not call add_safe_globals for optimizers/schedulers",
+                    globals_found=(name,),
+                )
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+
+
+def read_torch_checkpoint(path: Path) -> Any:
+    """Scan, then load, a torch.save file (zip or legacy) whole, without running its code.
+
+    Tensors load for real; optimizer / scheduler objects come back as :class:`OpaqueObject`
+    stand-ins (their pickled state in ``.state``) and defaultdicts as plain dicts.
+
+    Args:
+        path: a torch zip or legacy torch.save file.
+    Returns:
+        The unpickled object (for a Dassl checkpoint, the dict holding ``state_dict``).
+    Raises:
+        UnsafeCheckpointError: torch < 2.10, or a global in neither :data:`ALLOWED_GLOBALS`
+            nor :data:`OPAQUE_GLOBALS`.
+        ModelFormatError: not a torch.save file, corrupt, or torch.load failed.
+    """
+    _require_safe_torch()
+    path = Path(path)
+    fmt = sniff_format(path)
+    if fmt == "torch-zip":
+        _scan_zip(path)
+    elif fmt == "pickle":
+        if tarfile.is_tarfile(path):
+            raise ModelFormatError(f"{path}: pre-0.4 tar checkpoints are unsupported", "re-save with torch.save")
+        with path.open("rb") as f:
+            for _ in range(_LEGACY_PICKLES):
+                _check(f, str(path))
+    else:
+        raise ModelFormatError(f"{path}: a {fmt} file, not a torch.save pickle")
+    try:
+        return _torch_load(path)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:
+        raise ModelFormatError(f"{path}: torch.load failed ({str(exc)[:300]})", "the checkpoint is corrupt") from None
+
+
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Scan then load; the state dict's tensors in their stored dtype, prefixes stripped."""
     _require_safe_torch()
     path = Path(path)
-    fmt = sniff_format(path)
-    if fmt == "safetensors":
+    if sniff_format(path) == "safetensors":
         from safetensors.torch import load_file
 
         try:
@@ -263,20 +433,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise ModelFormatError(f"{path}: corrupt safetensors file ({str(exc)[:200]})") from None
     else:
-        if fmt == "torch-zip":
-            _scan_zip(path)
-        else:
-            if tarfile.is_tarfile(path):
-                raise ModelFormatError(f"{path}: pre-0.4 tar checkpoints are unsupported", "re-save with torch.save")
-            with path.open("rb") as f:
-                for _ in range(_LEGACY_PICKLES):
-                    _check(f, str(path))
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelFormatError(
-                f"{path}: torch.load failed ({str(exc)[:300]})", "the checkpoint is corrupt"
-            ) from None
+        obj = read_torch_checkpoint(path)  # optimizer / scheduler entries: inert stand-ins, dropped here
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ModelFormatError(f"{path}: no state dict in the checkpoint", "give a Dassl model.pth.tar-N file")
@@ -297,9 +454,10 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def load_dassl_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Load a Dassl prompt-learner checkpoint without letting it run code.
 
-    Every pickle is scanned first; one that references any global off the allow-list is
-    refused entirely, even when the offending part is optimizer or scheduler state and the
-    ``state_dict`` alone would be harmless.
+    Every pickle is scanned first; one that references any global in neither
+    :data:`ALLOWED_GLOBALS` nor :data:`OPAQUE_GLOBALS` is refused entirely, even when the
+    offending part is optimizer or scheduler state and the ``state_dict`` alone would be
+    harmless. Optimizer and scheduler objects load as inert stand-ins and are dropped.
 
     Args:
         path: ``model.pth.tar-N`` (torch zip or legacy pickle) or a safetensors file.
