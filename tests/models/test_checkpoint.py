@@ -7,19 +7,27 @@ import io
 import json
 import os
 import pickle
+import sys
+import types
 import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import _LRScheduler
 
 from gatekeeper.errors import ModelFormatError, UnsafeCheckpointError, UsageError
 from gatekeeper.models.checkpoint import (
     ALLOWED_GLOBALS,
+    OPAQUE_GLOBALS,
+    OpaqueObject,
     convert_checkpoint,
     load_dassl_checkpoint,
+    read_torch_checkpoint,
     scan_pickle,
     sniff_format,
 )
@@ -48,27 +56,117 @@ class RunsExec:
         return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
-def dassl_state(dtype: torch.dtype = torch.float32, meta: bool = True, ctx_shape: tuple[int, ...] = (4, 8)) -> dict:
+# Dassl's dassl/optim/lr_scheduler.py, re-implemented (without ``verbose``, which torch 2.15's
+# LRScheduler no longer takes) in a module of that exact name, so that a pickled instance
+# references the global ``dassl.optim.lr_scheduler.ConstantWarmupScheduler`` as the real one does.
+class _BaseWarmupScheduler(_LRScheduler):
+    __module__ = "dassl.optim.lr_scheduler"
+
+    def __init__(self, optimizer: Any, successor: Any, warmup_epoch: int, last_epoch: int = -1) -> None:
+        self.successor = successor
+        self.warmup_epoch = warmup_epoch
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> Any:
+        raise NotImplementedError
+
+    def step(self, epoch: Any = None) -> None:
+        if self.last_epoch >= self.warmup_epoch:
+            self.successor.step(epoch)
+            self._last_lr = self.successor.get_last_lr()
+        else:
+            super().step(epoch)
+
+
+class ConstantWarmupScheduler(_BaseWarmupScheduler):
+    __module__ = "dassl.optim.lr_scheduler"
+
+    def __init__(self, optimizer: Any, successor: Any, warmup_epoch: int, cons_lr: float, last_epoch: int = -1) -> None:
+        self.cons_lr = cons_lr
+        super().__init__(optimizer, successor, warmup_epoch, last_epoch)
+
+    def get_lr(self) -> Any:
+        if self.last_epoch >= self.warmup_epoch:
+            return self.successor.get_last_lr()
+        return [self.cons_lr for _ in self.base_lrs]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fake_dassl() -> Iterator[None]:
+    """Make ``dassl.optim.lr_scheduler`` importable (pickle looks classes up by module name)."""
+    mods = {name: types.ModuleType(name) for name in ("dassl", "dassl.optim", "dassl.optim.lr_scheduler")}
+    mods["dassl"].optim = mods["dassl.optim"]  # type: ignore[attr-defined]
+    mods["dassl.optim"].lr_scheduler = mods["dassl.optim.lr_scheduler"]  # type: ignore[attr-defined]
+    for cls in (_BaseWarmupScheduler, ConstantWarmupScheduler):
+        setattr(mods["dassl.optim.lr_scheduler"], cls.__name__, cls)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, mod in mods.items():
+            mp.setitem(sys.modules, name, mod)
+        yield
+
+
+class PromptLearner(torch.nn.Module):
+    """CoCoOp's PromptLearner, shrunk: learnable ctx, meta_net, frozen token_prefix/suffix buffers."""
+
+    def __init__(self, ctx_shape: tuple[int, ...], meta: bool) -> None:
+        super().__init__()
+        self.ctx = torch.nn.Parameter(torch.empty(*ctx_shape))
+        if meta:
+            layers = [
+                ("linear1", torch.nn.Linear(6, 2)),
+                ("relu", torch.nn.ReLU(True)),
+                ("linear2", torch.nn.Linear(2, 8)),
+            ]
+            self.meta_net = torch.nn.Sequential(OrderedDict(layers))
+        self.register_buffer("token_prefix", torch.empty(3, 1, 8))
+        self.register_buffer("token_suffix", torch.empty(3, 72, 8))
+
+
+def dassl_state(dtype: torch.dtype = torch.float32, meta: bool = True, ctx_shape: tuple[int, ...] = (4, 8)) -> Any:
+    """The prompt learner's state_dict as saved from a DataParallel model: ``module.`` keys."""
+    learner = PromptLearner(ctx_shape, meta).to(dtype)
     g = torch.Generator().manual_seed(0)
-    sd: dict[str, Any] = {
-        "module.ctx": torch.randn(*ctx_shape, generator=g).to(dtype),
-        "module.token_prefix": torch.randn(3, 1, 8, generator=g).to(dtype),
-        "module.token_suffix": torch.randn(3, 72, 8, generator=g).to(dtype),
+    with torch.no_grad():
+        for t in learner.state_dict().values():
+            t.copy_(torch.randn(t.shape, generator=g))
+    return OrderedDict((f"module.{k}", v) for k, v in learner.state_dict().items())
+
+
+def save_dassl(
+    folder: Path,
+    state: dict,
+    legacy: bool = False,
+    tamper: Callable[[Any, Any], None] | None = None,
+    scheduler: Callable[[Any], Any] | None = None,
+    optimizer: type = torch.optim.SGD,
+    **extra: Any,
+) -> Path:
+    """Write ``folder/prompt_learner/model.pth.tar-50`` the way Dassl trains and saves a CoOp model.
+
+    Dassl's build_optimizer (sgd, CoOp's OPTIM) over the prompt learner's parameters (which
+    share storage with ``state``), build_lr_scheduler (cosine wrapped by a constant warmup),
+    a few steps so the optimizer holds momentum buffers, then save_checkpoint's dict.
+    ``tamper(optimizer, scheduler)`` runs before saving.
+    """
+    params = [torch.nn.Parameter(v) for k, v in state.items() if isinstance(v, torch.Tensor) and "token_" not in k]
+    kwargs = {"momentum": 0.9, "dampening": 0.0, "nesterov": False} if optimizer is torch.optim.SGD else {}
+    opt = optimizer(params, lr=0.002, weight_decay=5e-4, **kwargs)
+    successor = scheduler(opt) if scheduler else torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(50))  # type: ignore[arg-type]  # as Dassl
+    sched = ConstantWarmupScheduler(opt, successor, warmup_epoch=1, cons_lr=1e-5)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.full_like(p, 0.1)
+        opt.step()
+        sched.step()
+    if tamper:
+        tamper(opt, sched)
+    ckpt = {
+        "state_dict": state,
+        "epoch": 50,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "val_result": None,
     }
-    if meta:
-        sd["module.meta_net.linear1.weight"] = torch.randn(2, 6, generator=g).to(dtype)
-        sd["module.meta_net.linear1.bias"] = torch.randn(2, generator=g).to(dtype)
-        sd["module.meta_net.linear2.weight"] = torch.randn(8, 2, generator=g).to(dtype)
-        sd["module.meta_net.linear2.bias"] = torch.randn(8, generator=g).to(dtype)
-    return sd
-
-
-def save_dassl(folder: Path, state: dict, legacy: bool = False, **extra: Any) -> Path:
-    """Write ``folder/prompt_learner/model.pth.tar-50`` the way Dassl's save_checkpoint does."""
-    lin = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(lin.parameters(), lr=0.002, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 50)
-    ckpt = {"state_dict": state, "epoch": 50, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
     ckpt.update(extra)
     path = folder / "prompt_learner" / "model.pth.tar-50"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +185,140 @@ def test_genuine_checkpoint_loads(tmp_path: Path, legacy: bool, dtype: torch.dty
     for key, value in loaded.items():
         assert value.dtype == torch.float32
         assert torch.equal(value, state[f"module.{key}"].float())
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_dassl_training_state_loads_as_inert_stand_ins(
+    tmp_path: Path, legacy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = save_dassl(tmp_path, dassl_state(torch.float16), legacy=legacy)
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a real optimizer/scheduler method ran during the load")
+
+    for cls in (torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR, ConstantWarmupScheduler):
+        for attr in ("__init__", "__setstate__", "load_state_dict", "step"):
+            monkeypatch.setattr(cls, attr, boom, raising=False)
+    obj = read_torch_checkpoint(path)
+    assert set(obj) == {"state_dict", "epoch", "optimizer", "scheduler", "val_result"}
+    successor = obj["scheduler"]["successor"]
+    assert isinstance(successor, OpaqueObject)
+    assert successor.qualname == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    assert successor.state["T_max"] == 50.0 and successor.state["last_epoch"] == 2  # 3 steps, the first a warmup one
+    sgd = successor.state["optimizer"]
+    assert isinstance(sgd, OpaqueObject) and sgd.qualname == "torch.optim.sgd.SGD"
+    assert type(sgd.state["state"]) is dict  # a defaultdict(dict) comes back as a plain dict ...
+    assert all("momentum_buffer" in v for v in sgd.state["state"].values())  # ... with its content
+    assert sgd.state["param_groups"][0]["momentum"] == 0.9
+    assert obj["scheduler"]["cons_lr"] == 1e-5
+    assert set(load_dassl_checkpoint(path)) == {"ctx", *META}
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler"),
+    [
+        (torch.optim.Adam, lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [10, 20])),
+        (torch.optim.AdamW, lambda o: torch.optim.lr_scheduler.StepLR(o, 10)),
+        (torch.optim.RMSprop, lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9)),
+    ],
+    ids=["adam-multistep", "adamw-step", "rmsprop-exponential"],
+)
+def test_other_dassl_optimizers_and_schedulers_load(tmp_path: Path, optimizer: type, scheduler: Any) -> None:
+    path = save_dassl(tmp_path, dassl_state(), optimizer=optimizer, scheduler=scheduler)
+    assert set(load_dassl_checkpoint(path)) == {"ctx", *META}
+    successor = read_torch_checkpoint(path)["scheduler"]["successor"]
+    assert successor.qualname.startswith("torch.optim.lr_scheduler.")
+    assert successor.state["optimizer"].qualname.endswith(optimizer.__name__)
+
+
+def test_pickled_warmup_scheduler_object_is_opaque(tmp_path: Path) -> None:
+    """A fork saving the scheduler object itself references Dassl's class: a stand-in, never imported."""
+    state = dassl_state()
+    path = tmp_path / "model.pth.tar-50"
+    opt = torch.optim.SGD([torch.nn.Parameter(state["module.ctx"])], lr=0.002, momentum=0.9)
+    sched = ConstantWarmupScheduler(opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, 50), 1, 1e-5)
+    torch.save({"state_dict": state, "scheduler": sched}, path)
+    with zipfile.ZipFile(path) as zf:
+        found = scan_pickle(zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl"))))
+    assert "dassl.optim.lr_scheduler.ConstantWarmupScheduler" in found
+    obj = read_torch_checkpoint(path)
+    assert isinstance(obj["scheduler"], OpaqueObject)
+    assert obj["scheduler"].qualname == "dassl.optim.lr_scheduler.ConstantWarmupScheduler"
+    assert obj["scheduler"].state["successor"].qualname == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    assert set(load_dassl_checkpoint(path)) == {"ctx", *META}
+
+
+class CallsSGD:
+    """REDUCE on an opaque class with arguments: the real SGD([]) would raise."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (torch.optim.SGD, ([], 0.1))
+
+
+def test_reduce_on_opaque_name_calls_the_stand_in(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth.tar-50"
+    torch.save({"state_dict": {"ctx": torch.ones(2, 8)}, "x": CallsSGD()}, path)
+    obj = read_torch_checkpoint(path)
+    assert isinstance(obj["x"], OpaqueObject) and obj["x"].qualname == "torch.optim.sgd.SGD"
+    assert obj["x"].state is None and not vars(obj["x"])  # the arguments were dropped
+
+
+def test_real_class_registered_elsewhere_is_refused(tmp_path: Path) -> None:
+    path = save_dassl(tmp_path, dassl_state())
+    with torch.serialization.safe_globals([torch.optim.SGD]), pytest.raises(UnsafeCheckpointError, match="sgd.SGD"):
+        load_dassl_checkpoint(path)
+    assert set(load_dassl_checkpoint(path)) == {"ctx", *META}  # our stand-ins were unregistered again
+    assert not any(isinstance(g, tuple) for g in torch.serialization.get_safe_globals())
+
+
+def _put_in_param_groups(obj: Any) -> Callable[[Any, Any], None]:
+    return lambda opt, sched: opt.param_groups[0].__setitem__("evil", obj)
+
+
+def _put_in_successor(obj: Any) -> Callable[[Any, Any], None]:
+    return lambda opt, sched: setattr(sched.successor, "evil", obj)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("where", [_put_in_param_groups, _put_in_successor], ids=["param_groups", "successor"])
+def test_payload_inside_training_state_is_refused(tmp_path: Path, legacy: bool, where: Any) -> None:
+    marker = tmp_path / "pwned"
+    path = save_dassl(tmp_path, dassl_state(), legacy=legacy, tamper=where(RunsShell(marker)))
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_dassl_checkpoint(path)
+    assert info.value.globals_found == ("posix.system",)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError):
+        read_torch_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_opaque_names_do_not_widen_the_allow_list(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = save_dassl(tmp_path, dassl_state(), tamper=_put_in_successor(RunsExec(marker)))
+    with zipfile.ZipFile(path) as zf:
+        data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+    assert b"torch.optim.sgd" in data  # the opaque names are there too ...
+    with pytest.raises(UnsafeCheckpointError) as info:
+        convert_checkpoint(path, _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b"]), tmp_path / "o")
+    assert info.value.globals_found == ("builtins.exec",)  # ... and only exec is reported
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x80\x02ctorch.optim.sgd\nSGD\ncbuiltins\nexec\n\x86.",  # an opaque name next to exec
+        b"\x80\x02cfunctools\npartial\n.",
+        b"\x80\x02cbuiltins\ngetattr\n.",
+        b"\x80\x02ctorch\nload\n.",
+        b"\x80\x02ctorch.optim\nsgd.SGD\n.",  # an opaque name spelt differently
+        b"\x80\x02cdassl.optim.lr_scheduler\n_BaseWarmupScheduler\n.",
+    ],
+)
+def test_scan_refuses_names_near_the_opaque_list(data: bytes) -> None:
+    with pytest.raises(UnsafeCheckpointError):
+        scan_pickle(data)
 
 
 def test_safetensors_prompt_learner_loads_whatever_its_name(tmp_path: Path) -> None:
@@ -146,7 +378,15 @@ def test_scan_pickle_allows_torch_state_dicts(tmp_path: Path) -> None:
         data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
     found = scan_pickle(data)
     assert {"torch._utils._rebuild_tensor_v2", "torch.HalfStorage", "collections.OrderedDict"} <= found
-    assert found <= ALLOWED_GLOBALS
+    # what a Dassl checkpoint's training state references (torch 2.15), all of it opaque
+    training = {
+        "torch.optim.sgd.SGD",
+        "torch.optim.lr_scheduler.CosineAnnealingLR",
+        "collections.defaultdict",
+        "builtins.dict",
+    }
+    assert found - ALLOWED_GLOBALS == training
+    assert training <= OPAQUE_GLOBALS and not ALLOWED_GLOBALS & OPAQUE_GLOBALS
 
 
 @pytest.mark.parametrize(
