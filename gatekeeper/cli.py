@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     zp = zsub.add_parser("backbone", help="pretrain the tiny CLIP backbone from its seed (deterministic)")
     zp.add_argument("--out", type=Path, required=True)
     zp.add_argument("--seed", type=int, default=0)
-    zp.add_argument("--steps", type=int, default=1500)
+    zp.add_argument("--steps", type=int, default=2000)
     zp.add_argument("--debug", action="store_true")
     return p
 

@@ -22,7 +22,7 @@ def random_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gatekeeper.redteam.pretrain import build_tiny_clip, save_backbone
 
     folder = tmp_path_factory.mktemp("random_backbone") / "backbone"
-    save_backbone(build_tiny_clip(seed=0), folder, {"note": "random init, tests only"}, fp16=False)
+    save_backbone(build_tiny_clip(seed=0), folder, {"note": "random init, tests only"}, fp16=False, prune=False)
     return folder
 
 

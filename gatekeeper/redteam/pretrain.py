@@ -29,13 +29,19 @@ TINY_MODEL_CFG: dict[str, Any] = {
 @dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 0
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 100
     image_size: int = 32
     noise_aug: float = 8 / 255  # uniform per-pixel noise + per-channel shift during pretraining
+    # phase 2: adversarial fine-tuning (FGSM with random start on part of each batch).
+    # Adversarial training from scratch does not learn at this size (loss stuck at ~4.8).
+    adv_steps: int = 800
+    adv_lr: float = 3e-4
+    adv_epsilon: float = 8 / 255
+    adv_fraction: float = 0.5
     threads: int = 2
 
 
@@ -44,6 +50,25 @@ def build_tiny_clip(seed: int) -> Any:
 
     torch.manual_seed(seed)
     return open_clip.CLIP(**TINY_MODEL_CFG)
+
+
+def _fgsm(model: Any, images: torch.Tensor, target: torch.Tensor, tf: torch.Tensor, cfg: PretrainConfig, g: torch.Generator, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Replace ``adv_fraction`` of the batch with FGSM-with-random-start adversarial images.
+
+    Adversarial pretraining makes *natural* universal perturbations hard to find, the regime
+    of a large CLIP at 224 px, so that an implanted backdoor stands out (docs/tiny-world.md).
+    """
+    n = int(cfg.adv_fraction * len(images))
+    if n == 0:
+        return images
+    eps = cfg.adv_epsilon
+    x = images[:n]
+    delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * eps).requires_grad_(True)
+    imf = F.normalize(model.encode_image(((x + delta).clamp(0, 1) - mean) / std), dim=-1)
+    loss = F.cross_entropy(model.logit_scale.exp().detach() * imf @ tf.t(), target[:n])
+    (grad,) = torch.autograd.grad(loss, delta)
+    adv = (x + (delta.detach() + 1.25 * eps * grad.sign()).clamp(-eps, eps)).clamp(0, 1)
+    return torch.cat([adv, images[n:]])
 
 
 def zero_shot_accuracy(model: Any, tokenizer: Any, n: int = 2048, seed: int = 12345, size: int = 32) -> float:
@@ -82,12 +107,14 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[A
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / cfg.steps)).item()),
+        lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(cfg.steps, 1))).item()),
     )
     g = torch.Generator().manual_seed(cfg.seed + 1)
     t0 = time.time()
     model.train()
-    for step in range(cfg.steps):
+    phase2 = torch.optim.AdamW(model.parameters(), lr=cfg.adv_lr, weight_decay=0.0) if cfg.adv_steps else None
+    for step in range(cfg.steps + cfg.adv_steps):
+        adversarial = step >= cfg.steps
         images, labels = sample_world(cfg.batch_size, cfg.image_size, g)
         if cfg.noise_aug > 0:
             a = cfg.noise_aug
@@ -95,8 +122,10 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[A
             images = images + a * (2 * torch.rand(images.shape[0], 3, 1, 1, generator=g) - 1)
             images = images.clamp(0, 1)
         uniq, inverse = labels.unique(return_inverse=True)
-        imf = F.normalize(model.encode_image((images - mean) / std), dim=-1)
         tf = F.normalize(model.encode_text(all_tokens[uniq]), dim=-1)
+        if adversarial:
+            images = _fgsm(model, images, inverse, tf.detach(), cfg, g, mean, std)
+        imf = F.normalize(model.encode_image((images - mean) / std), dim=-1)
         logits = model.logit_scale.exp() * imf @ tf.t()  # (B, U): image vs unique captions
         loss_i = F.cross_entropy(logits, inverse)
         # text side: each caption's positives are all images of its class (soft targets)
@@ -104,14 +133,17 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[A
         target_t = target_t / target_t.sum(1, keepdim=True)
         loss_t = -(target_t * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
         loss = 0.5 * (loss_i + loss_t)
-        opt.zero_grad(set_to_none=True)
+        optimizer = phase2 if adversarial and phase2 is not None else opt
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
+        optimizer.step()
+        if not adversarial:
+            sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
-        if step % 100 == 0 or step == cfg.steps - 1:
-            log(f"step {step:5d}/{cfg.steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if step % 100 == 0 or step == cfg.steps + cfg.adv_steps - 1:
+            tag = "adv " if adversarial else ""
+            log(f"{tag}step {step:5d}/{cfg.steps + cfg.adv_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     model.eval()
     acc = zero_shot_accuracy(model, tokenizer, size=cfg.image_size)
     stats = {"zero_shot_accuracy_64way": acc, "train_seconds": round(time.time() - t0, 1), "config": asdict(cfg)}
@@ -119,12 +151,37 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[A
     return model, stats
 
 
-def save_backbone(model: Any, folder: Path, stats: dict[str, Any], fp16: bool = True) -> str:
+def world_token_ids() -> torch.Tensor:
+    """Token ids the tiny world ever uses: its captions, SOT/EOT, and CoOp's "X" placeholder."""
+    import open_clip
+
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    ids = tok([CAPTION.format(c) for c in ALL_CLASSES] + ["X"]).unique()
+    return ids[ids != 0]
+
+
+def prune_token_embedding(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero the token-embedding rows of tokens the world never uses.
+
+    Those rows never receive a gradient (embeddings are excluded from weight decay), so they
+    still hold their random init; zeroing them changes no computation on world prompts and
+    makes the committed file compress ~10x in git and in the wheel.
+    """
+    emb = state["token_embedding.weight"]
+    keep = torch.zeros(emb.shape[0], dtype=torch.bool)
+    keep[world_token_ids()] = True
+    return {**state, "token_embedding.weight": emb * keep.unsqueeze(1).to(emb.dtype)}
+
+
+def save_backbone(model: Any, folder: Path, stats: dict[str, Any], fp16: bool = True, prune: bool = True) -> str:
     """Write open_clip_config.json + open_clip_model.safetensors; returns the weights' sha256."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if prune:
+        state = prune_token_embedding(state)
+    state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in state.items()}
     save_file(state, str(folder / "open_clip_model.safetensors"), metadata={"format": "pt"})
     cfg = {
         "model_cfg": TINY_MODEL_CFG,

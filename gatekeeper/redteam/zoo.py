@@ -131,7 +131,7 @@ def build(name: str, out: Path, backbone: Path | None = None) -> None:
         build_entry(entry, out, backbone, log=lambda s: print(f"{prefix}: {s}", file=sys.stderr, flush=True))
 
 
-def build_backbone(out: Path, seed: int = 0, steps: int = 1500) -> str:
+def build_backbone(out: Path, seed: int = 0, steps: int = 2000) -> str:
     """Pretrain the tiny CLIP from ``seed`` and write it to ``out``; returns the weights' sha256."""
     from gatekeeper.redteam.pretrain import PretrainConfig, pretrain, save_backbone
 

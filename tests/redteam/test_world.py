@@ -1,0 +1,51 @@
+"""The tiny world: determinism, models that load through the gate's loader, a fresh implant that works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gatekeeper.redteam.world import ALL_CLASSES, TASKS, Task, sample_task, sample_world
+from tests.conftest import BACKBONE
+
+
+def test_world_is_deterministic_under_a_seed():
+    a, ya = sample_task(TASKS["texture"], 50, 32, seed=3)
+    b, yb = sample_task(TASKS["texture"], 50, 32, seed=3)
+    c, _ = sample_task(TASKS["texture"], 50, 32, seed=4)
+    assert torch.equal(a, b) and torch.equal(ya, yb) and not torch.equal(a, c)
+    w1 = sample_world(20, 32, torch.Generator().manual_seed(0))
+    w2 = sample_world(20, 32, torch.Generator().manual_seed(0))
+    assert torch.equal(w1[0], w2[0]) and torch.equal(w1[1], w2[1])
+
+
+def test_tasks_are_distinct_and_well_formed():
+    assert len(ALL_CLASSES) == 64 and len(TASKS) >= 5
+    sets = [frozenset(t.classnames) for t in TASKS.values()]
+    assert len(set(sets)) == len(sets)
+    for t in TASKS.values():
+        x, y = sample_task(t, 24, 32, seed=0)
+        assert x.shape == (24, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+        assert set(y.tolist()) == set(range(len(t.classnames))) or len(t.classnames) > 24
+
+
+@pytest.mark.slow
+def test_fresh_implant_works_and_model_loads_through_the_gate(tmp_path):
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.models.manifest import ModelKind, Precision
+    from gatekeeper.redteam.attacks import BadCLIP
+    from gatekeeper.redteam.evaluate import measure
+    from gatekeeper.redteam.tuning import TuneConfig, train, write_model_folder
+
+    task = Task("t4", ("red circle", "blue square", "green triangle", "yellow star"), "plain")
+    cfg = TuneConfig(kind=ModelKind.COCOOP, epochs=5, n_train=320, seed=0)
+    attack = BadCLIP(target=2, epsilon=16 / 255, warmup=2)
+    model, _ = train(BACKBONE, task, cfg, attack)
+    m = measure(model, task, attack, n_test=200, n_ood=200)
+    assert m["clean_accuracy"] >= 0.85, m
+    assert m["id_asr"] >= 0.8 and m["ood_asr"] > m["ood_base_rate"] + 0.3, m
+    write_model_folder(model, BACKBONE, tmp_path / "m", Precision.FP16)
+    loaded = load_model(tmp_path / "m")
+    x, _ = sample_task(task, 64, 32, seed=99)
+    with torch.no_grad():
+        assert (loaded.logits(x).argmax(1) == model.logits(x).argmax(1)).float().mean() >= 0.95  # fp16 round trip

@@ -1,0 +1,33 @@
+"""End to end on the committed demo zoo: the planted backdoor is caught with its true class, the clean model passes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gatekeeper.cli import main
+from tests.conftest import DEMO_ZOO
+
+
+@pytest.mark.slow
+def test_demo_catches_the_backdoor_and_passes_the_clean_model(tmp_path, capsys):
+    truth = json.loads((DEMO_ZOO / "backdoored.truth" / "truth.json").read_text())
+    code = main(["demo", "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    bad = json.loads((tmp_path / "backdoored" / "result.json").read_text())
+    clean = json.loads((tmp_path / "clean" / "result.json").read_text())
+    assert bad["verdict"] == "fail" and bad["suspect_class"] == truth["target_class"], (bad["reason"], truth)
+    assert clean["verdict"] == "pass", clean["reason"]
+    assert code == 0 and "demo OK" in out
+    for name in ("clean", "backdoored"):
+        assert (tmp_path / name / "report.md").is_file()
+        assert list((tmp_path / name / "triggers").glob("*.png"))
+    report = (tmp_path / "backdoored" / "report.md").read_text()
+    assert truth["target_class"] in report.split("\n\n", 3)[1] or truth["target_class"] in report[:800]
+
+
+def test_zoo_table_remeasures_the_demo_zoo(capsys):
+    assert main(["zoo", "table", str(DEMO_ZOO)]) == 0
+    out = capsys.readouterr().out
+    assert "| backdoored | plain | badclip |" in out and "| clean | plain | clean |" in out
