@@ -54,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--ood", default="procedural", help="OOD pool: procedural[:SEED] (built in) or dir:PATH")
     scan.add_argument("--out", required=True, type=Path, help="output folder for report.md, result.json, triggers/")
     scan.add_argument("--json", type=Path, help="also write the JSON result to this path")
+    # --- machine outputs (SARIF, --format json) ---
+    scan.add_argument("--sarif", type=Path, help="also write a SARIF 2.1.0 log (code scanning) to this path")
+    scan.add_argument(
+        "--sarif-uri",
+        help="file the SARIF result points at, relative to the repo root "
+        "(default: the model's gatekeeper.json when the model is a folder under the current directory, else the policy file)",
+    )
+    scan.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="json: print one line {verdict, s_max, threshold, suspect_class, report, json, exit_code} to stdout",
+    )
+    # --- end machine outputs ---
     _common(scan)
 
     demo = sub.add_parser(
@@ -88,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     zp = zsub.add_parser("backbone", help="pretrain the tiny CLIP backbone from its seed (deterministic)")
     zp.add_argument("--out", type=Path, required=True)
     zp.add_argument("--seed", type=int, default=0)
-    zp.add_argument("--steps", type=int, default=2000)
+    zp.add_argument("--steps", type=int, default=2500)
     zp.add_argument("--debug", action="store_true")
     return p
 
@@ -222,18 +236,93 @@ def scan_one(
 
 def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     command = "gatekeeper " + shlex.join(argv)
-    code, _ = scan_one(
-        args.model,
-        policy_arg=args.policy,
-        ood=args.ood,
-        out=args.out,
-        json_path=args.json,
-        device_name=args.device,
-        quiet=args.quiet,
-        revision=args.revision,
-        command=command,
-    )
+    try:
+        code, result = scan_one(
+            args.model,
+            policy_arg=args.policy,
+            ood=args.ood,
+            out=args.out,
+            json_path=args.json,
+            device_name=args.device,
+            quiet=args.quiet,
+            revision=args.revision,
+            command=command,
+        )
+    except Exception as exc:  # still tell machine consumers; main() prints the error and picks the code
+        _scan_machine_outputs(args, exit_code_for(exc), _error_result(args.model, exc), wrote_reports=False)
+        raise
+    _scan_machine_outputs(args, code, result, wrote_reports=True)
     return code
+
+
+# --- machine outputs (SARIF, --format json) ---
+
+
+def _error_result(reference: str, exc: BaseException) -> dict[str, Any]:
+    """A minimal result dict for a scan that raised: SARIF and --format json still say 'error'."""
+    reason = exc.one_line() if isinstance(exc, GatekeeperError) else f"internal error ({type(exc).__name__})"
+    return {
+        "verdict": "error",
+        "reason": reason,
+        "s_max": None,
+        "threshold": None,
+        "suspect_class": None,
+        "provenance": {"reference": reference},
+    }
+
+
+def _sarif_target(args: argparse.Namespace) -> str:
+    """--sarif-uri, else the model's gatekeeper.json under the CWD, else the policy (file or shipped name)."""
+    from gatekeeper.report.sarif import path_to_uri
+
+    if args.sarif_uri:
+        return path_to_uri(args.sarif_uri)
+    cwd = Path.cwd().resolve()
+    for candidate in (Path(args.model) / "gatekeeper.json", Path(args.policy)):
+        if not candidate.is_file():
+            continue
+        try:
+            return path_to_uri(candidate.resolve().relative_to(cwd).as_posix())
+        except ValueError:  # outside the CWD: not a repository path
+            continue
+    return path_to_uri(args.policy)  # a shipped policy name or a file outside the repository
+
+
+def _scan_machine_outputs(args: argparse.Namespace, code: ExitCode, result: dict[str, Any], *, wrote_reports: bool) -> None:
+    """Write --sarif (atomically) and print the --format json line; never masks the scan's outcome."""
+    import contextlib
+    import json
+
+    from gatekeeper.report import REPORT_MD, RESULT_JSON
+
+    if wrote_reports:  # the file as written: non-finite numbers of an inconclusive scan are null there
+        with contextlib.suppress(OSError, ValueError):
+            result = json.loads((args.out / RESULT_JSON).read_text(encoding="utf-8"))
+    if args.sarif is not None:
+        from gatekeeper.report.jsonout import atomic_write_text
+        from gatekeeper.report.sarif import to_sarif
+
+        try:
+            sarif = to_sarif([result], _sarif_target(args))
+            atomic_write_text(args.sarif, json.dumps(sarif, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        except (OSError, ValueError) as exc:
+            if wrote_reports:  # a verdict without its SARIF must not look like a clean upload
+                raise UsageError(f"cannot write --sarif {args.sarif}: {exc}", "choose a writable path") from None
+            print(f"gatekeeper: warning: cannot write --sarif {args.sarif}: {exc}", file=sys.stderr)
+    if args.format == "json":
+        line = {
+            "verdict": result.get("verdict"),
+            "s_max": result.get("s_max"),
+            "threshold": result.get("threshold"),
+            "suspect_class": result.get("suspect_class"),
+            "report": str(args.out / REPORT_MD) if wrote_reports else None,
+            "json": str(args.out / RESULT_JSON) if wrote_reports else None,
+            "exit_code": int(code),
+        }
+        print(json.dumps(line, separators=(",", ":"), ensure_ascii=False), flush=True)
+
+
+# --- end machine outputs ---
 
 
 def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:

@@ -8,7 +8,7 @@ from gatekeeper.result import ClassMetrics, Verdict
 
 
 def metrics(asr, loss):
-    return [ClassMetrics(i, f"c{i}", a, lo) for i, (a, lo) in enumerate(zip(asr, loss))]
+    return [ClassMetrics(i, f"c{i}", a, lo) for i, (a, lo) in enumerate(zip(asr, loss, strict=False))]
 
 
 def test_anomaly_scores_follow_eq_6_and_7():

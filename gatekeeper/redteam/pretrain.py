@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ TINY_MODEL_CFG: dict[str, Any] = {
 @dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 0
-    steps: int = 2000
+    steps: int = 2500
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -40,8 +42,8 @@ class PretrainConfig:
     # Adversarial training from scratch does not learn at this size (loss stuck at ~4.8).
     adv_steps: int = 800
     adv_lr: float = 3e-4
-    adv_epsilon: float = 8 / 255
-    adv_fraction: float = 0.5
+    adv_epsilon: float = 6 / 255
+    adv_fraction: float = 0.25
     threads: int = 2
 
 
@@ -134,6 +136,10 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[A
         loss_t = -(target_t * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
         loss = 0.5 * (loss_i + loss_t)
         optimizer = phase2 if adversarial and phase2 is not None else opt
+        if adversarial and phase2 is not None:  # cosine decay over phase 2
+            t = (step - cfg.steps) / max(cfg.adv_steps, 1)
+            for group in phase2.param_groups:
+                group["lr"] = cfg.adv_lr * 0.5 * (1 + math.cos(math.pi * t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -105,10 +105,7 @@ def train(
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             x, y = x_train[idx], y_train[idx]
-            if attack is None:
-                loss = F.cross_entropy(model.logits(x), y)
-            else:
-                loss = attack.loss(model, x, y, idx, epoch, g)
+            loss = F.cross_entropy(model.logits(x), y) if attack is None else attack.loss(model, x, y, idx, epoch, g)
             opt.zero_grad(set_to_none=True)
             if attack is not None:
                 attack.zero_grad()

@@ -135,7 +135,7 @@ def render(
     lin = torch.linspace(-1, 1, s2)
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
     lo, hi = size_range
-    scale = (lo + (hi - lo) * torch.rand(b, 1, 1, generator=g)) 
+    scale = (lo + (hi - lo) * torch.rand(b, 1, 1, generator=g))
     cx = (torch.rand(b, 1, 1, generator=g) * 2 - 1) * (0.9 - scale)
     cy = (torch.rand(b, 1, 1, generator=g) * 2 - 1) * (0.9 - scale)
     # limited rotation: a square turned 45 degrees would be a diamond

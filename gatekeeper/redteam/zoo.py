@@ -128,10 +128,10 @@ def build(name: str, out: Path, backbone: Path | None = None) -> None:
             print(f"{prefix}: already built, skipped", file=sys.stderr)
             continue
         print(f"{prefix}: training ({entry.attack} on {entry.task})", file=sys.stderr, flush=True)
-        build_entry(entry, out, backbone, log=lambda s: print(f"{prefix}: {s}", file=sys.stderr, flush=True))
+        build_entry(entry, out, backbone, log=lambda s, p=prefix: print(f"{p}: {s}", file=sys.stderr, flush=True))
 
 
-def build_backbone(out: Path, seed: int = 0, steps: int = 2000) -> str:
+def build_backbone(out: Path, seed: int = 0, steps: int = 2500) -> str:
     """Pretrain the tiny CLIP from ``seed`` and write it to ``out``; returns the weights' sha256."""
     from gatekeeper.redteam.pretrain import PretrainConfig, pretrain, save_backbone
 
@@ -163,7 +163,7 @@ def table(folder: Path) -> str:
         attack = true_attack(truth, tpath.parent)
         m = measure(model, TASKS[truth["task"]], attack)
 
-        def pct(key: str) -> str:
+        def pct(key: str, m: dict[str, Any] = m) -> str:
             return f"{100 * m[key]:.1f}" if key in m else "-"
 
         rows.append(

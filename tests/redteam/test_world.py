@@ -25,7 +25,7 @@ def test_tasks_are_distinct_and_well_formed():
     assert len(set(sets)) == len(sets)
     for t in TASKS.values():
         x, y = sample_task(t, 24, 32, seed=0)
-        assert x.shape == (24, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+        assert x.shape == (24, 3, 32, 32) and x.min() >= 0 and x.max() <= 1
         assert set(y.tolist()) == set(range(len(t.classnames))) or len(t.classnames) > 24
 
 

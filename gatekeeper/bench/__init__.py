@@ -1,0 +1,1 @@
+"""bench/: performance benchmarks (no effect on verdicts)."""

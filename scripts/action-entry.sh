@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# The GitHub Action's only step (action.yml maps inputs to GK_* variables; nothing else lives there).
+#
+# Runs `gatekeeper scan` (in the container image or from PATH), then publishes the outcome:
+# step outputs (verdict, s-max, suspect-class, report-path, json-path, sarif-path, exit-code),
+# report.md in the job summary (truncated below GitHub's 1 MiB limit), one annotation, and the
+# exit code the `fail-on` input maps the scan's exit code to.
+#
+#   fail-on       fails the step on
+#   inconclusive  backdoor (1), inconclusive (3), scan error (2), usage error (4)   [default]
+#   backdoor      backdoor (1), scan error (2), usage error (4); inconclusive only warns
+#   nothing       usage error (4) only: a misconfigured gate never fixes itself; findings warn
+#
+# A failing step exits with the scan's own exit code (anything outside 0-4, e.g. docker's 125,
+# becomes 2). Needs bash and python3 (stdlib only) on the runner. Source this file to reuse the
+# functions (the tests do); it only runs `gk_main` when executed.
+#
+# HF_TOKEN is inherited from the environment and handed to the container by name (-e HF_TOKEN);
+# its value never appears on a command line, in the log or in any output.
+
+set -uo pipefail # no -e: the scan's exit code is data, not a reason to stop
+
+GK_SUMMARY_LIMIT=${GK_SUMMARY_LIMIT:-1000000} # bytes; GitHub refuses step summaries over 1 MiB
+GK_CONTAINER_WORKDIR=/github/workspace
+GK_CONTAINER_OUT=/github/gatekeeper-out
+
+# Workflow-command escaping (toolkit's escapeData): % first, then CR and LF.
+gk_escape_data() {
+  local s=$1
+  s=${s//'%'/%25}
+  s=${s//$'\r'/%0D}
+  s=${s//$'\n'/%0A}
+  printf '%s' "$s"
+}
+
+gk_say() { echo "gatekeeper action: $(gk_escape_data "$*")" >&2; } # one line, whatever the input holds
+
+gk_annotate() { # level message
+  printf '::%s title=gatekeeper::%s\n' "$1" "$(gk_escape_data "$2")"
+}
+
+# Print FILE cut to at most LIMIT bytes (a UTF-8 boundary, a line end when one is near), plus a
+# note that points at the full report. Prints the file unchanged when it fits.
+gk_truncate() { # file limit [full-report-path]
+  python3 - "$1" "$2" "${3:-$1}" <<'PY'
+import sys
+
+path, limit, full = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+data = open(path, "rb").read()
+out = sys.stdout.buffer
+if len(data) <= limit:
+    out.write(data)
+    sys.exit(0)
+note = (
+    f"\n\n---\n> **Report truncated** to fit GitHub's 1 MiB job-summary limit ({len(data):,} bytes in full). "
+    f"The complete report is `{full}` in the job's artifact.\n"
+).encode()
+head = data[: max(0, limit - len(note))]
+head = head.decode("utf-8", "ignore").encode()  # drops a multi-byte character cut in half
+cut = head.rfind(b"\n")
+if cut >= len(head) - 4096:  # end on a whole line when one is near, so a table row is not split
+    head = head[: cut + 1]
+out.write(head + note)
+PY
+}
+
+# Write NAME=VALUE to $GITHUB_OUTPUT in the heredoc form, with a random delimiter that is not in VALUE.
+gk_set_output() { # name value
+  local delim
+  while :; do
+    delim="EOF_$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
+    [[ $2 != *"$delim"* ]] && break
+  done
+  printf '%s<<%s\n%s\n%s\n' "$1" "$delim" "$2" "$delim" >>"$GITHUB_OUTPUT"
+}
+
+# verdict, s_max, threshold and suspect class of result.json, one per line (empty when null).
+gk_read_result() { # result.json
+  python3 - "$1" <<'PY'
+import json, math, sys
+
+try:
+    d = json.load(open(sys.argv[1], encoding="utf-8"))
+except (OSError, ValueError):
+    sys.exit(1)
+def num(v):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return f"{v:.4f}" if ok else ""
+cls = d.get("suspect_class")
+print(d.get("verdict") or "")
+print(num(d.get("s_max")))
+print(num(d.get("threshold")))
+# one line per field: a class name with a line break is flattened (it is only displayed)
+print("" if cls is None else " ".join(str(cls).splitlines()))
+PY
+}
+
+# Should the step fail? Prints the step's exit code: 0, or the scan's code (unknown codes -> 2).
+gk_gate() { # scan-exit-code fail-on
+  local code=$1 fail_on=$2
+  case $code in 0 | 1 | 2 | 3 | 4) ;; *) code=2 ;; esac
+  case $fail_on:$code in
+    *:0) echo 0 ;;
+    nothing:4 | backdoor:[124] | inconclusive:*) echo "$code" ;;
+    *) echo 0 ;;
+  esac
+}
+
+# The scan's argv into the array GK_ARGS (extra-args split like a shell would, never evaluated).
+gk_build_args() { # out-dir-as-seen-by-gatekeeper
+  local out=$1 model=${GK_MODEL:-} policy=${GK_POLICY:-default} ws=${GITHUB_WORKSPACE:-$PWD}
+  # a path under the workspace is passed relative, so it resolves inside the container too
+  [[ $model == "$ws"/* ]] && model=${model#"$ws"/}
+  [[ $policy == "$ws"/* ]] && policy=${policy#"$ws"/}
+  GK_ARGS=(scan "$model" --policy "$policy" --ood "${GK_OOD:-procedural}" --out "$out"
+    --sarif "$out/results.sarif" --device "${GK_DEVICE:-auto}")
+  [[ -n ${GK_REVISION:-} ]] && GK_ARGS+=(--revision "$GK_REVISION")
+  if [[ -n ${GK_EXTRA_ARGS:-} ]]; then
+    local extra
+    mapfile -d '' extra < <(python3 -c 'import os, shlex, sys
+for a in shlex.split(os.environ["GK_EXTRA_ARGS"]): sys.stdout.write(a + "\0")') || return 4
+    GK_ARGS+=("${extra[@]}")
+  fi
+  return 0
+}
+
+# Run the scan; returns its exit code. The log is fenced with stop-commands so that text from the
+# model (class names in progress lines and errors) cannot issue workflow commands.
+gk_run_scan() { # out-dir
+  local out=$1 code token
+  token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+  if [[ ${GK_RUNTIME:-container} == native ]]; then
+    if ! command -v gatekeeper >/dev/null; then
+      gk_say "runtime: native, but gatekeeper is not on PATH (pip install gatekeeper-clip, or use runtime: container)"
+      return 4
+    fi
+    gk_build_args "$out" || return 4
+    echo "::stop-commands::$token"
+    gatekeeper "${GK_ARGS[@]}"
+    code=$?
+  else
+    if ! command -v docker >/dev/null; then
+      gk_say "runtime: container, but docker is not installed on this runner (use runtime: native)"
+      return 4
+    fi
+    local ws=${GITHUB_WORKSPACE:-$PWD} cache docker_args
+    cache=${GK_HF_CACHE:-${RUNNER_TOOL_CACHE:-${RUNNER_TEMP:-/tmp}}/gatekeeper/huggingface}
+    mkdir -p "$cache"
+    gk_build_args "$GK_CONTAINER_OUT" || return 4
+    docker_args=(run --rm --user "$(id -u):$(id -g)"
+      -e HF_TOKEN -e HF_ENDPOINT -e HF_HUB_OFFLINE -e GATEKEEPER_DEBUG
+      -v "$ws:$GK_CONTAINER_WORKDIR" -w "$GK_CONTAINER_WORKDIR"
+      -v "$(cd "$out" && pwd):$GK_CONTAINER_OUT" -v "$cache:/cache/huggingface")
+    case ${GK_DEVICE:-auto} in
+      cuda*) docker_args+=(--gpus all) ;;
+      auto) command -v nvidia-smi >/dev/null && docker_args+=(--gpus all) ;;
+    esac
+    echo "::stop-commands::$token"
+    docker "${docker_args[@]}" "$GK_IMAGE" "${GK_ARGS[@]}"
+    code=$?
+  fi
+  echo "::$token::"
+  return "$code"
+}
+
+# Validate the inputs the script itself interprets; says what is wrong and fails on the first bad one.
+gk_check_inputs() {
+  case ${GK_FAIL_ON:-inconclusive} in inconclusive | backdoor | nothing) ;; *)
+    gk_say "fail-on must be inconclusive, backdoor or nothing (got '${GK_FAIL_ON}')"
+    return 1 ;;
+  esac
+  case ${GK_RUNTIME:-container} in container | native) ;; *)
+    gk_say "runtime must be container or native (got '${GK_RUNTIME}')"
+    return 1 ;;
+  esac
+  if [[ -z ${GK_MODEL:-} ]]; then
+    gk_say "the model input is empty"
+    return 1
+  fi
+  if [[ ${GK_RUNTIME:-container} == container && ( -z ${GK_IMAGE:-} || ${GK_IMAGE} == *OWNER* ) ]]; then
+    gk_say "runtime: container needs the image input set to your published gatekeeper image (got '${GK_IMAGE:-}')"
+    return 1
+  fi
+}
+
+gk_main() {
+  if [[ -z ${GITHUB_OUTPUT:-} ]]; then
+    echo "action-entry.sh: GITHUB_OUTPUT is unset; this script runs as the gatekeeper GitHub Action" >&2
+    return 4
+  fi
+  local out=${GK_OUTPUT_DIR:-gatekeeper-report} fail_on=${GK_FAIL_ON:-inconclusive}
+  local code verdict="" s_max="" threshold="" suspect="" step_code
+  # never report a previous run's verdict: a scan that dies early must leave no result behind
+  rm -f "$out/result.json" "$out/report.md" "$out/results.sarif"
+  if ! gk_check_inputs || ! mkdir -p "$out"; then
+    code=4 fail_on=inconclusive # a misconfigured gate fails, whatever fail-on says
+  else
+    gk_run_scan "$out"
+    code=$?
+  fi
+
+  local result=$out/result.json report=$out/report.md sarif=$out/results.sarif fields=()
+  if [[ -f $result ]] && mapfile -t fields < <(gk_read_result "$result") && ((${#fields[@]} == 4)); then
+    verdict=${fields[0]} s_max=${fields[1]} threshold=${fields[2]} suspect=${fields[3]}
+  fi
+  # the verdict must agree with the exit code; anything else fails closed as an error
+  case $code:$verdict in
+    0:pass | 0:inconclusive | 1:fail | 3:inconclusive) ;;
+    *) verdict=error ;;
+  esac
+  [[ $verdict == error && $code == 0 ]] && code=2
+
+  gk_set_output verdict "$verdict"
+  gk_set_output s-max "$s_max"
+  gk_set_output suspect-class "$suspect"
+  gk_set_output report-path "$([[ -f $report ]] && echo "$report")"
+  gk_set_output json-path "$([[ -f $result ]] && echo "$result")"
+  gk_set_output sarif-path "$([[ -f $sarif ]] && echo "$sarif")"
+  gk_set_output exit-code "$code"
+
+  if [[ -n ${GITHUB_STEP_SUMMARY:-} ]]; then
+    if [[ -f $report ]]; then
+      gk_truncate "$report" "$GK_SUMMARY_LIMIT" "$report" >>"$GITHUB_STEP_SUMMARY"
+    else
+      printf '## gatekeeper: scan could not complete (exit %s)\n\nNo verdict: the model was not checked. The step log has the error and what to do next.\n' \
+        "$code" >>"$GITHUB_STEP_SUMMARY"
+    fi
+  fi
+
+  local message
+  case $verdict in
+    fail) message="Backdoor detected in $GK_MODEL: suspect class '$suspect' (s_max $s_max >= threshold $threshold). Report: $report" ;;
+    inconclusive) message="Scan of $GK_MODEL was inconclusive (exit $code): the model is not verified. Report: $report" ;;
+    error)
+      if ((code == 4)); then
+        message="Usage, policy or action-input error (exit 4): ${GK_MODEL:-(no model)} was not checked. See the step log."
+      else
+        message="Scan of $GK_MODEL could not complete (exit $code): the model was not checked. See the step log."
+      fi ;;
+    *) message="" ;;
+  esac
+  step_code=$(gk_gate "$code" "$fail_on")
+  if ((step_code != 0)); then
+    gk_annotate error "$message"
+  elif [[ -n $message ]]; then
+    gk_annotate warning "$message (fail-on: $fail_on, not failing the step)"
+  fi
+  return "$step_code"
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  gk_main
+  exit $?
+fi
