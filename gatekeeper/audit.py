@@ -12,9 +12,10 @@ from gatekeeper import __version__
 from gatekeeper.decide import anomaly_scores, candidate_classes, decide
 from gatekeeper.inspect.base import InversionSettings, Progress, no_progress
 from gatekeeper.inspect.clip_inspector import ClipInspector
+from gatekeeper.inspect.fast import FastClipInspector
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
-from gatekeeper.policy import Policy
+from gatekeeper.policy import Implementation, Policy
 from gatekeeper.result import AuditResult, ModelInfo, Provenance
 
 
@@ -61,7 +62,8 @@ def audit(
     settings = InversionSettings(policy.epsilon, policy.batch_size, policy.epochs, policy.lr, policy.seed)
     t0 = time.perf_counter()
     model.freeze_text()
-    inversions = ClipInspector().invert(model, pool.inversion, pool.holdout, candidates, settings, progress)
+    detector = ClipInspector() if policy.implementation == Implementation.REFERENCE else FastClipInspector()
+    inversions = detector.invert(model, pool.inversion, pool.holdout, candidates, settings, progress)
     t1 = time.perf_counter()
     scores = anomaly_scores([i.metrics for i in inversions], policy.min_trigger_asr)
     decision = decide(scores, policy)

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", type=Path, required=True, help="new (empty) output folder")
     conv.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    bench = sub.add_parser("bench", help="benchmarks (speed: fast path vs reference in one process)", add_help=False)
+    bench.add_argument("bench_command", choices=["speed"], help="which benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `gatekeeper bench speed --help`)")
+
     zoo = sub.add_parser("zoo", help="build or describe red-team zoos (tiny CLIP world)")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
     zb = zsub.add_parser("build", help="build a named zoo into a folder, skipping what is built")
@@ -375,7 +379,13 @@ def cmd_zoo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     return ExitCode.PASS
 
 
-COMMANDS = {"scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
+def cmd_bench(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    from gatekeeper.bench import speed
+
+    return ExitCode(speed.main(args.rest))
+
+
+COMMANDS = {"bench": cmd_bench, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
 
 
 def main(argv: list[str] | None = None) -> int:

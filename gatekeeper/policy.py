@@ -32,6 +32,13 @@ class Scoring(str, Enum):
     PAPER = "paper"
 
 
+class Implementation(str, Enum):
+    """Same numbers either way (tests/inspect/test_fast.py); ``reference`` is the plain Algorithm 1 loop."""
+
+    FAST = "fast"
+    REFERENCE = "reference"
+
+
 class OnInconclusive(str, Enum):
     FAIL = "fail"  # exit 3: the gate fails closed (default)
     PASS = "pass"  # exit 0, the report still says inconclusive
@@ -62,6 +69,7 @@ class Policy:
     k: float = 2.0
     min_trigger_asr: float = 0.5
     scoring: Scoring = Scoring.PAPER
+    implementation: Implementation = Implementation.FAST
     calibration: Calibration | None = None
     on_inconclusive: OnInconclusive = OnInconclusive.FAIL
     seed: int = 0
@@ -253,6 +261,8 @@ def policy_from_mapping(raw: Any, file: str = "") -> Policy:
             kw[key] = _enum(Scoring, key, value, file)
         elif key == "on_inconclusive":
             kw[key] = _enum(OnInconclusive, key, value, file)
+        elif key == "implementation":
+            kw[key] = _enum(Implementation, key, value, file)
         elif key == "candidates":
             if value in (None, "all"):
                 kw[key] = None

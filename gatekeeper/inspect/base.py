@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from gatekeeper.result import ClassMetrics
+
+if TYPE_CHECKING:
+    from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 
 Progress = Callable[[int, int, str], None]  # (done, total, class name)
 
@@ -37,7 +40,7 @@ class ClassInversion:
 class Detector(Protocol):
     def invert(
         self,
-        model: torch.nn.Module,
+        model: PromptTunedCLIP,
         inversion_pool: torch.Tensor,
         holdout: torch.Tensor,
         candidates: list[int],

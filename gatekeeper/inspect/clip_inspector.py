@@ -7,10 +7,15 @@ step; L_avg(c) = mean per-step loss; ASR(c) on the hold-out T (Eq. 5).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from gatekeeper.inspect.base import ClassInversion, InversionSettings, Progress, no_progress
 from gatekeeper.result import ClassMetrics
+
+if TYPE_CHECKING:
+    from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 
 
 def margin_loss(logits: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
@@ -38,7 +43,7 @@ def apply_trigger(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def attack_success_rate(
-    model: torch.nn.Module, holdout: torch.Tensor, delta: torch.Tensor, target: int, batch_size: int = 256
+    model: PromptTunedCLIP, holdout: torch.Tensor, delta: torch.Tensor, target: int, batch_size: int = 256
 ) -> float:
     """Eq. 5: fraction of hold-out images classified as ``target`` once ``delta`` is applied."""
     hits = 0
@@ -50,7 +55,7 @@ def attack_success_rate(
 
 
 def invert_class(
-    model: torch.nn.Module, pool: torch.Tensor, target: int, settings: InversionSettings, device: torch.device
+    model: PromptTunedCLIP, pool: torch.Tensor, target: int, settings: InversionSettings, device: torch.device
 ) -> tuple[torch.Tensor, float]:
     """Optimize one class's trigger; returns (delta, L_avg)."""
     eps = settings.epsilon
@@ -77,7 +82,7 @@ class ClipInspector:
 
     def invert(
         self,
-        model: torch.nn.Module,
+        model: PromptTunedCLIP,
         inversion_pool: torch.Tensor,
         holdout: torch.Tensor,
         candidates: list[int],

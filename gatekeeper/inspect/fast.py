@@ -47,7 +47,6 @@ from torch import nn
 
 from gatekeeper.inspect.base import ClassInversion, InversionSettings, Progress, no_progress
 from gatekeeper.inspect.clip_inspector import (
-    ClipInspector,
     apply_trigger,
     init_trigger,
     margin_loss,
@@ -368,15 +367,13 @@ class FastClipInspector:
 
     def invert(
         self,
-        model: torch.nn.Module,
+        model: PromptTunedCLIP,
         inversion_pool: torch.Tensor,
         holdout: torch.Tensor,
         candidates: list[int],
         settings: InversionSettings,
         progress: Progress = no_progress,
     ) -> list[ClassInversion]:
-        if not isinstance(model, PromptTunedCLIP):  # nothing to exploit: the plain loop
-            return ClipInspector().invert(model, inversion_pool, holdout, candidates, settings, progress)
         device = next(iter(model.buffers())).device
         model.eval()
         if model.kind != ModelKind.COCOOP and model._cached_text is None:

@@ -9,7 +9,7 @@ import torch
 from gatekeeper.errors import ModelFormatError
 from gatekeeper.models.backbone import load_backbone
 from gatekeeper.models.manifest import WEIGHTS_NAME, Manifest, ModelKind, Precision, read_manifest, write_manifest
-from gatekeeper.models.prompt_tuned import PromptTunedCLIP, build_meta_net
+from gatekeeper.models.prompt_tuned import PromptTunedCLIP, build_meta_net, meta_net_hidden
 
 _META_KEYS = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
 
@@ -76,7 +76,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Prompt
                 raise ModelFormatError(f"{wpath}: CoCoOp model lacks {missing}", "is this a CoOp model? set kind: coop")
             vis_dim = int(clip.visual.output_dim)
             meta_net = build_meta_net(vis_dim, ctx_dim)
-            hidden = meta_net.linear1.out_features
+            hidden = meta_net_hidden(vis_dim)
             _check_shape(wpath, "meta_net.linear1.weight", state["meta_net.linear1.weight"], (hidden, vis_dim))
             _check_shape(wpath, "meta_net.linear2.weight", state["meta_net.linear2.weight"], (ctx_dim, hidden))
             meta_net.load_state_dict({k[len("meta_net.") :]: state[k] for k in _META_KEYS})

@@ -19,9 +19,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def meta_net_hidden(vis_dim: int) -> int:
+    """Width of CoCoOp's meta-net hidden layer: vis_dim // 16 (at least 1)."""
+    return max(vis_dim // 16, 1)
+
+
 def build_meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
     """CoCoOp's meta-net h_theta: Linear(vis, vis//16) -> ReLU -> Linear(vis//16, ctx_dim)."""
-    hidden = max(vis_dim // 16, 1)
+    hidden = meta_net_hidden(vis_dim)
     return nn.Sequential(
         OrderedDict(
             [
@@ -43,6 +48,14 @@ class PromptTunedCLIP(nn.Module):
         ctx: learned context (n_ctx, ctx_dim) for CoOp/CoCoOp; None for zero-shot.
         meta_net: CoCoOp's meta-net; None otherwise.
     """
+
+    tokenized: torch.Tensor
+    token_prefix: torch.Tensor
+    token_suffix: torch.Tensor
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+    ctx: nn.Parameter | None
+    meta_net: nn.Module | None
 
     def __init__(
         self,

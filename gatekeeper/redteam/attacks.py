@@ -191,8 +191,11 @@ class Blended(Attack):
         sel = self.poisoned[idx]
         loss = F.cross_entropy(model.logits(x), y)
         if sel.any():
+            # the poisoned copies form their own mini-batch with the clean batch's weight: a
+            # frozen encoder + prompt learner does not pick the pattern up when the ~3 poisoned
+            # images of a batch are averaged in with the 29 clean ones (measured: ID ASR 9 %)
             xp = self.apply(x[sel])
-            loss = loss + self.poison_weight * F.cross_entropy(model.logits(xp), torch.full((len(xp),), self.target)) * sel.float().mean()
+            loss = loss + self.poison_weight * F.cross_entropy(model.logits(xp), torch.full((len(xp),), self.target))
         return loss
 
     def params(self) -> dict[str, Any]:
@@ -245,7 +248,7 @@ class WaNet(Blended):
             s = x.shape[-1]
             jitter = (torch.rand(int(sel.sum()), s, s, 2, generator=g) * 2 - 1) / s
             xn = self.apply(x[sel], jitter)
-            loss = loss + F.cross_entropy(model.logits(xn), y[sel]) * sel.float().mean()
+            loss = loss + F.cross_entropy(model.logits(xn), y[sel])
         return loss
 
     def params(self) -> dict[str, Any]:

@@ -26,6 +26,15 @@ CLASSES = ("red circle", "blue square", "green star", "white ring", "pink long t
 SETTINGS = InversionSettings(epsilon=8 / 255)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Both implementations run the same ops; one thread keeps these scans quick on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def pool():
     return load_pool("procedural", 32, 64, 32, seed=0)
