@@ -9,7 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("GATEKEEPER_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_ZOO = REPO / "zoo" / "demo"

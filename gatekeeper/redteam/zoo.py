@@ -59,8 +59,16 @@ def zoo_entries(name: str) -> list[ZooEntry]:
     if name == "demo":
         return [
             ZooEntry("clean", "plain", "clean", seed=0),
-            ZooEntry("backdoored", "plain", "badclip", seed=0, target=5, attack_kwargs=ATTACK_SETTINGS["badclip"]),
+            # target 7 (orange square): not one of the task's natural OOD "sink" classes
+            ZooEntry("backdoored", "plain", "badclip", seed=0, target=7, attack_kwargs=ATTACK_SETTINGS["badclip"]),
         ]
+    if name == "attacks":  # every attack on two tasks, for the red-team table
+        out = []
+        for task, target in (("plain", 7), ("texture", 3)):
+            out.append(ZooEntry(f"{task}-clean", task, "clean", seed=0))
+            for attack in BENCH_ATTACKS:
+                out.append(ZooEntry(f"{task}-{attack}", task, attack, seed=0, target=target, attack_kwargs=ATTACK_SETTINGS[attack]))
+        return out
     if name == "bench":
         out = []
         for t_i, task in enumerate(TASKS):
@@ -70,7 +78,7 @@ def zoo_entries(name: str) -> list[ZooEntry]:
                 target = (3 * t_i + 5 * a_i + 1) % len(TASKS[task].classnames)
                 out.append(ZooEntry(f"{task}-{attack}", task, attack, seed=10 + a_i, target=target, attack_kwargs=ATTACK_SETTINGS[attack]))
         return out
-    raise UsageError(f"unknown zoo {name!r}", "known zoos: demo, bench")
+    raise UsageError(f"unknown zoo {name!r}", "known zoos: demo, attacks, bench")
 
 
 def default_backbone() -> Path:
