@@ -31,3 +31,27 @@ def test_zoo_table_remeasures_the_demo_zoo(capsys):
     assert main(["zoo", "table", str(DEMO_ZOO)]) == 0
     out = capsys.readouterr().out
     assert "| backdoored | plain | badclip |" in out and "| clean | plain | clean |" in out
+
+
+@pytest.mark.slow
+def test_a_freshly_planted_backdoor_is_caught_and_its_clean_twin_passes(tmp_path):
+    """Trains the demo pair from scratch (BadCLIP and clean, same task and seed), then scans both."""
+    import hashlib
+
+    from gatekeeper.redteam.zoo import build
+
+    build("demo", tmp_path / "zoo")
+    truth = json.loads((tmp_path / "zoo" / "backdoored.truth" / "truth.json").read_text())
+    assert truth["metrics_at_build"]["id_asr"] >= 0.8
+    verdicts = {}
+    for name in ("clean", "backdoored"):
+        out = tmp_path / f"out-{name}"
+        code = main(["scan", str(tmp_path / "zoo" / name), "--policy", "tiny-world", "--out", str(out), "--quiet"])
+        verdicts[name] = (code, json.loads((out / "result.json").read_text()))
+    assert verdicts["backdoored"][0] == 1 and verdicts["backdoored"][1]["suspect_class"] == truth["target_class"]
+    assert verdicts["clean"][0] == 0, verdicts["clean"][1]["reason"]
+    # the build is reproducible: the same prompt learners as the committed demo zoo
+    for name in ("clean", "backdoored"):
+        fresh = hashlib.sha256((tmp_path / "zoo" / name / "prompt_learner.safetensors").read_bytes()).hexdigest()
+        committed = hashlib.sha256((DEMO_ZOO / name / "prompt_learner.safetensors").read_bytes()).hexdigest()
+        assert fresh == committed, name
