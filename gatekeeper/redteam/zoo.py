@@ -38,6 +38,7 @@ class ZooEntry:
     target: int = 0
     attack_kwargs: dict[str, Any] = field(default_factory=dict)
     kind: ModelKind = ModelKind.COCOOP
+    epochs: int | None = None  # default: 8 with an attack, 6 clean
 
 
 # Attack settings for the 32 px tiny world (see docs/tiny-world.md for how they were chosen).
@@ -97,7 +98,8 @@ def build_entry(entry: ZooEntry, out: Path, backbone: Path, log: Any = print) ->
 
     task = TASKS[entry.task]
     attack = make_attack(entry)
-    cfg = TuneConfig(kind=entry.kind, seed=entry.seed, epochs=8 if attack is not None else 6)
+    epochs = entry.epochs or (8 if attack is not None else 6)
+    cfg = TuneConfig(kind=entry.kind, seed=entry.seed, epochs=epochs)
     model, stats = train(backbone, task, cfg, attack)
     metrics = measure(model, task, attack)
     folder = out / entry.name
