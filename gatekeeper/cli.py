@@ -218,6 +218,13 @@ def scan_one(
         ) from None
     except MemoryError:
         raise ResourceError("out of host memory", "lower ood_budget/batch_size or use a larger machine") from None
+    except RuntimeError as exc:  # the CPU allocator reports exhaustion as a RuntimeError
+        if "allocate" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        raise ResourceError(
+            f"the scan does not fit in memory on {device}: {str(exc).splitlines()[0][:200]}",
+            "lower batch_size in the policy, or use a machine with more memory",
+        ) from None
     paths = write_reports(output.result, output.triggers, output.example, out, json_path)
     result = output.result.to_dict()
     verdict = output.result.decision.verdict

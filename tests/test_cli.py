@@ -129,3 +129,28 @@ def test_same_inputs_same_numbers(model_factory, tmp_path, fast_policy):
 def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gatekeeper", "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "gatekeeper" in proc.stdout
+
+
+def test_model_that_does_not_fit_in_memory_is_exit_2(model_factory, tmp_path):
+    """A real allocation failure: the scan runs under an address-space limit it cannot fit in."""
+    folder = model_factory("cocoop")
+    policy = tmp_path / "huge.yaml"
+    policy.write_text("version: 1\nepsilon: 8/255\nood_budget: 4096\nholdout: 8\nbatch_size: 4096\nimplementation: reference\n")
+    script = (
+        "import resource, sys, torch;"
+        "from gatekeeper.cli import main;"
+        "torch.zeros(1);"  # load torch before the limit
+        "soft = int(sys.argv[1]);"
+        "resource.setrlimit(resource.RLIMIT_AS, (soft, soft));"
+        "sys.exit(main(sys.argv[2:]))"
+    )
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+    limit = vm + 2 * 1024**3  # headroom for loading, far less than 4096 images x 4 classes of CoCoOp activations
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(limit), "scan", str(folder), "--policy", str(policy), "--out", str(tmp_path / "o"), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "does not fit in memory" in proc.stderr or "out of host memory" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "o" / "result.json").exists()
