@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--ood", default="procedural", help="OOD pool: procedural[:SEED] (built in) or dir:PATH")
     scan.add_argument("--out", required=True, type=Path, help="output folder for report.md, result.json, triggers/")
     scan.add_argument("--json", type=Path, help="also write the JSON result to this path")
+    scan.add_argument(
+        "--shard",
+        help="i/n: invert only the i-th of n shares of the candidate classes and write a partial result "
+        "(partial.json) to --out; no verdict until `gatekeeper merge` combines all n",
+    )
     # --- machine outputs (SARIF, --format json) ---
     scan.add_argument("--sarif", type=Path, help="also write a SARIF 2.1.0 log (code scanning) to this path")
     scan.add_argument(
@@ -69,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # --- end machine outputs ---
     _common(scan)
+
+    merge = sub.add_parser(
+        "merge",
+        help="combine the partial results of `scan --shard i/n` into the verdict and report of one scan",
+        description="Refuses a shard set that misses or repeats shards or classes, or mixes models, policies or pools.",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("partials", nargs="+", type=Path, help="shard output folders (or their partial.json)")
+    merge.add_argument("--out", required=True, type=Path, help="output folder for report.md, result.json, triggers/")
+    merge.add_argument("--json", type=Path, help="also write the JSON result to this path")
+    merge.add_argument("--quiet", action="store_true")
+    merge.add_argument("--debug", action="store_true")
 
     demo = sub.add_parser(
         "demo",
@@ -183,14 +201,17 @@ def scan_one(
     revision: str | None,
     command: str,
     label: str = "scan",
+    shard: str | None = None,
 ) -> tuple[ExitCode, dict[str, Any]]:
     """source -> load -> inspect -> decide -> report; returns (exit code, result dict)."""
     from gatekeeper.ood import check_spec
-    from gatekeeper.policy import OnInconclusive, load_policy
-    from gatekeeper.result import Verdict
+    from gatekeeper.policy import load_policy
 
     # Everything the user typed is validated before any model is fetched (exit 4).
     policy = load_policy(policy_arg)
+    from gatekeeper.shard import parse_shard
+
+    shard_spec = parse_shard(shard) if shard else None
     check_spec(ood)
     device = _device(device_name)
     from gatekeeper.sources import parse_reference
@@ -203,13 +224,14 @@ def scan_one(
     from gatekeeper.audit import audit
     from gatekeeper.models.loader import load_model
     from gatekeeper.ood import load_pool
-    from gatekeeper.report import write_reports
     from gatekeeper.sources import resolve
 
     resolved = resolve(reference, revision=revision)
     try:
         model = load_model(resolved.path, device)
         pool = load_pool(ood, model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+        if shard_spec is not None:
+            return _scan_shard(model, pool, policy, resolved.provenance, shard_spec, out, quiet, label)
         output = audit(model, pool, policy, provenance=resolved.provenance, command=command, progress=_Progress(quiet, label))
     except torch.OutOfMemoryError as exc:
         raise ResourceError(
@@ -225,6 +247,44 @@ def scan_one(
             f"the scan does not fit in memory on {device}: {str(exc).splitlines()[0][:200]}",
             "lower batch_size in the policy, or use a machine with more memory",
         ) from None
+    return _finish(output, policy, out, json_path, quiet, label)
+
+
+def _scan_shard(
+    model: Any, pool: Any, policy: Any, provenance: Any, shard: tuple[int, int], out: Path, quiet: bool, label: str
+) -> tuple[ExitCode, dict[str, Any]]:
+    from gatekeeper.audit import environment, invert_candidates, model_info
+    from gatekeeper.decide import candidate_classes
+    from gatekeeper.shard import shard_candidates, write_partial
+
+    candidates = candidate_classes(len(model.classnames), policy)
+    policy.threshold(len(candidates))
+    mine = shard_candidates(candidates, *shard)
+    inversions, seconds = invert_candidates(model, pool, policy, mine, _Progress(quiet, f"{label} {shard[0]}/{shard[1]}"))
+    path = write_partial(
+        out,
+        shard=shard,
+        candidates=candidates,
+        inversions=inversions,
+        policy=policy,
+        provenance=provenance,
+        pool=pool.info,
+        model=model_info(model),
+        seconds=seconds,
+        environment=environment(next(iter(model.buffers())).device),
+        example=pool.holdout[0],
+    )
+    if not quiet:
+        print(f"{label}: shard {shard[0]}/{shard[1]} ({len(mine)} classes) written to {path}; no verdict until merge", file=sys.stderr)
+    return ExitCode.PASS, {"shard": f"{shard[0]}/{shard[1]}", "partial": str(path)}
+
+
+def _finish(output: Any, policy: Any, out: Path, json_path: Path | None, quiet: bool, label: str) -> tuple[ExitCode, dict[str, Any]]:
+    """report -> exit code (shared by scan and merge)."""
+    from gatekeeper.policy import OnInconclusive
+    from gatekeeper.report import write_reports
+    from gatekeeper.result import Verdict
+
     paths = write_reports(output.result, output.triggers, output.example, out, json_path)
     result = output.result.to_dict()
     verdict = output.result.decision.verdict
@@ -247,6 +307,14 @@ def scan_one(
 
 def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     command = "gatekeeper " + shlex.join(argv)
+    if args.shard and (args.sarif or args.json or args.format == "json"):
+        raise UsageError("--shard writes a partial result only", "use --sarif/--json/--format with `gatekeeper merge`")
+    if args.shard:
+        code, _ = scan_one(
+            args.model, policy_arg=args.policy, ood=args.ood, out=args.out, json_path=None, device_name=args.device,
+            quiet=args.quiet, revision=args.revision, command=command, shard=args.shard,
+        )
+        return code
     try:
         code, result = scan_one(
             args.model,
@@ -336,6 +404,17 @@ def _scan_machine_outputs(args: argparse.Namespace, code: ExitCode, result: dict
 # --- end machine outputs ---
 
 
+def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    from gatekeeper.audit import AuditOutput, conclude
+    from gatekeeper.shard import merge
+
+    metrics, policy, shared, triggers, example = merge(args.partials)
+    _prepare_out(args.out)
+    result = conclude(metrics, policy, command="gatekeeper " + shlex.join(argv), **shared)
+    code, _ = _finish(AuditOutput(result, triggers, example), policy, args.out, args.json, args.quiet, "merge")
+    return code
+
+
 def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.resources import data_path
 
@@ -392,7 +471,7 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     return ExitCode(speed.main(args.rest))
 
 
-COMMANDS = {"bench": cmd_bench, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
+COMMANDS = {"bench": cmd_bench, "merge": cmd_merge, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
 
 
 def main(argv: list[str] | None = None) -> int:
