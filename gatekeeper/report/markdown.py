@@ -153,7 +153,6 @@ def build_context(d: dict[str, Any]) -> dict[str, Any]:
         }
 
     timings = d.get("timings") or {}
-    total = sum(v for v in timings.values() if _num(v) is not None) if isinstance(timings, dict) else 0.0
     policy_json = json.dumps(policy, indent=2, sort_keys=True, default=str)
     command = str(d.get("command") or "")
     provenance = d.get("provenance") or {}
@@ -187,7 +186,6 @@ def build_context(d: dict[str, Any]) -> dict[str, Any]:
         "policy_hash": d.get("policy_hash") or "",
         "environment": sorted((d.get("environment") or {}).items()),
         "timings": list(timings.items()) if isinstance(timings, dict) else [],
-        "total_time": total,
         "seed": d.get("seed"),
         "shard": d.get("shard"),
         "command": command,
