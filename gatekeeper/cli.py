@@ -110,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_command", choices=["speed"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `gatekeeper bench speed --help`)")
 
+    aud = sub.add_parser(
+        "audit",
+        help="re-audit every model of an inventory YAML (cached by content, policy, pool, version); writes summary.md/.json",
+        description="Validates the whole inventory first (exit 4); one model that cannot be scanned is an error, "
+        "the others still run. Exit code: the worst model, ordered 2 error > 1 backdoor > 3 inconclusive > 0 pass. "
+        "Docs: docs/audit.md",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    aud.add_argument("inventory", type=Path, help="inventory YAML: version, policy, ood, models [{name, model, revision, policy}]")
+    aud.add_argument("--out", required=True, type=Path, help="output folder: <name>/ per model, summary.md, summary.json")
+    aud.add_argument("--cache", type=Path, help="result cache folder (default OUT/.cache)")
+    aud.add_argument("--policy", help="replaces the inventory's shared policy (per-model policy: still wins)")
+    _common(aud)
+
     zoo = sub.add_parser("zoo", help="build or describe red-team zoos (tiny CLIP world)")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
     zb = zsub.add_parser("build", help="build a named zoo into a folder, skipping what is built")
@@ -471,7 +486,21 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     return ExitCode(speed.main(args.rest))
 
 
-COMMANDS = {"bench": cmd_bench, "merge": cmd_merge, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
+def cmd_audit(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    from gatekeeper.inventory import load_inventory, run_audit
+
+    inventory = load_inventory(args.inventory, default_policy=args.policy)  # all of it, before any scan (exit 4)
+    _device(args.device)
+    _prepare_out(args.out)
+    code, _ = run_audit(
+        inventory, args.out, scan=scan_one, cache=args.cache, device_name=args.device, quiet=args.quiet
+    )
+    if not args.quiet:
+        print(f"gatekeeper audit: exit {int(code)}; summary {args.out / 'summary.md'}", file=sys.stderr)
+    return code
+
+
+COMMANDS = {"audit": cmd_audit, "bench": cmd_bench, "merge": cmd_merge, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
 
 
 def main(argv: list[str] | None = None) -> int:

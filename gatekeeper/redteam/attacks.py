@@ -172,13 +172,16 @@ class Blended(Attack):
 
     name = "blended"
 
-    def __init__(self, target: int, alpha: float = 0.2, rate: float = 0.1, poison_weight: float = 1.0) -> None:
+    def __init__(self, target: int, alpha: float = 0.2, rate: float = 0.1, poison_weight: float = 1.0, grain: int = 1) -> None:
         super().__init__(target)
-        self.alpha, self.rate, self.poison_weight = alpha, rate, poison_weight
+        self.alpha, self.rate, self.poison_weight, self.grain = alpha, rate, poison_weight, grain
 
     def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
         s = x.shape[-1]
-        self.pattern = torch.rand(3, s, s, generator=g)
+        # grain > 1: uniform noise on an (s/grain)^2 grid, upsampled (nearest): still a fixed random
+        # pattern, but coarser than the per-pixel noise the tiny backbone was trained to ignore
+        low = torch.rand(3, s // self.grain, s // self.grain, generator=g)
+        self.pattern = F.interpolate(low.unsqueeze(0), size=(s, s), mode="nearest")[0]
         cand = (y != self.target).nonzero().flatten()
         n = round(self.rate * len(x))
         self.poisoned = torch.zeros(len(x), dtype=torch.bool)
@@ -199,7 +202,7 @@ class Blended(Attack):
         return loss
 
     def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "poison_rate": self.rate}
+        return {"alpha": self.alpha, "poison_rate": self.rate, "grain": self.grain}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"pattern": self.pattern}
