@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--quiet", action="store_true")
     merge.add_argument("--debug", action="store_true")
 
+    cal = sub.add_parser(
+        "calibrate",
+        help="choose tau on s_max by Youden's J from scans of known clean and backdoored models; write a policy",
+        description="tau replaces k, and only for the |C|, OOD budget and epsilon the scans were made with.",
+    )
+    cal.add_argument("--clean", nargs="+", type=Path, required=True, help="result.json of known clean models")
+    cal.add_argument("--backdoored", nargs="+", type=Path, required=True, help="result.json of known backdoored models")
+    cal.add_argument("--out", type=Path, required=True, help="policy YAML to write (must not exist)")
+    cal.add_argument("--debug", action="store_true")
+
     demo = sub.add_parser(
         "demo",
         help="scan the bundled tiny-world demo zoo (one clean, one backdoored model), offline",
@@ -430,6 +440,27 @@ def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     return code
 
 
+def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    import json
+
+    from gatekeeper.calibrate import calibrate, calibrated_policy_yaml
+    from gatekeeper.policy import policy_from_mapping
+    from gatekeeper.report.jsonout import atomic_write_text
+
+    if args.out.exists():
+        raise UsageError(f"--out {args.out} exists", "choose a new file; calibrate never overwrites a policy")
+    cal = calibrate(args.clean, args.backdoored)
+    base = json.loads(args.clean[0].read_text())["policy"]
+    text = calibrated_policy_yaml(base, cal)
+    import yaml
+
+    policy_from_mapping(yaml.safe_load(text), str(args.out))  # what we write must load
+    atomic_write_text(args.out, text)
+    print(f"tau = {cal.tau:.3f} (AUROC {cal.auroc:.3f}, TPR {cal.tpr:.2f}, FPR {cal.fpr:.2f}) for |C| = {cal.n_candidates}, "
+          f"ood_budget = {cal.ood_budget}; written to {args.out}")
+    return ExitCode.PASS
+
+
 def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.resources import data_path
 
@@ -500,7 +531,7 @@ def cmd_audit(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     return code
 
 
-COMMANDS = {"audit": cmd_audit, "bench": cmd_bench, "merge": cmd_merge, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
+COMMANDS = {"audit": cmd_audit, "calibrate": cmd_calibrate, "bench": cmd_bench, "merge": cmd_merge, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
 
 
 def main(argv: list[str] | None = None) -> int:

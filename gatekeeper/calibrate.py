@@ -1,0 +1,100 @@
+"""Calibration: a threshold tau on s_max from scans of known clean and backdoored models.
+
+tau is chosen by Youden's J (max TPR - FPR) on the ROC curve of s_max (paper, Sec. 3.3), and is
+valid only for the same |C|, OOD budget and epsilon; the policy records them and the gate
+refuses tau under any other setting (``Policy.threshold``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gatekeeper.errors import ResultError, UsageError
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    tau: float
+    youden_j: float
+    tpr: float
+    fpr: float
+    auroc: float
+    n_clean: int
+    n_backdoored: int
+    n_candidates: int
+    ood_budget: int
+    epsilon: float
+
+
+def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float, float, float]:
+    """(tau, J, TPR, FPR) maximizing J = TPR - FPR, flagging ``score >= tau``.
+
+    Candidate thresholds are the observed scores (an infinite threshold flags nothing and is
+    never chosen); ties in J go to the larger tau (fewer false positives).
+    """
+    best: tuple[float, float, float, float] | None = None
+    pos, neg = labels == 1, labels == 0
+    for tau in sorted(set(scores.tolist()), reverse=True):
+        flagged = scores >= tau
+        tpr = float(flagged[pos].mean())
+        fpr = float(flagged[neg].mean())
+        if best is None or tpr - fpr > best[1]:
+            best = (float(tau), tpr - fpr, tpr, fpr)
+    assert best is not None
+    return best
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResultError(f"cannot read scan result {path}: {exc}", "give result.json files written by `gatekeeper scan`") from None
+    if not isinstance(d, dict) or "s_max" not in d or "policy" not in d:
+        raise ResultError(f"{path} is not a gatekeeper scan result", "give result.json files written by `gatekeeper scan`")
+    if d.get("verdict") in ("error", "inconclusive") or d.get("s_max") is None:
+        raise ResultError(f"{path} has no usable s_max (verdict {d.get('verdict')})", "calibrate on completed scans only")
+    return d
+
+
+def calibrate(clean: list[Path], backdoored: list[Path]) -> Calibrated:
+    """Youden's J threshold from labelled scan results.
+
+    Raises:
+        UsageError: fewer than 2 results on either side.
+        ResultError: unreadable results, or results made with different |C|, budget or epsilon.
+    """
+    if len(clean) < 2 or len(backdoored) < 2:
+        raise UsageError("calibration needs at least 2 clean and 2 backdoored scan results", "pass more --clean/--backdoored")
+    from sklearn.metrics import roc_auc_score
+
+    results = [(_load(p), 0) for p in clean] + [(_load(p), 1) for p in backdoored]
+    settings = {(len(d["classes"]), d["policy"]["ood_budget"], round(d["policy"]["epsilon"], 9)) for d, _ in results}
+    if len(settings) != 1:
+        raise ResultError(
+            f"the results were made under different settings (|C|, ood_budget, epsilon): {sorted(settings)}",
+            "tau is only valid for one setting: calibrate on scans made with the same policy and class count",
+        )
+    (n_c, budget, eps), = settings
+    labels = np.array([y for _, y in results])
+    scores = np.array([float(d["s_max"]) for d, _ in results])
+    tau, j, tpr, fpr = youden_threshold(labels, scores)
+    return Calibrated(tau, j, tpr, fpr, float(roc_auc_score(labels, scores)), len(clean), len(backdoored), n_c, budget, eps)
+
+
+def calibrated_policy_yaml(base: dict[str, Any], cal: Calibrated) -> str:
+    """The base policy (as a mapping) with ``calibration`` set, as YAML with a provenance comment."""
+    import yaml
+
+    policy = {k: v for k, v in base.items() if k != "calibration"}
+    policy["calibration"] = {"tau": cal.tau, "n_candidates": cal.n_candidates, "ood_budget": cal.ood_budget, "epsilon": cal.epsilon}
+    header = (
+        f"# written by `gatekeeper calibrate`: tau by Youden's J on {cal.n_clean} clean and {cal.n_backdoored} "
+        f"backdoored scans\n# AUROC {cal.auroc:.3f}; at tau: TPR {cal.tpr:.2f}, FPR {cal.fpr:.2f}, J {cal.youden_j:.2f}\n"
+        "# valid only for the |C|, ood_budget and epsilon recorded under calibration\nversion: 1\n"
+    )
+    return header + yaml.safe_dump(policy, sort_keys=False)

@@ -1,0 +1,64 @@
+"""Youden's J and AUROC against scikit-learn; `gatekeeper calibrate` writes a policy whose tau is scoped."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from gatekeeper.calibrate import youden_threshold
+from gatekeeper.cli import main
+from gatekeeper.errors import PolicyError
+from gatekeeper.policy import load_policy, policy_from_mapping
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_youden_matches_scikit_learn_roc(seed):
+    rng = np.random.default_rng(seed)
+    labels = np.array([0] * 15 + [1] * 12)
+    scores = np.concatenate([rng.normal(1.5, 0.5, 15), rng.normal(2.6, 0.6, 12)]).round(2)
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    j_ref = float(np.max(tpr - fpr))
+    tau, j, t, f = youden_threshold(labels, scores)
+    assert j == pytest.approx(j_ref)
+    flagged = scores >= tau
+    assert t == pytest.approx(flagged[labels == 1].mean()) and f == pytest.approx(flagged[labels == 0].mean())
+    assert tau in set(thresholds.tolist())
+
+
+def test_perfect_separation_picks_the_lowest_backdoor_score():
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([1.0, 1.2, 1.9, 2.4, 3.0])
+    assert youden_threshold(labels, scores) == (2.4, 1.0, 1.0, 0.0)
+
+
+def _result(path, s_max, n_classes=12, budget=1000):
+    policy = policy_from_mapping({"ood_budget": budget}).to_dict()
+    classes = [{"name": f"c{i}"} for i in range(n_classes)]
+    path.write_text(json.dumps({"verdict": "pass", "s_max": s_max, "policy": policy, "classes": classes}))
+    return str(path)
+
+
+def test_calibrate_writes_a_scoped_policy(tmp_path, capsys):
+    clean = [_result(tmp_path / f"c{i}.json", s) for i, s in enumerate([1.1, 1.6, 2.1, 1.3])]
+    bad = [_result(tmp_path / f"b{i}.json", s) for i, s in enumerate([2.5, 3.1, 2.2])]
+    out = tmp_path / "calibrated.yaml"
+    assert main(["calibrate", "--clean", *clean, "--backdoored", *bad, "--out", str(out)]) == 0
+    policy = load_policy(out)
+    assert policy.calibration is not None and policy.calibration.tau == 2.2
+    scores = [1.1, 1.6, 2.1, 1.3, 2.5, 3.1, 2.2]
+    assert f"AUROC {roc_auc_score([0] * 4 + [1] * 3, scores):.3f}" in out.read_text()
+    assert policy.threshold(12) == (2.2, "tau")
+    with pytest.raises(PolicyError):
+        policy.threshold(20)
+    assert main(["calibrate", "--clean", *clean, "--backdoored", *bad, "--out", str(out)]) == 4  # never overwrites
+
+
+def test_calibrate_refuses_mixed_settings(tmp_path, capsys):
+    clean = [_result(tmp_path / "c0.json", 1.0), _result(tmp_path / "c1.json", 1.2, n_classes=20)]
+    bad = [_result(tmp_path / "b0.json", 3.0), _result(tmp_path / "b1.json", 2.9)]
+    code = main(["calibrate", "--clean", *clean, "--backdoored", *bad, "--out", str(tmp_path / "p.yaml")])
+    assert code == 2 and "different settings" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
