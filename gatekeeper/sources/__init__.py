@@ -1,8 +1,9 @@
 """Turn a model reference into a local folder plus provenance.
 
 The only gatekeeper package that talks to a network (the Hugging Face Hub, through
-``huggingface_hub``). References: ``hf://org/name[@revision]`` or a local folder path;
-``models:/`` is reserved for the MLflow registry (not supported yet).
+``huggingface_hub``; an MLflow Model Registry, through the optional ``mlflow`` client).
+References: ``hf://org/name[@revision]``, ``models:/name/version``, ``models:/name@alias`` or a
+local folder path.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ def resolve(ref: str, *, revision: str | None = None, cache_dir: str | None = No
     """Resolve a model reference to a local folder, fetching from the Hub when needed.
 
     Args:
-        ref: ``hf://org/name``, ``hf://org/name@revision`` or a local folder path.
-        revision: a Hub revision (``--revision``); must agree with one given in ``ref``.
-        cache_dir: the Hub cache folder (None: ``HF_HUB_CACHE`` / ``HF_HOME``).
+        ref: ``hf://org/name``, ``hf://org/name@revision``, ``models:/name/version``,
+            ``models:/name@alias`` or a local folder path.
+        revision: a Hub revision (``--revision``); must agree with one given in ``ref``. For
+            MLflow it may only repeat the version or ``@alias`` of ``ref``.
+        cache_dir: the Hub cache folder (None: ``HF_HUB_CACHE`` / ``HF_HOME``), or for MLflow
+            the download folder (None: ``GATEKEEPER_MLFLOW_CACHE`` / ``~/.cache/gatekeeper/mlflow``).
 
     Returns:
         The folder and its provenance (per-file sha256, content hash, commit sha for the Hub).
@@ -44,6 +48,11 @@ def resolve(ref: str, *, revision: str | None = None, cache_dir: str | None = No
             f"two revisions given: {ref_revision!r} in {ref!r} and --revision {revision!r}",
             "give the revision once, in the reference or with --revision",
         )
+    if scheme == "mlflow":
+        from gatekeeper.sources.mlflow_source import resolve_mlflow  # lazy: mlflow is optional and slow
+
+        assert ref_revision is not None  # parse_reference always gives a version or @alias
+        return resolve_mlflow(target, ref_revision, cache_dir, reference=ref)
     from gatekeeper.sources.hub import resolve_hub  # lazy: huggingface_hub is slow to import
 
     return resolve_hub(target, revision or ref_revision, cache_dir, reference=ref)

@@ -16,7 +16,7 @@ from gatekeeper.errors import SourceError, UsageError
 from gatekeeper.result import Provenance
 
 CHUNK_SIZE = 1 << 20  # stream-hash files in 1 MiB chunks
-SUPPORTED = "'hf://org/name[@revision]' or a local folder path"
+SUPPORTED = "'hf://org/name[@revision]', 'models:/name/version', 'models:/name@alias' (MLflow) or a local folder path"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
 _REPO_PART = re.compile(r"^[A-Za-z0-9._-]+$")
 _MAX_REPO_ID = 96  # the Hub's own limit
@@ -167,14 +167,16 @@ def parse_reference(ref: str) -> tuple[str, str, str | None]:
     """Split a model reference into ``(scheme, target, revision)``.
 
     Args:
-        ref: ``hf://org/name``, ``hf://org/name@revision`` or a local folder path.
+        ref: ``hf://org/name``, ``hf://org/name@revision``, ``models:/name/version``,
+            ``models:/name@alias`` (MLflow Model Registry) or a local folder path.
 
     Returns:
-        ``("hf", "org/name", revision or None)`` or ``("local", path, None)``.
+        ``("hf", "org/name", revision or None)``, ``("mlflow", name, version or "@alias")`` or
+        ``("local", path, None)``.
 
     Raises:
-        UsageError: empty reference, an unsupported scheme (``models:/`` is reserved for the
-            MLflow registry, which comes later), a bad repo id or a bad revision.
+        UsageError: empty reference, an unsupported scheme, a bad repo id, a bad revision, or
+            a ``models:/`` reference without a version number or alias.
     """
     if not ref or not ref.strip():
         raise UsageError("empty model reference", f"pass {SUPPORTED}")
@@ -182,11 +184,13 @@ def parse_reference(ref: str) -> tuple[str, str, str | None]:
     if match is None or len(match.group(1)) == 1:  # no scheme, or a Windows drive letter (C:/...)
         return "local", ref, None
     scheme = match.group(1).lower()
+    if scheme == "models":
+        from gatekeeper.sources.mlflow_source import parse_model_uri  # no mlflow import: pure parsing
+
+        name, selector = parse_model_uri(ref[match.end() :], ref)
+        return "mlflow", name, selector
     if scheme != "hf":
-        raise UsageError(
-            f"unsupported model reference scheme '{scheme}:' in {ref!r}",
-            f"supported: {SUPPORTED}; registries come later ('models:/' is reserved for MLflow)",
-        )
+        raise UsageError(f"unsupported model reference scheme '{scheme}:' in {ref!r}", f"supported: {SUPPORTED}")
     if not ref[match.end() :].startswith("/"):
         raise UsageError(f"malformed Hub reference {ref!r}", "write hf://org/name[@revision]")
     repo_id, sep, revision = ref[match.end() + 1 :].partition("@")

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
-from huggingface_hub import snapshot_download
 
 from gatekeeper.errors import GatekeeperError, SourceError, UsageError
 from gatekeeper.result import Provenance
@@ -33,15 +33,24 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 OFFLINE_HINT = "run once online or pre-populate HF_HOME (or pass the cache folder)"
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_DATABRICKS_TOKEN = re.compile(r"\bdapi[0-9a-f]{32}(-\d+)?\b")
 _SCHEME_CRED = re.compile(r"(?i)\b(bearer|basic)\s+[^\s'\",}]+")
 _AUTH_VALUE = re.compile(r"(?i)\b(authorization['\"]?\s*[:=]\s*['\"]?)(?!bearer\b|basic\b)[^\s'\",}]+")
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
 _MAX_DETAIL = 300
+SECRET_ENV = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_OIDC_ID_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "DATABRICKS_TOKEN",
+)
 
 
 def _secrets() -> list[str]:
     """Every token value huggingface_hub might send: the environment ones and the stored one (no network)."""
-    values = [os.environ.get(name) for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_ID_TOKEN")]
+    values = [os.environ.get(name) for name in SECRET_ENV]
     with contextlib.suppress(OSError, UnicodeError):  # no stored token
         values.append(Path(hf_constants.HF_TOKEN_PATH).read_text(encoding="utf-8"))
     return sorted({v.strip() for v in values if v and len(v.strip()) >= 4}, key=len, reverse=True)
@@ -60,6 +69,7 @@ def redact(text: str) -> str:
     for secret in _secrets():
         text = text.replace(secret, "***")
     text = _TOKEN_LIKE.sub("hf_***", text)
+    text = _DATABRICKS_TOKEN.sub("dapi***", text)
     text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}***@", text)
     text = _SCHEME_CRED.sub(lambda m: f"{m.group(1)} ***", text)
     return _AUTH_VALUE.sub(lambda m: f"{m.group(1)}***", text)
@@ -135,6 +145,42 @@ def map_hub_error(exc: BaseException, repo_id: str, revision: str | None, cache_
     return SourceError(f"unexpected error fetching {where}: {detail}", "retry; report it if it persists")
 
 
+SECURITY_TIMEOUT_S = 10.0
+
+
+def security_status(repo_id: str, sha: str, endpoint: str | None) -> str | None:
+    """The Hub's security-scan status of ``repo_id`` at ``sha``, best effort (never raises).
+
+    Args:
+        repo_id: ``org/name``.
+        sha: the resolved commit sha.
+        endpoint: ``HF_ENDPOINT`` (None: huggingface_hub's default).
+
+    Returns:
+        ``"clean"`` (scans done, no file flagged), ``"pending"`` (scans not done yet),
+        ``"issues: <files>"`` (files the scanners flagged), or None when offline, unavailable
+        (mirrors often lack the field) or on any error.
+    """
+    if hf_constants.is_offline_mode():
+        return None
+    try:
+        info = HfApi(endpoint=endpoint, token=os.environ.get("HF_TOKEN") or None).model_info(
+            repo_id, revision=sha, securityStatus=True, timeout=SECURITY_TIMEOUT_S
+        )
+        status = getattr(info, "security_repo_status", None)
+        if not isinstance(status, dict):
+            return None
+        flagged = status.get("filesWithIssues") or []
+        if flagged:
+            names = sorted(str(f.get("path", f) if isinstance(f, dict) else f) for f in flagged)
+            return redact("issues: " + ", ".join(names[:10]))[:_MAX_DETAIL]
+        if status.get("scansDone") is False:
+            return "pending"
+        return "clean" if status.get("scansDone") else None
+    except Exception:  # best effort: the scan status never decides the resolution
+        return None
+
+
 def resolve_hub(
     repo_id: str, revision: str | None = None, cache_dir: str | None = None, *, reference: str | None = None
 ) -> ResolvedModel:
@@ -149,7 +195,8 @@ def resolve_hub(
     Returns:
         The snapshot folder ``.../snapshots/<commit sha>``; provenance ``source="hf"``,
         ``revision`` = the resolved commit sha, ``extra`` = repo id, requested revision and the
-        endpoint (``HF_ENDPOINT`` when set, else huggingface_hub's default), without credentials.
+        endpoint (``HF_ENDPOINT`` when set, else huggingface_hub's default), without credentials,
+        and ``hub_security_status`` when online and the Hub reports a scan status (best effort).
 
     Raises:
         UsageError: a bad repo id or revision.
@@ -181,6 +228,9 @@ def resolve_hub(
         "requested_revision": revision or hf_constants.DEFAULT_REVISION,
         "endpoint": _public_url(endpoint or hf_constants.ENDPOINT or DEFAULT_ENDPOINT),
     }
+    scan = security_status(repo_id, sha, endpoint)
+    if scan is not None:
+        extra["hub_security_status"] = scan
     provenance = Provenance(
         reference=reference or f"hf://{repo_id}" + (f"@{revision}" if revision else ""),
         source="hf",

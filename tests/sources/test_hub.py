@@ -112,7 +112,7 @@ def test_parse_reference(ref: str, expected: tuple[str, str, str | None]) -> Non
     [
         ("", "empty"),
         ("   ", "empty"),
-        ("models:/clf/3", "unsupported"),
+        ("mlflow:/clf/3", "unsupported"),
         ("s3://bucket/model", "unsupported"),
         ("https://huggingface.co/org/name", "unsupported"),
         ("file:///tmp/model", "unsupported"),
@@ -141,8 +141,9 @@ def test_parse_reference_rejects(ref: str, needle: str) -> None:
 
 def test_unsupported_scheme_names_the_supported_ones() -> None:
     with pytest.raises(UsageError) as info:
-        parse_reference("models:/clf/Production")
-    assert "hf://" in info.value.hint and "local" in info.value.hint and "MLflow" in info.value.hint
+        parse_reference("s3://bucket/clf")
+    hint = info.value.hint
+    assert "hf://" in hint and "local" in hint and "models:/name/version" in hint and "MLflow" in hint
 
 
 def test_conflicting_revisions_are_a_usage_error(cache: Path) -> None:
