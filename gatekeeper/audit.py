@@ -10,7 +10,7 @@ import torch
 
 from gatekeeper import __version__
 from gatekeeper.decide import anomaly_scores, candidate_classes, decide
-from gatekeeper.inspect.base import ClassInversion, InversionSettings, Progress, no_progress
+from gatekeeper.inspect.base import ClassInversion, Detector, InversionSettings, Progress, no_progress
 from gatekeeper.inspect.clip_inspector import ClipInspector
 from gatekeeper.inspect.fast import FastClipInspector
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
@@ -58,7 +58,7 @@ def invert_candidates(
     settings = InversionSettings(policy.epsilon, policy.batch_size, policy.epochs, policy.lr, policy.seed)
     t0 = time.perf_counter()
     model.freeze_text()
-    detector = ClipInspector() if policy.implementation == Implementation.REFERENCE else FastClipInspector()
+    detector: Detector = ClipInspector() if policy.implementation == Implementation.REFERENCE else FastClipInspector()
     inversions = detector.invert(model, pool.inversion, pool.holdout, candidates, settings, progress)
     return inversions, time.perf_counter() - t0
 

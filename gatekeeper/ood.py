@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from gatekeeper.errors import PoolError, UsageError
 from gatekeeper.result import PoolInfo
@@ -183,9 +182,3 @@ def load_pool(spec: str, image_size: int, n_inversion: int, n_holdout: int, seed
     )
     return OODPool(inversion=images[:n_inversion].contiguous(), holdout=images[n_inversion:].contiguous(), info=info)
 
-
-def resize_pool(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a pool to another model input size (bilinear, antialiased)."""
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

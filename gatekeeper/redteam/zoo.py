@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gatekeeper.errors import UsageError
 from gatekeeper.models.manifest import ModelKind, Precision
 from gatekeeper.redteam.attacks import ATTACKS, Attack
@@ -133,7 +131,6 @@ def build(name: str, out: Path, backbone: Path | None = None) -> None:
         raise UsageError(f"no backbone at {backbone}", "build one with `gatekeeper zoo backbone --out DIR`")
     entries = zoo_entries(name)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     for i, entry in enumerate(entries):
         done = (out / entry.name / "gatekeeper.json").is_file() and (out / (entry.name + TRUTH_SUFFIX) / "truth.json").is_file()
         prefix = f"[{i + 1}/{len(entries)}] {entry.name}"
