@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from gatekeeper import __version__
-from gatekeeper.decide import anomaly_scores, candidate_classes, decide
+from gatekeeper.decide import candidate_classes, decide, score_classes
 from gatekeeper.inspect.base import ClassInversion, Detector, InversionSettings, Progress, no_progress
 from gatekeeper.inspect.clip_inspector import ClipInspector
 from gatekeeper.inspect.fast import FastClipInspector
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
-from gatekeeper.policy import Implementation, Policy
+from gatekeeper.policy import Detector as DetectorName
+from gatekeeper.policy import Implementation, Policy, Scoring
 from gatekeeper.result import AuditResult, ClassMetrics, ModelInfo, PoolInfo, Provenance
 
 
@@ -51,15 +52,60 @@ def model_info(model: PromptTunedCLIP) -> ModelInfo:
     )
 
 
+def make_detector(policy: Policy) -> Detector:
+    """The inversion the policy asks for."""
+    from gatekeeper.inspect.baselines import NeuralCleanse, PixelBackdoor
+
+    if policy.detector == DetectorName.NEURAL_CLEANSE:
+        return NeuralCleanse()
+    if policy.detector == DetectorName.PIXEL_BACKDOOR:
+        return PixelBackdoor()
+    return ClipInspector() if policy.implementation == Implementation.REFERENCE else FastClipInspector()
+
+
+def _best_of_restarts(
+    detector: Detector, model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress
+) -> list[ClassInversion]:
+    """``policy.restarts`` inversions per class from seeds seed, seed+1, ...; per class the one with
+    the highest ASR (ties: lower loss) counts, since a restart can only find an easier trigger."""
+    best: list[ClassInversion] | None = None
+    for r in range(policy.restarts):
+        settings = InversionSettings(policy.epsilon, policy.batch_size, policy.epochs, policy.lr, policy.seed + r)
+        run = detector.invert(model, pool.inversion, pool.holdout, candidates, settings, progress)
+        if best is None:
+            best = run
+        else:
+            best = [max(a, b, key=lambda i: (i.metrics.asr, -i.metrics.loss)) for a, b in zip(best, run, strict=True)]
+    assert best is not None
+    return best
+
+
+def reference_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
+    """The un-tuned backbone used zero-shot ("a photo of a {}.") with the delivered class names."""
+    from gatekeeper.models.manifest import ModelKind
+
+    manifest = replace(model.manifest, kind=ModelKind.ZEROSHOT)
+    ref = PromptTunedCLIP(model.clip, model.tokenizer, manifest)
+    ref.to(next(iter(model.buffers())).device).eval()
+    ref.freeze_text()
+    return ref
+
+
 def invert_candidates(
     model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress = no_progress
 ) -> tuple[list[ClassInversion], float]:
-    """Algorithm 1 on ``candidates`` (the inspect stage); returns (inversions, seconds)."""
-    settings = InversionSettings(policy.epsilon, policy.batch_size, policy.epochs, policy.lr, policy.seed)
+    """The inspect stage on ``candidates``: the policy's detector (with restarts, and the reference
+    run for differential scoring); returns (inversions, seconds)."""
     t0 = time.perf_counter()
     model.freeze_text()
-    detector: Detector = ClipInspector() if policy.implementation == Implementation.REFERENCE else FastClipInspector()
-    inversions = detector.invert(model, pool.inversion, pool.holdout, candidates, settings, progress)
+    detector = make_detector(policy)
+    inversions = _best_of_restarts(detector, model, pool, policy, candidates, progress)
+    if policy.detector == DetectorName.CLIP_INSPECTOR and policy.scoring == Scoring.DIFFERENTIAL:
+        ref = _best_of_restarts(detector, reference_model(model), pool, policy, candidates, progress)
+        inversions = [
+            ClassInversion(replace(i.metrics, reference_asr=r.metrics.asr, reference_loss=r.metrics.loss), i.trigger)
+            for i, r in zip(inversions, ref, strict=True)
+        ]
     return inversions, time.perf_counter() - t0
 
 
@@ -75,7 +121,7 @@ def conclude(
     command: str,
 ) -> AuditResult:
     """Scores (Eq. 6-7) and the verdict (Eq. 8) from raw per-class metrics (the decide stage)."""
-    scores = anomaly_scores(metrics, policy.min_trigger_asr)
+    scores = score_classes(metrics, policy)
     return AuditResult(
         decision=decide(scores, policy),
         classes=tuple(scores),

@@ -31,6 +31,27 @@ class Calibrated:
     epsilon: float
 
 
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve = P(score_pos > score_neg) + 0.5 P(tie) (Mann-Whitney U)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[list[float], list[float]]:
+    """(FPR, TPR) at every distinct threshold, flagging score >= t, from (0, 0) to (1, 1)."""
+    fpr, tpr = [0.0], [0.0]
+    for t in sorted(set(scores.tolist()), reverse=True):
+        flagged = scores >= t
+        fpr.append(float(flagged[labels == 0].mean()))
+        tpr.append(float(flagged[labels == 1].mean()))
+    fpr.append(1.0)
+    tpr.append(1.0)
+    return fpr, tpr
+
+
 def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float, float, float]:
     """(tau, J, TPR, FPR) maximizing J = TPR - FPR, flagging ``score >= tau``.
 
@@ -70,8 +91,6 @@ def calibrate(clean: list[Path], backdoored: list[Path]) -> Calibrated:
     """
     if len(clean) < 2 or len(backdoored) < 2:
         raise UsageError("calibration needs at least 2 clean and 2 backdoored scan results", "pass more --clean/--backdoored")
-    from sklearn.metrics import roc_auc_score
-
     results = [(_load(p), 0) for p in clean] + [(_load(p), 1) for p in backdoored]
     settings = {(len(d["classes"]), d["policy"]["ood_budget"], round(d["policy"]["epsilon"], 9)) for d, _ in results}
     if len(settings) != 1:
@@ -83,7 +102,7 @@ def calibrate(clean: list[Path], backdoored: list[Path]) -> Calibrated:
     labels = np.array([y for _, y in results])
     scores = np.array([float(d["s_max"]) for d, _ in results])
     tau, j, tpr, fpr = youden_threshold(labels, scores)
-    return Calibrated(tau, j, tpr, fpr, float(roc_auc_score(labels, scores)), len(clean), len(backdoored), n_c, budget, eps)
+    return Calibrated(tau, j, tpr, fpr, auroc(labels, scores), len(clean), len(backdoored), n_c, budget, eps)
 
 
 def calibrated_policy_yaml(base: dict[str, Any], cal: Calibrated) -> str:

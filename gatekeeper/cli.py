@@ -116,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", type=Path, required=True, help="new (empty) output folder")
     conv.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    bench = sub.add_parser("bench", help="benchmarks (speed: fast path vs reference in one process)", add_help=False)
-    bench.add_argument("bench_command", choices=["speed"], help="which benchmark")
+    bench = sub.add_parser(
+        "bench", help="benchmarks (speed: fast path vs reference; detection: detectors on a red-team zoo)", add_help=False
+    )
+    bench.add_argument("bench_command", choices=["speed", "detection"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `gatekeeper bench speed --help`)")
 
     aud = sub.add_parser(
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("name", help="zoo name (demo, bench)")
     zb.add_argument("--out", type=Path, required=True)
     zb.add_argument("--backbone", type=Path, help="backbone folder (default: the committed tiny backbone)")
+    zb.add_argument("--shard", help="i/n: build only every n-th model from the i-th (run n processes on one zoo)")
     zb.add_argument("--debug", action="store_true")
     zt = zsub.add_parser("table", help="print clean accuracy and true-trigger ID/OOD ASR per model")
     zt.add_argument("folder", type=Path)
@@ -500,7 +503,9 @@ def cmd_zoo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.redteam import zoo
 
     if args.zoo_command == "build":
-        zoo.build(args.name, args.out, args.backbone)
+        from gatekeeper.shard import parse_shard
+
+        zoo.build(args.name, args.out, args.backbone, parse_shard(args.shard) if args.shard else (1, 1))
     elif args.zoo_command == "table":
         text = zoo.table(args.folder)
         print(text)
@@ -512,6 +517,10 @@ def cmd_zoo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 
 
 def cmd_bench(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    if args.bench_command == "detection":
+        from gatekeeper.bench import detection
+
+        return ExitCode(detection.main(args.rest))
     from gatekeeper.bench import speed
 
     return ExitCode(speed.main(args.rest))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gatekeeper.errors import PolicyError
-from gatekeeper.policy import Policy
+from gatekeeper.policy import Detector, Policy, Scoring
 from gatekeeper.result import ClassMetrics, ClassScore, Decision, Verdict
 
 
@@ -62,6 +62,74 @@ def anomaly_scores(metrics: Sequence[ClassMetrics], min_trigger_asr: float) -> l
     ]
 
 
+MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's std
+
+
+def mad_anomaly_index(values: np.ndarray) -> np.ndarray:
+    """Neural Cleanse's anomaly index, signed: (median - v) / (1.4826 * MAD).
+
+    Positive for values *below* the median (a small trigger is the suspicious side); NC flags a
+    class whose index exceeds 2. All zeros when the MAD is 0 (no spread to measure against).
+    """
+    med = float(np.median(values))
+    mad = MAD_CONSISTENCY * float(np.median(np.abs(values - med)))
+    if mad == 0.0 or not math.isfinite(mad):
+        return np.zeros_like(values)
+    return (med - values) / mad
+
+
+def size_scores(metrics: Sequence[ClassMetrics]) -> list[ClassScore]:
+    """Baselines (Neural Cleanse, Pixel Backdoor): z = MAD anomaly index of the trigger size.
+
+    A class is valid when its inversion reached the method's own success bound (size is finite).
+    """
+    size = np.array([m.size if m.size is not None else float("nan") for m in metrics], dtype=np.float64)
+    finite = np.isfinite(size)
+    # a class whose inversion never reached the bound counts as the largest possible trigger
+    filled = np.where(finite, size, np.nanmax(size) if finite.any() else 0.0)
+    z = mad_anomaly_index(filled)
+    return [
+        ClassScore(
+            index=m.index, name=m.name, asr=m.asr, loss=m.loss, z_asr=0.0, z_loss=0.0,
+            score=float(-filled[i]), z=float(z[i]), valid=bool(finite[i]), size=m.size,
+        )
+        for i, m in enumerate(metrics)
+    ]
+
+
+def differential_scores(metrics: Sequence[ClassMetrics], min_trigger_asr: float) -> list[ClassScore]:
+    """Reference-differential scoring: S(c) = z(ASR - ASR_ref)(c) - z(L_avg - L_ref)(c), standardized.
+
+    ASR_ref, L_ref come from the same inversion on the un-tuned backbone (zero-shot, same class
+    names). A class that is naturally easy to reach in the public backbone is easy in both and
+    cancels; a class the provider made easier stands out.
+    """
+    if any(m.reference_asr is None or m.reference_loss is None for m in metrics):
+        raise ValueError("differential scoring needs reference_asr/reference_loss for every class")
+    d_asr = np.array([m.asr - (m.reference_asr or 0.0) for m in metrics], dtype=np.float64)
+    d_loss = np.array([m.loss - (m.reference_loss or 0.0) for m in metrics], dtype=np.float64)
+    z_asr, z_loss = zscore(d_asr), zscore(d_loss)
+    s = z_asr - z_loss
+    z = zscore(s)
+    return [
+        ClassScore(
+            index=m.index, name=m.name, asr=m.asr, loss=m.loss, z_asr=float(z_asr[i]), z_loss=float(z_loss[i]),
+            score=float(s[i]), z=float(z[i]), valid=m.asr >= min_trigger_asr,
+            reference_asr=m.reference_asr, reference_loss=m.reference_loss,
+        )
+        for i, m in enumerate(metrics)
+    ]
+
+
+def score_classes(metrics: Sequence[ClassMetrics], policy: Policy) -> list[ClassScore]:
+    """Per-class anomaly scores as the policy's detector and scoring define them."""
+    if policy.detector != Detector.CLIP_INSPECTOR:
+        return size_scores(metrics)
+    if policy.scoring == Scoring.DIFFERENTIAL:
+        return differential_scores(metrics, policy.min_trigger_asr)
+    return anomaly_scores(metrics, policy.min_trigger_asr)
+
+
 def decide(scores: Sequence[ClassScore], policy: Policy) -> Decision:
     """Eq. 8 with the paper's validity rule (supplementary 11).
 
@@ -85,10 +153,16 @@ def decide(scores: Sequence[ClassScore], policy: Policy) -> Decision:
     flagged = [c for c in scores if c.z >= threshold and c.valid]
     if flagged:
         sus = max(flagged, key=lambda c: c.z)
-        reason = (
-            f"class '{sus.name}': an inverted trigger (l-inf <= {policy.epsilon * 255:.1f}/255) sends "
-            f"{sus.asr:.0%} of held-out OOD images to it; anomaly z = {sus.z:.2f} >= {kind} = {threshold:.2f}"
-        )
+        if policy.detector != Detector.CLIP_INSPECTOR:
+            reason = (
+                f"class '{sus.name}': {policy.detector.value} found an anomalously small trigger (size "
+                f"{sus.size:.1f}, ASR {sus.asr:.0%}); MAD anomaly index {sus.z:.2f} >= {kind} = {threshold:.2f}"
+            )
+        else:
+            reason = (
+                f"class '{sus.name}': an inverted trigger (l-inf <= {policy.epsilon * 255:.1f}/255) sends "
+                f"{sus.asr:.0%} of held-out OOD images to it; anomaly z = {sus.z:.2f} >= {kind} = {threshold:.2f}"
+            )
         return Decision(Verdict.FAIL, top.z, threshold, kind, sus.name, reason)
     invalid = [c for c in scores if c.z >= threshold and not c.valid]
     if invalid:
@@ -97,6 +171,8 @@ def decide(scores: Sequence[ClassScore], policy: Policy) -> Decision:
             f"no valid anomaly: class '{c.name}' has z = {c.z:.2f} >= {threshold:.2f} but its trigger reaches only "
             f"{c.asr:.0%} ASR (< {policy.min_trigger_asr:.0%}), so its score is invalid"
         )
+        if policy.detector != Detector.CLIP_INSPECTOR:
+            reason = f"no valid anomaly: class '{c.name}' has index {c.z:.2f} but its inversion never reached the success bound"
     else:
         reason = f"s_max = {top.z:.2f} < {kind} = {threshold:.2f} (top class '{top.name}', ASR {top.asr:.0%})"
     return Decision(Verdict.PASS, top.z, threshold, kind, None, reason)

@@ -23,13 +23,23 @@ POLICY_VERSION = 1
 
 
 class Detector(str, Enum):
+    """Which trigger inversion runs: the paper's, or one of the two baselines it compares against."""
+
     CLIP_INSPECTOR = "clip-inspector"
+    NEURAL_CLEANSE = "neural-cleanse"  # mask + pattern, l1 with NC's dynamic cost, MAD over mask norms
+    PIXEL_BACKDOOR = "pixel-backdoor"  # +/- pixel patterns, differentiable pixel count, MAD over counts
 
 
 class Scoring(str, Enum):
-    """How per-class metrics become anomaly scores (paper: Eq. 6-7)."""
+    """How CLIP-Inspector's per-class metrics become anomaly scores.
+
+    ``paper``: Eq. 6-7 on the delivered model. ``differential``: the same inversion also runs on
+    the public, un-tuned backbone used zero-shot with the same class names, and each class is
+    scored by how much easier it became (ASR up, loss down) in the delivered model.
+    """
 
     PAPER = "paper"
+    DIFFERENTIAL = "differential"
 
 
 class Implementation(str, Enum):
@@ -69,6 +79,7 @@ class Policy:
     k: float = 2.0
     min_trigger_asr: float = 0.5
     scoring: Scoring = Scoring.PAPER
+    restarts: int = 1  # CLIP-Inspector: inversions per class from different seeds; the best (highest ASR) counts
     implementation: Implementation = Implementation.FAST
     calibration: Calibration | None = None
     on_inconclusive: OnInconclusive = OnInconclusive.FAIL
@@ -118,6 +129,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "ood_budget": (8, 1_000_000),
     "holdout": (8, 1_000_000),
     "seed": (0, 2**31 - 1),
+    "restarts": (1, 16),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "lr": (1e-6, 10.0),

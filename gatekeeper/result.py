@@ -52,7 +52,10 @@ class ClassMetrics:
     index: int
     name: str
     asr: float  # ASR(c) on the hold-out T (Eq. 5)
-    loss: float  # L_avg(c): mean margin loss over the inversion steps
+    loss: float  # L_avg(c): mean margin loss over the inversion steps (baselines: their own loss)
+    size: float | None = None  # baselines: trigger size (NC: mask l1 norm, PB: perturbed pixels)
+    reference_asr: float | None = None  # differential scoring: the same inversion on the un-tuned backbone
+    reference_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,11 @@ class ClassScore:
     z_asr: float
     z_loss: float
     score: float  # S(c) = z_ASR(c) - z_loss(c)
-    z: float  # standardized S
+    z: float  # standardized S (baselines: the MAD anomaly index of the trigger size)
     valid: bool
+    size: float | None = None
+    reference_asr: float | None = None
+    reference_loss: float | None = None
 
 
 @dataclass(frozen=True)

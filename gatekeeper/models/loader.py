@@ -75,10 +75,15 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Prompt
             if missing:
                 raise ModelFormatError(f"{wpath}: CoCoOp model lacks {missing}", "is this a CoOp model? set kind: coop")
             vis_dim = int(clip.visual.output_dim)
-            meta_net = build_meta_net(vis_dim, ctx_dim)
-            hidden = meta_net_hidden(vis_dim)
+            # the hidden width is CoCoOp's vis_dim // 16 by default, but any width is a valid
+            # meta-net: read it from the weights, then check every shape against it
+            w1 = state["meta_net.linear1.weight"]
+            hidden = int(w1.shape[0]) if w1.dim() == 2 and w1.shape[0] > 0 else meta_net_hidden(vis_dim)
+            meta_net = build_meta_net(vis_dim, ctx_dim, hidden)
             _check_shape(wpath, "meta_net.linear1.weight", state["meta_net.linear1.weight"], (hidden, vis_dim))
+            _check_shape(wpath, "meta_net.linear1.bias", state["meta_net.linear1.bias"], (hidden,))
             _check_shape(wpath, "meta_net.linear2.weight", state["meta_net.linear2.weight"], (ctx_dim, hidden))
+            _check_shape(wpath, "meta_net.linear2.bias", state["meta_net.linear2.bias"], (ctx_dim,))
             meta_net.load_state_dict({k[len("meta_net.") :]: state[k] for k in _META_KEYS})
         allowed = {"ctx", *(_META_KEYS if manifest.kind == ModelKind.COCOOP else ())}
         extra = sorted(set(state) - allowed)

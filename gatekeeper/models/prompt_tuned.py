@@ -24,9 +24,13 @@ def meta_net_hidden(vis_dim: int) -> int:
     return max(vis_dim // 16, 1)
 
 
-def build_meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
-    """CoCoOp's meta-net h_theta: Linear(vis, vis//16) -> ReLU -> Linear(vis//16, ctx_dim)."""
-    hidden = meta_net_hidden(vis_dim)
+def build_meta_net(vis_dim: int, ctx_dim: int, hidden: int | None = None) -> nn.Sequential:
+    """CoCoOp's meta-net h_theta: Linear(vis, hidden) -> ReLU -> Linear(hidden, ctx_dim).
+
+    ``hidden`` defaults to CoCoOp's vis_dim // 16; a model folder may carry another width (the
+    loader reads it from the weights' shapes).
+    """
+    hidden = hidden or meta_net_hidden(vis_dim)
     return nn.Sequential(
         OrderedDict(
             [
@@ -67,6 +71,7 @@ class PromptTunedCLIP(nn.Module):
     ) -> None:
         super().__init__()
         self.clip = clip
+        self.tokenizer = tokenizer
         self.manifest = manifest
         self.kind = manifest.kind
         self.classnames = list(manifest.classnames)

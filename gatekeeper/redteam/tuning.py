@@ -34,6 +34,7 @@ class TuneConfig:
     lr: float = 5e-3
     n_train: int = 2000
     seed: int = 0
+    meta_hidden: int | None = None  # CoCoOp meta-net width; None: vis_dim // 16 as in CoCoOp
 
 
 def new_prompt_learner(backbone_dir: Path, classnames: tuple[str, ...], cfg: TuneConfig) -> PromptTunedCLIP:
@@ -59,7 +60,7 @@ def new_prompt_learner(backbone_dir: Path, classnames: tuple[str, ...], cfg: Tun
         ctx_init=" ".join(init_words) or None,
         precision=Precision.FP32,
     )
-    meta = build_meta_net(int(clip.visual.output_dim), ctx_dim) if cfg.kind == ModelKind.COCOOP else None
+    meta = build_meta_net(int(clip.visual.output_dim), ctx_dim, cfg.meta_hidden) if cfg.kind == ModelKind.COCOOP else None
     model = PromptTunedCLIP(clip, tokenizer, manifest, ctx=ctx, meta_net=meta)
     for p in model.clip.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,416 @@
+"""``gatekeeper bench detection``: detection quality of every detector on one red-team zoo.
+
+Runs (each cached per model under ``OUT/cache/<run>/<model>.json``, so an interrupted benchmark
+resumes where it stopped):
+
+- ``ci-s<seed>``: CLIP-Inspector on the delivered model (the policy's settings, trigger seed
+  ``policy.seed + r`` for restart r);
+- ``ref-s<seed>``: the same inversion on the un-tuned backbone used zero-shot with the model's
+  class names (one per distinct backbone + class list: shared by all models of a task);
+- ``neural-cleanse``, ``pixel-backdoor``: the baselines (:mod:`gatekeeper.inspect.baselines`).
+
+Detectors are scored from those runs through the gate's own ``score_classes`` + ``decide`` under
+a policy variant each, so the benchmark measures exactly what ``gatekeeper scan`` would decide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gatekeeper.calibrate import auroc, roc_points
+from gatekeeper.decide import decide, score_classes
+from gatekeeper.errors import UsageError
+from gatekeeper.policy import Detector, Policy, Scoring
+from gatekeeper.result import ClassMetrics
+
+TRUTH_SUFFIX = ".truth"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def f1(tp: int, fp: int, fn: int) -> float:
+    """Class-level F1 = 2TP / (2TP + FP + FN); 0 when there is nothing to count."""
+    return 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One detector's decision on one model."""
+
+    model: str
+    task: str
+    attack: str
+    target: str | None
+    s_max: float
+    flagged: bool
+    suspect: str | None
+    seconds: float
+
+    @property
+    def backdoored(self) -> bool:
+        return self.attack != "clean"
+
+
+def class_counts(outcomes: list[Outcome]) -> tuple[int, int, int]:
+    """(TP, FP, FN) for the target class: a flag naming the true target is a TP; a flag on a clean
+    model, or naming the wrong class, is an FP (and the missed target then also an FN)."""
+    tp = fp = fn = 0
+    for o in outcomes:
+        if o.flagged and o.backdoored and o.suspect == o.target:
+            tp += 1
+        elif o.flagged:
+            fp += 1
+            fn += int(o.backdoored)
+        elif o.backdoored:
+            fn += 1
+    return tp, fp, fn
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
+    labels = np.array([int(o.backdoored) for o in outcomes])
+    scores = np.nan_to_num(np.array([o.s_max for o in outcomes], dtype=np.float64), nan=-1e9)
+    flagged = np.array([o.flagged for o in outcomes])
+    tp, fp, fn = class_counts(outcomes)
+    clean, bad = labels == 0, labels == 1
+    return {
+        "n_models": len(outcomes),
+        "n_clean": int(clean.sum()),
+        "n_backdoored": int(bad.sum()),
+        "auroc": auroc(labels, scores),
+        "accuracy": float((flagged == bad).mean()),
+        "tpr": float(flagged[bad].mean()) if bad.any() else float("nan"),
+        "fpr": float(flagged[clean].mean()) if clean.any() else float("nan"),
+        "class_tp": tp,
+        "class_fp": fp,
+        "class_fn": fn,
+        "f1": f1(tp, fp, fn),
+        "seconds_per_model": float(np.mean([o.seconds for o in outcomes])),
+    }
+
+
+def breakdown(outcomes: list[Outcome], key: Callable[[Outcome], str]) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        groups.setdefault(key(o), []).append(o)
+    out = {}
+    for name, group in sorted(groups.items()):
+        flagged = [o.flagged for o in group]
+        right = [o.flagged == o.backdoored for o in group]
+        named = [o.flagged and o.suspect == o.target for o in group if o.backdoored]
+        out[name] = {
+            "n": len(group),
+            "flagged": int(sum(flagged)),
+            "accuracy": float(np.mean(right)),
+            "target_named": int(sum(named)),
+            "mean_s_max": float(np.mean([o.s_max for o in group])),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A detector as benchmarked: which cached runs it reads and the policy that scores them."""
+
+    name: str
+    runs: tuple[str, ...]  # delivered-model runs (restarts: best ASR per class across them)
+    reference: tuple[str, ...] = ()  # reference runs, same restart seeds (differential scoring)
+    policy_changes: tuple[tuple[str, Any], ...] = ()
+
+
+def variants(restarts: int) -> list[Variant]:
+    ci = tuple(f"ci-s{r}" for r in range(restarts))
+    ref = tuple(f"ref-s{r}" for r in range(restarts))
+    out = [
+        Variant("clip-inspector", ci[:1]),
+        Variant("clip-inspector+differential", ci[:1], ref[:1], (("scoring", Scoring.DIFFERENTIAL),)),
+    ]
+    if restarts > 1:
+        out += [
+            Variant(f"clip-inspector+restarts{restarts}", ci, (), (("restarts", restarts),)),
+            Variant(
+                f"clip-inspector+differential+restarts{restarts}", ci, ref,
+                (("scoring", Scoring.DIFFERENTIAL), ("restarts", restarts)),
+            ),
+        ]
+    out += [
+        Variant("neural-cleanse", ("neural-cleanse",), (), (("detector", Detector.NEURAL_CLEANSE),)),
+        Variant("pixel-backdoor", ("pixel-backdoor",), (), (("detector", Detector.PIXEL_BACKDOOR),)),
+    ]
+    return out
+
+
+def best_of(runs: list[list[ClassMetrics]]) -> list[ClassMetrics]:
+    """Per class, the restart with the highest ASR (ties: lower loss), as ``audit`` does."""
+    return [max(group, key=lambda m: (m.asr, -m.loss)) for group in zip(*runs, strict=True)]
+
+
+def variant_metrics(v: Variant, runs: dict[str, list[ClassMetrics]], refs: dict[str, list[ClassMetrics]]) -> list[ClassMetrics]:
+    metrics = best_of([runs[r] for r in v.runs])
+    if v.reference:
+        ref = best_of([refs[r] for r in v.reference])
+        metrics = [replace(m, reference_asr=r.asr, reference_loss=r.loss) for m, r in zip(metrics, ref, strict=True)]
+    return metrics
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run_key(policy: Policy, run: str) -> str:
+    blob = json.dumps({"policy": policy.to_dict(), "run": run}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _cached(path: Path, compute: Callable[[], tuple[list[ClassMetrics], float]]) -> tuple[list[ClassMetrics], float]:
+    if path.is_file():
+        d = json.loads(path.read_text())
+        return [ClassMetrics(**m) for m in d["classes"]], float(d["seconds"])
+    metrics, seconds = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"classes": [asdict(m) for m in metrics], "seconds": seconds}) + "\n")
+    tmp.replace(path)
+    return metrics, seconds
+
+
+def _invert(model: Any, policy: Policy, run: str) -> tuple[list[ClassMetrics], float]:
+    from gatekeeper.audit import make_detector, reference_model
+    from gatekeeper.decide import candidate_classes
+    from gatekeeper.inspect.base import InversionSettings
+    from gatekeeper.ood import load_pool
+
+    pool = load_pool("procedural", model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+    kind, _, seed = run.rpartition("-s")
+    if run in ("neural-cleanse", "pixel-backdoor"):
+        p, target, r = replace(policy, detector=Detector(run)), model, 0
+    else:
+        p, r = policy, int(seed)
+        target = reference_model(model) if kind == "ref" else model
+    target.freeze_text()
+    settings = InversionSettings(p.epsilon, p.batch_size, p.epochs, p.lr, p.seed + r)
+    t0 = time.perf_counter()
+    inv = make_detector(p).invert(target, pool.inversion, pool.holdout, candidate_classes(len(model.classnames), p), settings)
+    return [i.metrics for i in inv], round(time.perf_counter() - t0, 2)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_benchmark(
+    zoo: Path, out: Path, policy: Policy, restarts: int = 2, only: set[str] | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Run (or resume) every detector on every model of ``zoo``; returns the results dict."""
+    from gatekeeper.models.loader import load_model
+
+    truths = sorted(zoo.glob(f"*{TRUTH_SUFFIX}/truth.json"))
+    if not truths:
+        raise UsageError(f"{zoo} holds no built zoo models", "build one with `gatekeeper zoo build bench --out DIR`")
+    vs = [v for v in variants(restarts) if only is None or v.name in only]
+    needed = sorted({r for v in vs for r in v.runs}, key=str)
+    needed_ref = sorted({r for v in vs for r in v.reference}, key=str)
+    outcomes: dict[str, list[Outcome]] = {v.name: [] for v in vs}
+    cache = out / "cache"
+    t_start = time.time()
+    for i, tpath in enumerate(truths):
+        truth = json.loads(tpath.read_text())
+        name = truth["model"]
+        model = None
+
+        def loaded(name: str = name) -> Any:
+            nonlocal model
+            if model is None:
+                model = load_model(zoo / name)
+            return model
+
+        runs: dict[str, list[ClassMetrics]] = {}
+        secs: dict[str, float] = {}
+        def compute(run: str) -> Callable[[], tuple[list[ClassMetrics], float]]:
+            return lambda: _invert(loaded(), policy, run)
+
+        for r in needed:
+            runs[r], secs[r] = _cached(cache / f"{r}-{_run_key(policy, r)}" / f"{name}.json", compute(r))
+        refs: dict[str, list[ClassMetrics]] = {}
+        ref_id = hashlib.sha256(json.dumps(truth["classnames"]).encode()).hexdigest()[:12]
+        for r in needed_ref:
+            refs[r], secs[r] = _cached(cache / f"{r}-{_run_key(policy, r)}" / f"classes-{ref_id}.json", compute(r))
+        for v in vs:
+            p = replace(policy, **dict(v.policy_changes))
+            d = decide(score_classes(variant_metrics(v, runs, refs), p), p)
+            outcomes[v.name].append(
+                Outcome(
+                    model=name, task=truth["task"], attack=truth["attack"], target=truth["target_class"],
+                    s_max=d.s_max, flagged=d.verdict.value == "fail", suspect=d.suspect_class,
+                    seconds=sum(secs[r] for r in v.runs + v.reference),
+                )
+            )
+        log(f"[{i + 1}/{len(truths)}] {name}: " + ", ".join(f"{v.name} {o[-1].s_max:.2f}{'!' if o[-1].flagged else ''}" for v, o in zip(vs, outcomes.values(), strict=True)) + f" ({time.time() - t_start:.0f}s)")
+    return {
+        "commit": git_commit(),
+        "policy": policy.to_dict(),
+        "policy_hash": policy.digest(),
+        "zoo": describe_zoo(truths),
+        "detectors": {
+            name: {**summarize(os), "per_attack": breakdown(os, lambda o: o.attack), "per_task": breakdown(os, lambda o: o.task), "models": [asdict(o) for o in os]}
+            for name, os in outcomes.items()
+        },
+        "command": " ".join(["gatekeeper", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("gatekeeper") else "",
+    }
+
+
+def describe_zoo(truths: list[Path]) -> dict[str, Any]:
+    items = [json.loads(t.read_text()) for t in truths]
+    attacks: dict[str, int] = {}
+    for t in items:
+        attacks[t["attack"]] = attacks.get(t["attack"], 0) + 1
+    asr = {t["model"]: t.get("metrics_at_build", {}) for t in items}
+    return {
+        "n_models": len(items),
+        "tasks": sorted({t["task"] for t in items}),
+        "attacks": attacks,
+        "n_classes": sorted({len(t["classnames"]) for t in items}),
+        "true_trigger_metrics": asr,
+    }
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def roc_png(results: dict[str, Any], path: Path) -> None:
+    """All detectors' ROC curves on one figure (matplotlib, from the ``bench`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("the ROC figure needs matplotlib", 'pip install "gatekeeper-clip[bench]"') from None
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    for name, d in results["detectors"].items():
+        labels = np.array([int(m["attack"] != "clean") for m in d["models"]])
+        scores = np.nan_to_num(np.array([m["s_max"] for m in d["models"]], dtype=np.float64), nan=-1e9)
+        fpr, tpr = roc_points(labels, scores)
+        ax.step(fpr, tpr, where="post", label=f"{name} (AUROC {d['auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("false-positive rate (clean models flagged)")
+    ax.set_ylabel("true-positive rate (backdoored models flagged)")
+    ax.set_title(f"Detection on {results['zoo']['n_models']} tiny-world CoCoOp models")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    z = results["zoo"]
+    lines = [
+        "# Detection benchmark",
+        "",
+        f"Commit `{results['commit']}`, policy hash `{results['policy_hash'][:12]}` "
+        f"(ε = {results['policy']['epsilon'] * 255:.0f}/255, |D| = {results['policy']['ood_budget']}, "
+        f"|T| = {results['policy']['holdout']}, k = {results['policy']['k']}).",
+        f"Zoo: {z['n_models']} models, tasks {', '.join(z['tasks'])}; "
+        + ", ".join(f"{k} × {v}" for k, v in sorted(z["attacks"].items())) + ".",
+        "",
+        "| detector | AUROC | accuracy | TPR | FPR (clean flagged) | class TP/FP/FN | F1 | s / model |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, d in results["detectors"].items():
+        lines.append(
+            f"| {name} | {d['auroc']:.3f} | {d['accuracy']:.1%} | {d['tpr']:.1%} | {d['fpr']:.1%} "
+            f"({round(d['fpr'] * d['n_clean'])}/{d['n_clean']}) | {d['class_tp']}/{d['class_fp']}/{d['class_fn']} | "
+            f"{d['f1']:.2f} | {d['seconds_per_model']:.1f} |"
+        )
+    lines += ["", "![ROC](detection-roc.png)", "", "## Per attack (flagged / n; target named)", ""]
+    names = list(results["detectors"])
+    attacks = sorted({a for d in results["detectors"].values() for a in d["per_attack"]})
+    lines += ["| attack | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for a in attacks:
+        cells = []
+        for n in names:
+            b = results["detectors"][n]["per_attack"][a]
+            cells.append(f"{b['flagged']}/{b['n']}" + ("" if a == "clean" else f"; {b['target_named']}"))
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per task (accuracy)", ""]
+    tasks = sorted({t for d in results["detectors"].values() for t in d["per_task"]})
+    lines += ["| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(f"{results['detectors'][n]['per_task'][t]['accuracy']:.0%}" for n in names) + " |")
+    lines += ["", "## True-trigger strength of each backdoored model (measured when it was built)", ""]
+    lines += ["| model | clean acc | ID ASR | OOD ASR | OOD base rate |", "|---|---|---|---|---|"]
+    for m, met in sorted(z["true_trigger_metrics"].items()):
+        if "id_asr" in met:
+            lines.append(
+                f"| {m} | {met['clean_accuracy']:.1%} | {met['id_asr']:.1%} | {met['ood_asr']:.1%} | {met.get('ood_base_rate', float('nan')):.1%} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict[str, Any], out: Path, compact_json: Path | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "detection-full.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "detection.md").write_text(markdown(results))
+    roc_png(results, out / "detection-roc.png")
+    summary = {
+        "commit": results["commit"],
+        "policy": results["policy"],
+        "zoo": {k: v for k, v in results["zoo"].items() if k != "true_trigger_metrics"},
+        "detectors": {
+            n: {k: d[k] for k in ("auroc", "accuracy", "fpr", "tpr", "f1", "class_tp", "class_fp", "class_fn", "seconds_per_model", "n_clean", "n_backdoored")}
+            for n, d in results["detectors"].items()
+        },
+    }
+    (compact_json or out / "detection.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    """``gatekeeper bench detection``: argv -> benchmark -> outputs; returns the exit code."""
+    import argparse
+
+    from gatekeeper.policy import load_policy
+
+    ap = argparse.ArgumentParser(
+        prog="gatekeeper bench detection",
+        description=(
+            "Run CLIP-Inspector (paper scoring, reference-differential scoring, restarts), Neural Cleanse and "
+            "Pixel Backdoor over a red-team zoo and write detection.md, detection.json, detection-full.json and "
+            "detection-roc.png. Per-model runs are cached under OUT/cache, so an interrupted run resumes."
+        ),
+    )
+    ap.add_argument("--zoo", type=Path, required=True, help="a built zoo (`gatekeeper zoo build bench --out DIR`)")
+    ap.add_argument("--out", type=Path, required=True, help="output folder (cache + reports)")
+    ap.add_argument("--policy", default="tiny-world", help="policy the detectors run under (default: tiny-world)")
+    ap.add_argument("--restarts", type=int, default=2, help="CLIP-Inspector restarts to compare (default 2)")
+    ap.add_argument("--only", nargs="+", metavar="DETECTOR", help="benchmark only these detector variants")
+    ap.add_argument("--json", type=Path, help="also write the compact summary here (e.g. benchmarks/results/detection.json)")
+    args = ap.parse_args(argv)
+    if args.restarts < 1:
+        raise UsageError(f"--restarts {args.restarts}: must be at least 1", "use --restarts 1 to compare no restarts")
+    known = {v.name for v in variants(args.restarts)}
+    if args.only and not set(args.only) <= known:
+        raise UsageError(f"unknown detector variants {sorted(set(args.only) - known)}", f"choose from {sorted(known)}")
+    results = run_benchmark(
+        args.zoo, args.out, load_policy(args.policy), args.restarts, set(args.only) if args.only else None,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    write_outputs(results, args.out, args.json)
+    print((args.out / "detection.md").read_text())
+    return 0

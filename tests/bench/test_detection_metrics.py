@@ -1,0 +1,52 @@
+"""The detection benchmark's metrics against scikit-learn, and its class-level counting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import auc, f1_score, roc_auc_score
+
+from gatekeeper.bench.detection import Outcome, class_counts, f1, summarize
+from gatekeeper.calibrate import auroc, roc_points
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auroc_and_roc_curve_match_scikit_learn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 40)
+    labels[:2] = [0, 1]
+    scores = rng.normal(labels * 1.2, 1.0).round(1)  # rounding makes ties
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    fpr, tpr = roc_points(labels, scores)
+    assert auc(fpr, tpr) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_auroc_extremes():
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
+    assert auroc(np.array([0, 1]), np.array([1.0, 1.0])) == 0.5
+
+
+def _o(attack, flagged, suspect=None, target="t", s=1.0):
+    return Outcome("m", "task", attack, None if attack == "clean" else target, s, flagged, suspect, 1.0)
+
+
+def test_class_level_counts_and_f1_match_scikit_learn():
+    outcomes = [
+        _o("badclip", True, "t"),  # TP
+        _o("badclip", True, "other"),  # FP + FN: flagged the wrong class
+        _o("blended", False),  # FN
+        _o("clean", True, "x"),  # FP
+        _o("clean", False),  # TN
+        _o("wanet", True, "t"),  # TP
+    ]
+    tp, fp, fn = class_counts(outcomes)
+    assert (tp, fp, fn) == (2, 2, 2)
+    # the same counts as a binary problem over (model, class) decisions
+    y_true = [1, 1, 0, 1, 0, 1, 0]
+    y_pred = [1, 1, 1, 0, 1, 0, 0]  # TP, TP, FP, FN, FP, FN, TN
+    assert f1(tp, fp, fn) == pytest.approx(f1_score(y_true, y_pred))
+    s = summarize(outcomes)
+    assert s["accuracy"] == pytest.approx(4 / 6)  # flagged == backdoored on 4 of 6 models
+    assert s["fpr"] == pytest.approx(0.5) and s["tpr"] == pytest.approx(3 / 4)
+    assert f1(0, 0, 0) == 0.0
