@@ -148,7 +148,7 @@ def decide(scores: Sequence[ClassScore], policy: Policy) -> Decision:
     top = max(scores, key=lambda c: c.z)
     if all(c.z == 0.0 for c in scores):
         return Decision(
-            Verdict.INCONCLUSIVE, 0.0, threshold, kind, None, "no spread among the candidates' ASR and loss"
+            Verdict.INCONCLUSIVE, 0.0, threshold, kind, None, "no spread among the candidates' scores (ASR and loss, or trigger sizes)"
         )
     flagged = [c for c in scores if c.z >= threshold and c.valid]
     if flagged:

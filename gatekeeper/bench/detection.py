@@ -215,54 +215,78 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_benchmark(
-    zoo: Path, out: Path, policy: Policy, restarts: int = 2, only: set[str] | None = None, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Run (or resume) every detector on every model of ``zoo``; returns the results dict."""
-    from gatekeeper.models.loader import load_model
+def _computation(folder: Path, policy: Policy, run: str) -> Callable[[], tuple[list[ClassMetrics], float]]:
+    def compute() -> tuple[list[ClassMetrics], float]:
+        from gatekeeper.models.loader import load_model
 
+        return _invert(load_model(folder), policy, run)
+
+    return compute
+
+
+def _cache_path(cache: Path, policy: Policy, run: str, truth: dict[str, Any]) -> Path:
+    folder = cache / f"{run}-{_run_key(policy, run)}"
+    if run.startswith("ref-"):  # the reference depends on the backbone and class names only
+        backbone = truth["backbone_sha256"]
+        ref_id = hashlib.sha256(json.dumps([backbone, truth["classnames"]]).encode()).hexdigest()[:12]
+        return folder / f"classes-{ref_id}.json"
+    return folder / f"{truth['model']}.json"
+
+
+def run_benchmark(
+    zoo: Path,
+    out: Path,
+    policy: Policy,
+    restarts: int = 2,
+    only: set[str] | None = None,
+    shard: tuple[int, int] = (1, 1),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Run (or resume) every detector on every model of ``zoo``; returns the results dict.
+
+    Runs go run by run (all models' CLIP-Inspector first, the slow baselines last), each cached.
+    With ``shard`` (i, n) != (1, 1) only every n-th model is computed (n processes can share one
+    cache) and None is returned; a final run without a shard reads the cache and reports.
+    """
     truths = sorted(zoo.glob(f"*{TRUTH_SUFFIX}/truth.json"))
     if not truths:
         raise UsageError(f"{zoo} holds no built zoo models", "build one with `gatekeeper zoo build bench --out DIR`")
+    items = [json.loads(t.read_text()) for t in truths]
+    for truth in items:
+        weights = zoo / truth["model"] / "backbone" / "open_clip_model.safetensors"
+        truth["backbone_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else truth["model"]
     vs = [v for v in variants(restarts) if only is None or v.name in only]
-    needed = sorted({r for v in vs for r in v.runs}, key=str)
-    needed_ref = sorted({r for v in vs for r in v.reference}, key=str)
-    outcomes: dict[str, list[Outcome]] = {v.name: [] for v in vs}
+    order = [f"ci-s{r}" for r in range(restarts)] + [f"ref-s{r}" for r in range(restarts)] + ["neural-cleanse", "pixel-backdoor"]
+    needed = [r for r in order if any(r in v.runs + v.reference for v in vs)]
     cache = out / "cache"
     t_start = time.time()
-    for i, tpath in enumerate(truths):
-        truth = json.loads(tpath.read_text())
-        name = truth["model"]
-        model = None
-
-        def loaded(name: str = name) -> Any:
-            nonlocal model
-            if model is None:
-                model = load_model(zoo / name)
-            return model
-
+    mine = items[shard[0] - 1 :: shard[1]]
+    for r in needed:
+        for i, truth in enumerate(mine):
+            path = _cache_path(cache, policy, r, truth)
+            if path.is_file():
+                continue
+            _cached(path, _computation(zoo / truth["model"], policy, r))
+            log(f"{r} [{i + 1}/{len(mine)}] {truth['model']} ({time.time() - t_start:.0f}s)")
+    if shard != (1, 1):
+        return None
+    outcomes: dict[str, list[Outcome]] = {v.name: [] for v in vs}
+    for truth in items:
         runs: dict[str, list[ClassMetrics]] = {}
         secs: dict[str, float] = {}
-        def compute(run: str) -> Callable[[], tuple[list[ClassMetrics], float]]:
-            return lambda: _invert(loaded(), policy, run)
-
         for r in needed:
-            runs[r], secs[r] = _cached(cache / f"{r}-{_run_key(policy, r)}" / f"{name}.json", compute(r))
-        refs: dict[str, list[ClassMetrics]] = {}
-        ref_id = hashlib.sha256(json.dumps(truth["classnames"]).encode()).hexdigest()[:12]
-        for r in needed_ref:
-            refs[r], secs[r] = _cached(cache / f"{r}-{_run_key(policy, r)}" / f"classes-{ref_id}.json", compute(r))
+            d = json.loads(_cache_path(cache, policy, r, truth).read_text())
+            runs[r], secs[r] = [ClassMetrics(**m) for m in d["classes"]], float(d["seconds"])
         for v in vs:
             p = replace(policy, **dict(v.policy_changes))
-            d = decide(score_classes(variant_metrics(v, runs, refs), p), p)
+            d = decide(score_classes(variant_metrics(v, runs, runs), p), p)
             outcomes[v.name].append(
                 Outcome(
-                    model=name, task=truth["task"], attack=truth["attack"], target=truth["target_class"],
+                    model=truth["model"], task=truth["task"], attack=truth["attack"], target=truth["target_class"],
                     s_max=d.s_max, flagged=d.verdict.value == "fail", suspect=d.suspect_class,
                     seconds=sum(secs[r] for r in v.runs + v.reference),
                 )
             )
-        log(f"[{i + 1}/{len(truths)}] {name}: " + ", ".join(f"{v.name} {o[-1].s_max:.2f}{'!' if o[-1].flagged else ''}" for v, o in zip(vs, outcomes.values(), strict=True)) + f" ({time.time() - t_start:.0f}s)")
     return {
         "commit": git_commit(),
         "policy": policy.to_dict(),
@@ -401,16 +425,22 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--restarts", type=int, default=2, help="CLIP-Inspector restarts to compare (default 2)")
     ap.add_argument("--only", nargs="+", metavar="DETECTOR", help="benchmark only these detector variants")
     ap.add_argument("--json", type=Path, help="also write the compact summary here (e.g. benchmarks/results/detection.json)")
+    ap.add_argument("--shard", help="i/n: compute only every n-th model into the cache (run n processes, then once without)")
     args = ap.parse_args(argv)
     if args.restarts < 1:
         raise UsageError(f"--restarts {args.restarts}: must be at least 1", "use --restarts 1 to compare no restarts")
     known = {v.name for v in variants(args.restarts)}
     if args.only and not set(args.only) <= known:
         raise UsageError(f"unknown detector variants {sorted(set(args.only) - known)}", f"choose from {sorted(known)}")
+    from gatekeeper.shard import parse_shard
+
     results = run_benchmark(
         args.zoo, args.out, load_policy(args.policy), args.restarts, set(args.only) if args.only else None,
-        log=lambda s: print(s, file=sys.stderr, flush=True),
+        parse_shard(args.shard) if args.shard else (1, 1), log=lambda s: print(s, file=sys.stderr, flush=True),
     )
+    if results is None:
+        print(f"shard {args.shard} done; run again without --shard to write the reports", file=sys.stderr)
+        return 0
     write_outputs(results, args.out, args.json)
     print((args.out / "detection.md").read_text())
     return 0

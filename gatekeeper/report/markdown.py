@@ -181,6 +181,7 @@ def build_context(d: dict[str, Any]) -> dict[str, Any]:
         "files": sorted(files.items()) if isinstance(files, dict) else [],
         "model": d.get("model") or {},
         "pool": d.get("pool") or {},
+        "policy": policy,
         "policy_json": policy_json,
         "policy_fence": code_fence(policy_json),
         "policy_hash": d.get("policy_hash") or "",

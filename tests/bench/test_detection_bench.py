@@ -1,0 +1,41 @@
+"""`gatekeeper bench detection` end to end on the committed demo zoo (fast settings): outputs, resume."""
+
+from __future__ import annotations
+
+import json
+
+from gatekeeper.cli import main
+from tests.conftest import DEMO_ZOO
+
+
+def test_bench_detection_writes_reports_and_resumes_from_its_cache(tmp_path, capsys):
+    policy = tmp_path / "fast.yaml"
+    policy.write_text("epsilon: 8/255\nood_budget: 64\nholdout: 32\n")
+    out = tmp_path / "bench"
+    argv = ["bench", "detection", "--zoo", str(DEMO_ZOO), "--out", str(out), "--policy", str(policy),
+            "--only", "clip-inspector", "clip-inspector+differential", "--restarts", "1", "--json", str(tmp_path / "d.json")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "d.json").read_text())
+    assert set(summary["detectors"]) == {"clip-inspector", "clip-inspector+differential"}
+    for d in summary["detectors"].values():
+        assert set(d) >= {"auroc", "accuracy", "fpr", "tpr", "f1"}
+        assert d["n_clean"] == 1 and d["n_backdoored"] == 1
+    assert summary["zoo"]["n_models"] == 2 and summary["commit"]
+    full = json.loads((out / "detection-full.json").read_text())
+    models = {m["model"]: m for m in full["detectors"]["clip-inspector"]["models"]}
+    assert models["backdoored"]["target"] == "orange square" and models["clean"]["target"] is None
+    assert (out / "detection-roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| clip-inspector |" in (out / "detection.md").read_text()
+    cached = sorted(out.glob("cache/*/*.json"))
+    assert len(cached) == 3  # CI on both models + one shared reference run for the task's class names
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    capsys.readouterr()
+    assert main(argv) == 0  # resumes: nothing recomputed
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert "ci-s0 [" not in capsys.readouterr().err
+
+
+def test_bench_detection_refuses_unknown_detectors(tmp_path, capsys):
+    code = main(["bench", "detection", "--zoo", str(DEMO_ZOO), "--out", str(tmp_path), "--only", "strip"])
+    assert code == 4
+    assert "unknown detector variants" in capsys.readouterr().err
