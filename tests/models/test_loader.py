@@ -121,3 +121,25 @@ def test_not_a_folder(tmp_path):
     with pytest.raises(ModelFormatError, match="not a folder"):
         load_model(tmp_path / "nope")
     shutil.rmtree(tmp_path)
+
+
+def test_meta_net_width_is_read_from_the_weights_and_checked(random_backbone, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from gatekeeper.models.manifest import ModelKind, Precision
+    from gatekeeper.redteam.tuning import TuneConfig, new_prompt_learner, write_model_folder
+
+    model = new_prompt_learner(random_backbone, CLASSES, TuneConfig(kind=ModelKind.COCOOP, meta_hidden=32))
+    folder = tmp_path / "wide"
+    write_model_folder(model, random_backbone, folder, Precision.FP32)
+    loaded = load_model(folder)
+    assert loaded.meta_net is not None and loaded.meta_net.linear1.out_features == 32
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(loaded.logits(x), model.logits(x), atol=1e-5)
+    # a bias that does not match the width is refused, not broadcast
+    path = folder / "prompt_learner.safetensors"
+    state = load_file(str(path))
+    state["meta_net.linear1.bias"] = torch.zeros(31)
+    save_file(state, str(path))
+    with pytest.raises(ModelFormatError, match="meta_net.linear1.bias"):
+        load_model(folder)
