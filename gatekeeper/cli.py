@@ -98,6 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", type=Path, required=True, help="policy YAML to write (must not exist)")
     cal.add_argument("--debug", action="store_true")
 
+    rep = sub.add_parser(
+        "repair",
+        help="re-align a flagged model with its reconstructed trigger, re-scan it, and report before/after",
+        description=(
+            "Fine-tunes the prompt learner (encoders frozen) on clean (x, y) and triggered (x + delta, y) pairs, where "
+            "delta is the scan's inverted trigger of the flagged class (paper Sec. 5.3). Writes OUT/model (a new model "
+            "folder; the input is never touched), OUT/scan (the re-scan under the same policy and pool), "
+            "OUT/repair.md and OUT/repair.json. Exit code: that of the re-scan (0 pass, 1 still flagged, 3 inconclusive)."
+        ),
+    )
+    rep.add_argument("model", type=Path, help="the flagged gatekeeper model folder")
+    rep.add_argument("--scan", type=Path, required=True, help="its scan's result.json (or the scan's output folder)")
+    rep.add_argument("--data", type=Path, required=True, help="labelled images: one sub-folder per class name ('_' for spaces)")
+    rep.add_argument("--out", type=Path, required=True, help="new or empty output folder")
+    rep.add_argument("--class", dest="class_name", help="repair this class instead of the scan's suspect")
+    rep.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs over the training split (default 5)")
+    rep.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    rep.add_argument("--test-fraction", type=float, default=0.3, help="share of each class held out for before/after (default 0.3)")
+    _common(rep)
+
     demo = sub.add_parser(
         "demo",
         help="scan the bundled tiny-world demo zoo (one clean, one backdoored model), offline",
@@ -540,7 +560,47 @@ def cmd_audit(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     return code
 
 
-COMMANDS = {"audit": cmd_audit, "calibrate": cmd_calibrate, "bench": cmd_bench, "merge": cmd_merge, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
+def cmd_repair(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    from gatekeeper import repair
+
+    if args.epochs < 1 or not 0 < args.test_fraction < 1 or not 0 < args.lr <= 1:
+        raise UsageError("--epochs must be >= 1, --test-fraction in (0, 1), --lr in (0, 1]", "see `gatekeeper repair --help`")
+    settings = repair.RepairSettings(epochs=args.epochs, lr=args.lr, test_fraction=args.test_fraction)
+    scan = repair.read_scan(args.scan)
+    cls = repair.target_of(scan, args.class_name)
+    repair.check_out(args.out, args.model)
+    from gatekeeper.models.loader import load_model
+
+    device = _device(args.device)
+    model = load_model(args.model, device)
+    data = repair.load_labelled(args.data, model.classnames, model.image_size, settings)
+    delta, policy, pool = repair.reconstruct_trigger(model, scan, cls)
+    target = model.classnames.index(cls)
+
+    def stamp(x: Any) -> Any:
+        return (x + delta).clamp(0, 1)
+
+    before = {"clean_accuracy": repair.accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
+    repair.finetune(model, data, delta, settings)
+    after = {"clean_accuracy": repair.accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    repair.write_repaired(model, args.model, args.out / "model")
+    import yaml
+
+    policy_file = args.out / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump(policy.to_dict(), sort_keys=False))
+    code, rescan = scan_one(
+        str(args.out / "model"), policy_arg=str(policy_file), ood=pool.info.source, out=args.out / "scan", json_path=None,
+        device_name=args.device, quiet=args.quiet, revision=None, command="gatekeeper " + shlex.join(argv), label="re-scan",
+    )
+    report = repair.write_report(args.out, args.model, cls, data, settings, before, after, scan, rescan)
+    if not args.quiet:
+        print(f"repair: {cls!r} trigger ASR {before['trigger_asr']:.1%} -> {after['trigger_asr']:.1%}, clean accuracy "
+              f"{before['clean_accuracy']:.1%} -> {after['clean_accuracy']:.1%}; re-scan {rescan.get('verdict')}; {report}", file=sys.stderr)
+    return code
+
+
+COMMANDS = {"repair": cmd_repair, "audit": cmd_audit, "calibrate": cmd_calibrate, "bench": cmd_bench, "merge": cmd_merge, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
 
 
 def main(argv: list[str] | None = None) -> int:

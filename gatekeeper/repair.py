@@ -1,0 +1,284 @@
+"""Repair a flagged model with its reconstructed trigger (paper Sec. 5.3, supplementary Sec. 15).
+
+The most anomalous class c^'s inverted trigger delta is re-derived from the scan (same model,
+policy and pool: the inversion is deterministic, and the re-derived ASR must match the scan's),
+then the prompt learner (encoders frozen) is fine-tuned on clean (x, y) and triggered
+(x + delta, y) pairs from a small labelled set, so that the trigger no longer moves inputs to c^.
+
+Stages: ``load_labelled`` (a folder per class) -> ``reconstruct_trigger`` -> ``finetune`` ->
+``evaluate`` before/after on a held-out split -> the repaired folder is written next to nothing
+the user owns (never over the input) and re-scanned by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gatekeeper.errors import ResultError, UsageError
+from gatekeeper.models.prompt_tuned import PromptTunedCLIP
+
+MIN_PER_CLASS = 2  # at least one image to train on and one to evaluate on
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    present: tuple[str, ...]  # class names with images
+    missing: tuple[str, ...]  # class names of the model without a folder (or without images)
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    test_fraction: float = 0.3
+    seed: int = 0
+
+
+def _folder_to_class(name: str, classnames: list[str]) -> str | None:
+    """A folder names a class exactly, or with '_' for spaces (``red_circle`` -> ``red circle``)."""
+    if name in classnames:
+        return name
+    spaced = name.replace("_", " ")
+    return spaced if spaced in classnames else None
+
+
+def load_labelled(root: Path, classnames: list[str], image_size: int, settings: RepairSettings) -> LabelledSet:
+    """Read ``root/<class name>/*`` and split each class into train/test (seeded).
+
+    Raises:
+        UsageError: not a folder, folders that name no class of the model, no usable images, or a
+            class folder with fewer than 2 images.
+    """
+    from gatekeeper.ood import folder_images
+
+    if not root.is_dir():
+        raise UsageError(f"--data {root}: not a folder", "give a folder with one sub-folder of images per class name")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p.name for p in folders if _folder_to_class(p.name, classnames) is None]
+    if unknown:
+        raise UsageError(
+            f"--data {root}: folder(s) {unknown} name no class of the model",
+            f"name each folder after a class (spaces may be written as '_'); the model's classes: {classnames}",
+        )
+    g = torch.Generator().manual_seed(settings.seed)
+    xs_tr, ys_tr, xs_te, ys_te, present, too_few = [], [], [], [], [], []
+    for p in folders:
+        cls = _folder_to_class(p.name, classnames)
+        assert cls is not None
+        images, found, _skipped = folder_images(p, image_size, 100_000)
+        if found == 0:
+            continue
+        if found < MIN_PER_CLASS:
+            too_few.append(p.name)
+            continue
+        order = torch.randperm(found, generator=g)
+        n_test = max(1, round(found * settings.test_fraction))
+        y = classnames.index(cls)
+        x = images.float() / 255.0
+        xs_te.append(x[order[:n_test]])
+        xs_tr.append(x[order[n_test:]])
+        ys_te.append(torch.full((n_test,), y))
+        ys_tr.append(torch.full((found - n_test,), y))
+        present.append(cls)
+    if too_few:
+        raise UsageError(f"--data {root}: folder(s) {too_few} hold fewer than {MIN_PER_CLASS} readable images", "add images (some to train on, some to evaluate on)")
+    if len(present) < 2:
+        raise UsageError(f"--data {root}: readable images for {len(present)} class(es); need at least 2", "add one folder of images per class")
+    missing = tuple(c for c in classnames if c not in present)
+    return LabelledSet(torch.cat(xs_tr), torch.cat(ys_tr), torch.cat(xs_te), torch.cat(ys_te), tuple(present), missing)
+
+
+def read_scan(path: Path) -> dict[str, Any]:
+    """The scan's result.json (a file, or the scan's output folder)."""
+    file = path / "result.json" if path.is_dir() else path
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResultError(f"cannot read scan result {file}: {exc}", "give the result.json (or output folder) of `gatekeeper scan`") from None
+    if not isinstance(d, dict) or "classes" not in d or "policy" not in d:
+        raise ResultError(f"{file} is not a gatekeeper scan result", "give the result.json of `gatekeeper scan`")
+    return d
+
+
+def target_of(scan: dict[str, Any], forced: str | None) -> str:
+    """The class to repair: ``forced``, else the scan's suspect; refuses a scan that flagged nothing."""
+    if forced is not None:
+        return forced
+    if scan.get("verdict") != "fail" or not scan.get("suspect_class"):
+        raise UsageError(
+            f"the scan's verdict is {scan.get('verdict')!r}: no class was flagged, so there is no trigger to repair with",
+            "repair a model whose scan failed, or name the class with --class",
+        )
+    return str(scan["suspect_class"])
+
+
+@torch.no_grad()
+def accuracy(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
+    device = next(iter(model.buffers())).device
+    hits = sum(int((model.logits(x[i : i + batch].to(device)).argmax(1).cpu() == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    return hits / max(len(x), 1)
+
+
+@torch.no_grad()
+def trigger_asr(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, stamp: Any, target: int, batch: int = 256) -> float:
+    """Share of images not of ``target`` that ``stamp`` sends to ``target``."""
+    keep = y != target
+    x = x[keep]
+    if len(x) == 0:
+        return float("nan")
+    device = next(iter(model.buffers())).device
+    hits = sum(int((model.logits(stamp(x[i : i + batch]).to(device)).argmax(1) == target).sum()) for i in range(0, len(x), batch))
+    return hits / len(x)
+
+
+def finetune(model: PromptTunedCLIP, data: LabelledSet, delta: torch.Tensor | None, settings: RepairSettings) -> None:
+    """Fine-tune the prompt learner in place on (x, y) and, with ``delta``, (clamp(x + delta), y)."""
+    device = next(iter(model.buffers())).device
+    params = [p for p in ([model.ctx] + (list(model.meta_net.parameters()) if model.meta_net is not None else [])) if p is not None]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(settings.seed)
+    model.train()
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(data.train_x), generator=g)
+        for i in range(0, len(order), settings.batch_size):
+            idx = order[i : i + settings.batch_size]
+            x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
+            loss = F.cross_entropy(model.logits(x), y)
+            if delta is not None:
+                loss = loss + F.cross_entropy(model.logits((x + delta.to(device)).clamp(0, 1)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    if model.kind.value != "cocoop":
+        model._cached_text = None
+        model.freeze_text()
+
+
+def check_out(out: Path, model_folder: Path) -> None:
+    """Refuse an output that is, holds or lies inside the input model, or already exists non-empty."""
+    o, m = out.resolve(), model_folder.resolve()
+    if o == m or m in o.parents or o in m.parents:
+        raise UsageError(f"--out {out} overlaps the input model {model_folder}", "write the repaired model to a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not empty", "give a new or empty folder (nothing is overwritten)")
+
+
+def write_repaired(model: PromptTunedCLIP, src: Path, dst: Path) -> None:
+    """Copy the input folder (backbone and all) and replace its prompt learner; atomic via a temp folder."""
+    from gatekeeper.models.loader import save_model
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".git", ".cache"))
+    save_model(model, tmp, model.manifest)
+    if dst.exists():
+        dst.rmdir()  # check_out made sure it is empty
+    tmp.replace(dst)
+
+
+def finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def reconstruct_trigger(model: PromptTunedCLIP, scan: dict[str, Any], cls: str) -> tuple[torch.Tensor, Any, Any]:
+    """Re-derive class ``cls``'s inverted trigger exactly as the scan did; returns (delta, policy, pool).
+
+    Raises:
+        ResultError: the class is unknown to the model, the scan's pool cannot be rebuilt
+            identically, or the re-derived trigger's ASR differs from the scan's (a different model).
+    """
+    from gatekeeper.audit import invert_candidates
+    from gatekeeper.ood import load_pool
+    from gatekeeper.policy import policy_from_mapping
+
+    if cls not in model.classnames:
+        raise UsageError(f"class {cls!r} is not a class of the model", f"choose one of {model.classnames}")
+    policy = policy_from_mapping({k: v for k, v in scan["policy"].items()}, "the scan's policy")
+    pool_info = scan.get("pool") or {}
+    pool = load_pool(str(pool_info.get("source", "procedural")), model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+    if pool_info.get("content_hash") and pool.info.content_hash != pool_info["content_hash"]:
+        raise ResultError(
+            f"the scan's OOD pool ({pool_info.get('source')}) no longer has the same content",
+            "re-scan the model, then repair with the new result",
+        )
+    index = model.classnames.index(cls)
+    inv, _seconds = invert_candidates(model, pool, policy, [index])
+    delta = inv[0].trigger
+    recorded = next((c for c in scan["classes"] if c.get("name") == cls), None)
+    if recorded is not None and abs(float(recorded["asr"]) - inv[0].metrics.asr) > 2.0 / max(policy.holdout, 1):
+        raise ResultError(
+            f"the re-derived trigger of {cls!r} reaches ASR {inv[0].metrics.asr:.1%}, the scan recorded {float(recorded['asr']):.1%}",
+            "the scan was made on another model or pool: repair with this model's own scan result",
+        )
+    return delta, policy, pool
+
+
+def write_report(
+    out: Path,
+    model_folder: Path,
+    cls: str,
+    data: LabelledSet,
+    settings: RepairSettings,
+    before: dict[str, float],
+    after: dict[str, float],
+    scan: dict[str, Any],
+    rescan: dict[str, Any],
+) -> Path:
+    """repair.json + repair.md; returns the Markdown path."""
+    from gatekeeper.report.markdown import md_escape
+
+    record = {
+        "model": str(model_folder),
+        "repaired_model": str(out / "model"),
+        "class": cls,
+        "scan_verdict": scan.get("verdict"),
+        "rescan_verdict": rescan.get("verdict"),
+        "rescan_reason": rescan.get("reason"),
+        "before": {k: finite_or_none(v) for k, v in before.items()},
+        "after": {k: finite_or_none(v) for k, v in after.items()},
+        "data": {"train": len(data.train_x), "test": len(data.test_x), "classes_present": list(data.present), "classes_missing": list(data.missing)},
+        "settings": {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr, "test_fraction": settings.test_fraction, "seed": settings.seed},
+    }
+    (out / "repair.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def pct(v: float) -> str:
+        return f"{v:.1%}" if math.isfinite(v) else "n/a"
+
+    lines = [
+        f"# Repair of {md_escape(str(model_folder))}",
+        "",
+        f"Re-aligned class **{md_escape(cls)}** with its reconstructed trigger; re-scan under the same policy and pool: "
+        f"**{str(rescan.get('verdict', '?')).upper()}** ({md_escape(str(rescan.get('reason', '')))}).",
+        "",
+        "| held-out split | before | after |",
+        "|---|---:|---:|",
+        f"| clean accuracy | {pct(before['clean_accuracy'])} | {pct(after['clean_accuracy'])} |",
+        f"| reconstructed trigger's ASR (images not of {md_escape(cls)}) | {pct(before['trigger_asr'])} | {pct(after['trigger_asr'])} |",
+        "",
+        f"Data: {len(data.train_x)} training and {len(data.test_x)} held-out images over {len(data.present)} classes.",
+    ]
+    if data.missing:
+        lines.append(f"Classes without images (not fine-tuned or evaluated on): {', '.join(md_escape(c) for c in data.missing)}.")
+    lines += ["", "Repaired model: `model/`; re-scan report: [scan/report.md](scan/report.md).", ""]
+    path = out / "repair.md"
+    path.write_text("\n".join(lines))
+    return path
