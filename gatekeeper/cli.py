@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, required=True, help="new or empty output folder")
     rep.add_argument("--class", dest="class_name", help="repair this class instead of the scan's suspect")
     rep.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs over the training split (default 5)")
-    rep.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    rep.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default 5e-3)")
     rep.add_argument("--test-fraction", type=float, default=0.3, help="share of each class held out for before/after (default 0.3)")
     _common(rep)
 
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="benchmarks (speed: fast path vs reference; detection: detectors on a red-team zoo)", add_help=False
     )
-    bench.add_argument("bench_command", choices=["speed", "detection"], help="which benchmark")
+    bench.add_argument("bench_command", choices=["speed", "detection", "repair"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `gatekeeper bench speed --help`)")
 
     aud = sub.add_parser(
@@ -537,6 +537,10 @@ def cmd_zoo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 
 
 def cmd_bench(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    if args.bench_command == "repair":
+        from gatekeeper.bench import repair as repair_bench
+
+        return ExitCode(repair_bench.main(args.rest))
     if args.bench_command == "detection":
         from gatekeeper.bench import detection
 
@@ -583,17 +587,23 @@ def cmd_repair(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     before = {"clean_accuracy": repair.accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
     repair.finetune(model, data, delta, settings)
     after = {"clean_accuracy": repair.accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    repair.write_repaired(model, args.model, args.out / "model")
+    import shutil
+
     import yaml
 
-    policy_file = args.out / "policy.yaml"
-    policy_file.write_text(yaml.safe_dump(policy.to_dict(), sort_keys=False))
-    code, rescan = scan_one(
-        str(args.out / "model"), policy_arg=str(policy_file), ood=pool.info.source, out=args.out / "scan", json_path=None,
-        device_name=args.device, quiet=args.quiet, revision=None, command="gatekeeper " + shlex.join(argv), label="re-scan",
-    )
-    report = repair.write_report(args.out, args.model, cls, data, settings, before, after, scan, rescan)
+    args.out.mkdir(parents=True, exist_ok=True)  # check_out: new or empty, so on failure it is removed whole
+    try:
+        repair.write_repaired(model, args.model, args.out / "model")
+        policy_file = args.out / "policy.yaml"
+        policy_file.write_text(yaml.safe_dump(policy.to_dict(), sort_keys=False))
+        code, rescan = scan_one(
+            str(args.out / "model"), policy_arg=str(policy_file), ood=pool.info.source, out=args.out / "scan", json_path=None,
+            device_name=args.device, quiet=args.quiet, revision=None, command="gatekeeper " + shlex.join(argv), label="re-scan",
+        )
+        report = repair.write_report(args.out, args.model, cls, data, settings, before, after, scan, rescan)
+    except BaseException:
+        shutil.rmtree(args.out, ignore_errors=True)
+        raise
     if not args.quiet:
         print(f"repair: {cls!r} trigger ASR {before['trigger_asr']:.1%} -> {after['trigger_asr']:.1%}, clean accuracy "
               f"{before['clean_accuracy']:.1%} -> {after['clean_accuracy']:.1%}; re-scan {rescan.get('verdict')}; {report}", file=sys.stderr)

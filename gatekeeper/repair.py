@@ -42,7 +42,7 @@ class LabelledSet:
 class RepairSettings:
     epochs: int = 5
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 5e-3  # the prompt-tuning lr of the red team (measured on the demo: 1e-3 leaves 60 % true-trigger ASR, 5e-3 0.6 %)
     test_fraction: float = 0.3
     seed: int = 0
 
