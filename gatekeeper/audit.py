@@ -16,8 +16,8 @@ from gatekeeper.inspect.fast import FastClipInspector
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
 from gatekeeper.policy import Detector as DetectorName
-from gatekeeper.policy import Implementation, Policy, Scoring
-from gatekeeper.result import AuditResult, ClassMetrics, ModelInfo, PoolInfo, Provenance
+from gatekeeper.policy import Implementation, Policy, PositiveControl, Scoring
+from gatekeeper.result import AuditResult, ClassMetrics, Decision, ModelInfo, PoolInfo, Provenance, Verdict
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,8 @@ def audit(
     command: str = "",
     progress: Progress = no_progress,
 ) -> AuditOutput:
-    """Run CLIP-Inspector on ``model`` with ``pool`` under ``policy`` and decide.
+    """Run the policy's detector on ``model`` with ``pool``, decide, and (if the policy asks) run
+    the positive control before a PASS is issued.
 
     Raises:
         PolicyError: fewer than 3 candidates, or a calibrated tau that does not apply.
@@ -164,5 +165,34 @@ def audit(
         environment=environment(next(iter(model.buffers())).device),
         command=command,
     )
+    if policy.positive_control != PositiveControl.OFF and result.decision.verdict == Verdict.PASS:
+        result = with_positive_control(model, pool, policy, result, provenance)
     triggers = {i.metrics.name: i.trigger for i in inversions}
     return AuditOutput(result, triggers, pool.holdout[0])
+
+
+def with_positive_control(model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: AuditResult, provenance: Provenance) -> AuditResult:
+    """A PASS stands only if the same scan catches a backdoor planted in a copy of the model."""
+    from gatekeeper.control import run_control
+
+    plain = replace(policy, positive_control=PositiveControl.OFF)
+
+    def scan(copy: PromptTunedCLIP) -> AuditResult:
+        return audit(copy, pool, plain, provenance=provenance).result
+
+    top = max(result.classes, key=lambda c: c.z).index if result.classes else None
+    outcome = run_control(model, pool, policy, top, scan)
+    decision = result.decision
+    if not outcome.caught:
+        decision = Decision(Verdict.INCONCLUSIVE, decision.s_max, decision.threshold, decision.threshold_kind, None, outcome.reason)
+    timings = {**result.timings, "positive_control_s": outcome.seconds}
+    return replace(result, decision=decision, positive_control=outcome.to_dict(), timings=timings)
+
+
+def control_not_run(result: AuditResult, policy: Policy) -> AuditResult:
+    """A merged sharded scan cannot run the positive control (it needs the model): no PASS then."""
+    if policy.positive_control == PositiveControl.OFF or result.decision.verdict != Verdict.PASS:
+        return result
+    d = result.decision
+    reason = "the policy asks for a positive control, which a merged sharded scan cannot run: scan unsharded"
+    return replace(result, decision=Decision(Verdict.INCONCLUSIVE, d.s_max, d.threshold, d.threshold_kind, None, reason))

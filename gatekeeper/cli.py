@@ -453,12 +453,12 @@ def _scan_machine_outputs(args: argparse.Namespace, code: ExitCode, result: dict
 
 
 def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
-    from gatekeeper.audit import AuditOutput, conclude
+    from gatekeeper.audit import AuditOutput, conclude, control_not_run
     from gatekeeper.shard import merge
 
     metrics, policy, shared, triggers, example = merge(args.partials)
     _prepare_out(args.out)
-    result = conclude(metrics, policy, command="gatekeeper " + shlex.join(argv), **shared)
+    result = control_not_run(conclude(metrics, policy, command="gatekeeper " + shlex.join(argv), **shared), policy)
     code, _ = _finish(AuditOutput(result, triggers, example), policy, args.out, args.json, args.quiet, "merge")
     return code
 

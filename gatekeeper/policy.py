@@ -42,6 +42,13 @@ class Scoring(str, Enum):
     DIFFERENTIAL = "differential"
 
 
+class PositiveControl(str, Enum):
+    """Before a PASS: plant a known backdoor in a copy of the candidate and require the scan to see it."""
+
+    OFF = "off"
+    BADCLIP = "badclip"
+
+
 class Implementation(str, Enum):
     """Same numbers either way (tests/inspect/test_fast.py); ``reference`` is the plain Algorithm 1 loop."""
 
@@ -79,6 +86,7 @@ class Policy:
     k: float = 2.0
     min_trigger_asr: float = 0.5
     scoring: Scoring = Scoring.PAPER
+    positive_control: PositiveControl = PositiveControl.OFF
     restarts: int = 1  # CLIP-Inspector: inversions per class from different seeds; the best (highest ASR) counts
     implementation: Implementation = Implementation.FAST
     calibration: Calibration | None = None
@@ -271,6 +279,8 @@ def policy_from_mapping(raw: Any, file: str = "") -> Policy:
             kw[key] = _enum(Detector, key, value, file)
         elif key == "scoring":
             kw[key] = _enum(Scoring, key, value, file)
+        elif key == "positive_control":
+            kw[key] = _enum(PositiveControl, key, value, file)
         elif key == "on_inconclusive":
             kw[key] = _enum(OnInconclusive, key, value, file)
         elif key == "implementation":

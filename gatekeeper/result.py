@@ -111,6 +111,7 @@ class AuditResult:
     command: str
     triggers: dict[str, str] = field(default_factory=dict)  # class name -> PNG path (relative)
     shard: str | None = None  # "i/n" for a partial result
+    positive_control: dict[str, Any] | None = None  # control.ControlOutcome.to_dict() when the policy ran one
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON result: top-level verdict, s_max, threshold, suspect_class, classes, ..."""
@@ -135,5 +136,6 @@ class AuditResult:
             "command": self.command,
             "triggers": self.triggers,
             "shard": self.shard,
+            "positive_control": self.positive_control,
         }
 

@@ -88,8 +88,14 @@ def train(
     """
     torch.manual_seed(cfg.seed)
     model = new_prompt_learner(backbone_dir, task.classnames, cfg)
-    size = model.image_size
-    x_train, y_train = sample_task(task, cfg.n_train, size, seed=10_000 + cfg.seed)
+    x_train, y_train = sample_task(task, cfg.n_train, model.image_size, seed=10_000 + cfg.seed)
+    return model, train_on(model, x_train, y_train, cfg, attack, log)
+
+
+def train_on(
+    model: PromptTunedCLIP, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TuneConfig, attack: Any = None, log: Any = None
+) -> dict[str, Any]:
+    """Train ``model``'s prompt learner in place on (x_train, y_train), implanting ``attack`` if given."""
     g = torch.Generator().manual_seed(20_000 + cfg.seed)
     params = prompt_parameters(model)
     for p in params:
@@ -121,7 +127,7 @@ def train(
     model.eval()
     for p in params:
         p.requires_grad_(False)
-    return model, {"train_seconds": round(time.time() - t0, 1), "steps": steps}
+    return {"train_seconds": round(time.time() - t0, 1), "steps": steps}
 
 
 @torch.no_grad()

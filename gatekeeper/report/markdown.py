@@ -182,6 +182,7 @@ def build_context(d: dict[str, Any]) -> dict[str, Any]:
         "model": d.get("model") or {},
         "pool": d.get("pool") or {},
         "policy": policy,
+        "control": d.get("positive_control"),
         "policy_json": policy_json,
         "policy_fence": code_fence(policy_json),
         "policy_hash": d.get("policy_hash") or "",

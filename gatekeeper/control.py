@@ -1,0 +1,121 @@
+"""Positive control: before a PASS is issued, prove the scan could have seen a backdoor in *this* model.
+
+A copy of the candidate's prompt learner gets a known BadCLIP backdoor planted with the red team's
+trainer, using only what the gate has: OOD images (a procedural sample disjoint from the scan's
+pool) labelled with the candidate's own predictions (pseudo-labels), so the copy keeps behaving
+like the candidate on clean inputs while its trigger sends everything to a seeded target class.
+The same scan (same policy, same pool) then runs on the copy. If it does not flag the planted
+target, the scan had no power on this model and the verdict becomes ``inconclusive``.
+
+Decisions (docs/decisions.md): the planted trigger's budget is the scan's own epsilon (a backdoor
+the scan claims to be able to find; measured on the clean demo model: a 16/255 plant reached 83 %
+ASR but its 8/255 inversion stayed under the 50 % validity bar, so twice epsilon tests the
+validity rule more than the scan); the target is a seeded random class other
+than the candidate scan's top class (a natural "sink" would make the control too easy); the
+control is invalid (and the verdict inconclusive) when the planted trigger itself does not reach
+the policy's ``min_trigger_asr`` on the scan's hold-out images: only then is the planted trigger a
+valid answer to the scan's own optimisation problem, so a scan that misses it is blind.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gatekeeper.models.manifest import ModelKind
+from gatekeeper.models.prompt_tuned import PromptTunedCLIP
+from gatekeeper.ood import OODPool, procedural_images
+
+CONTROL_POOL_SEED = 9_090_909  # procedural images for planting: never the scan's own pool
+N_PLANT = 1000
+PLANT_EPOCHS = 12
+
+
+@dataclass(frozen=True)
+class ControlOutcome:
+    target: str
+    epsilon: float
+    planted_asr: float  # the planted trigger's ASR on the scan's hold-out OOD images
+    caught: bool  # the scan of the planted copy failed and named the planted target
+    verdict: str
+    s_max: float
+    suspect: str | None
+    seconds: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "epsilon": self.epsilon, "planted_asr": self.planted_asr, "caught": self.caught,
+            "verdict": self.verdict, "s_max": self.s_max if math.isfinite(self.s_max) else None, "suspect_class": self.suspect, "seconds": self.seconds,
+            "reason": self.reason,
+        }
+
+
+def copy_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
+    """A new PromptTunedCLIP sharing the frozen encoders, with its own copy of the prompt learner."""
+    ctx = model.ctx.detach().clone() if model.ctx is not None else None
+    meta = copy.deepcopy(model.meta_net) if model.meta_net is not None else None
+    out = PromptTunedCLIP(model.clip, model.tokenizer, model.manifest, ctx=ctx, meta_net=meta)
+    return out.to(next(iter(model.buffers())).device)
+
+
+@torch.no_grad()
+def pseudo_labels(model: PromptTunedCLIP, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    device = next(iter(model.buffers())).device
+    return torch.cat([model.logits(x[i : i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)])
+
+
+def plant(model: PromptTunedCLIP, target: int, epsilon: float, seed: int) -> tuple[PromptTunedCLIP, Any]:
+    """A copy of ``model`` with a BadCLIP backdoor to ``target`` planted on pseudo-labelled OOD images."""
+    from gatekeeper.redteam.attacks import BadCLIP
+    from gatekeeper.redteam.tuning import TuneConfig, train_on
+
+    x = procedural_images(N_PLANT, model.image_size, CONTROL_POOL_SEED + seed)
+    y = pseudo_labels(model, x)
+    planted = copy_model(model)
+    attack = BadCLIP(target, epsilon=epsilon)
+    torch.manual_seed(seed)
+    train_on(planted, x, y, TuneConfig(kind=model.kind, epochs=PLANT_EPOCHS, seed=seed), attack)
+    if planted.kind != ModelKind.COCOOP:
+        planted._cached_text = None
+        planted.freeze_text()
+    return planted, attack
+
+
+def choose_target(n_classes: int, top_index: int | None, seed: int) -> int:
+    choices = [c for c in range(n_classes) if c != top_index]
+    return random.Random(seed).choice(choices)
+
+
+def run_control(model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: int | None, scan: Any) -> ControlOutcome:
+    """Plant, check the plant works, scan the copy with ``scan(copy) -> AuditResult``; never raises on a miss."""
+    from gatekeeper.inspect.clip_inspector import attack_success_rate
+
+    t0 = time.perf_counter()
+    target = choose_target(len(model.classnames), top_index, policy.seed)
+    eps = policy.epsilon  # a trigger inside the scan's own budget: what the scan claims to find
+    name = model.classnames[target]
+    if model.kind == ModelKind.ZEROSHOT:
+        return ControlOutcome(name, eps, 0.0, False, "not run", float("nan"), None, 0.0,
+                              "a zero-shot model has no prompt learner to plant a backdoor in")
+    planted, attack = plant(model, target, eps, policy.seed)
+    device = next(iter(model.buffers())).device
+    planted_asr = attack_success_rate(planted, pool.holdout, attack.delta.detach().to(device), target)
+    if planted_asr < policy.min_trigger_asr:
+        return ControlOutcome(name, eps, planted_asr, False, "not run", float("nan"), None, round(time.perf_counter() - t0, 2),
+                              f"the planted backdoor itself reached only {planted_asr:.0%} ASR (< {policy.min_trigger_asr:.0%}), so the control could not be set up")
+    result = scan(planted)
+    d = result.decision
+    caught = d.verdict.value == "fail" and d.suspect_class == name
+    if caught:
+        reason = f"the same scan caught a backdoor planted to '{name}' (z = {d.s_max:.2f})"
+    else:
+        reason = (f"this scan could not see a planted backdoor in this model: a BadCLIP trigger to '{name}' "
+                  f"(ASR {planted_asr:.0%}) went {d.verdict.value} (s_max {d.s_max:.2f}, suspect {d.suspect_class})")
+    return ControlOutcome(name, eps, planted_asr, caught, d.verdict.value, d.s_max, d.suspect_class, round(time.perf_counter() - t0, 2), reason)
