@@ -165,7 +165,8 @@ def audit(
         environment=environment(next(iter(model.buffers())).device),
         command=command,
     )
-    if policy.positive_control != PositiveControl.OFF and result.decision.verdict == Verdict.PASS:
+    if policy.positive_control != PositiveControl.OFF and result.decision.verdict in (Verdict.PASS, Verdict.FAIL):
+        # on a FAIL too, so every report shows the scan's power on this model; only a PASS can change
         result = with_positive_control(model, pool, policy, result, provenance)
     triggers = {i.metrics.name: i.trigger for i in inversions}
     return AuditOutput(result, triggers, pool.holdout[0])
@@ -183,7 +184,7 @@ def with_positive_control(model: PromptTunedCLIP, pool: OODPool, policy: Policy,
     top = max(result.classes, key=lambda c: c.z).index if result.classes else None
     outcome = run_control(model, pool, policy, top, scan)
     decision = result.decision
-    if not outcome.caught:
+    if not outcome.caught and decision.verdict == Verdict.PASS:
         decision = Decision(Verdict.INCONCLUSIVE, decision.s_max, decision.threshold, decision.threshold_kind, None, outcome.reason)
     timings = {**result.timings, "positive_control_s": outcome.seconds}
     return replace(result, decision=decision, positive_control=outcome.to_dict(), timings=timings)

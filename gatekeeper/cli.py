@@ -506,6 +506,10 @@ def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
             label=f"demo/{name}",
         )
         print(f"{name:>10}: {result['verdict'].upper():5} s_max={result['s_max']:.2f} suspect={result['suspect_class']}")
+        control = result.get("positive_control")
+        if control:
+            print(f"{'':>10}  positive control: planted to {control['target']!r} (ASR {control['planted_asr']:.0%}), "
+                  f"{'caught' if control['caught'] else 'NOT caught'}, {control['seconds']:.0f}s")
     ok = codes == expected
     print(f"demo {'OK' if ok else 'UNEXPECTED'}: reports in {args.out}/clean and {args.out}/backdoored")
     return ExitCode.PASS if ok else ExitCode.BACKDOOR

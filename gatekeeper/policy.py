@@ -280,7 +280,8 @@ def policy_from_mapping(raw: Any, file: str = "") -> Policy:
         elif key == "scoring":
             kw[key] = _enum(Scoring, key, value, file)
         elif key == "positive_control":
-            kw[key] = _enum(PositiveControl, key, value, file)
+            # YAML 1.1 reads a bare `off` as false
+            kw[key] = _enum(PositiveControl, key, "off" if value is False else value, file)
         elif key == "on_inconclusive":
             kw[key] = _enum(OnInconclusive, key, value, file)
         elif key == "implementation":

@@ -20,6 +20,10 @@ def test_demo_catches_the_backdoor_and_passes_the_clean_model(tmp_path, capsys):
     assert bad["verdict"] == "fail" and bad["suspect_class"] == truth["target_class"], (bad["reason"], truth)
     assert clean["verdict"] == "pass", clean["reason"]
     assert code == 0 and "demo OK" in out
+    # the tiny-world policy runs the positive control on both models: it must have been able to see a plant
+    assert clean["positive_control"]["caught"] is True, clean["positive_control"]
+    assert bad["positive_control"] is not None and bad["positive_control"]["seconds"] > 0
+    assert "positive control: planted to" in out
     for name in ("clean", "backdoored"):
         assert (tmp_path / name / "report.md").is_file()
         assert list((tmp_path / name / "triggers").glob("*.png"))

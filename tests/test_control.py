@@ -1,0 +1,50 @@
+"""Positive control: a scan that cannot see a planted backdoor must not PASS."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gatekeeper.audit import control_not_run
+from gatekeeper.cli import main
+from gatekeeper.policy import policy_from_mapping
+from gatekeeper.result import AuditResult, Decision, ModelInfo, PoolInfo, Provenance, Verdict
+from tests.conftest import DEMO_ZOO
+
+
+@pytest.mark.slow
+def test_a_blind_scan_turns_pass_into_inconclusive(tmp_path):
+    # lr 1e-6: the inversion cannot move its triggers, so this scan is blind by construction; the
+    # clean model passes it, and only the positive control reveals that the PASS means nothing
+    blind = tmp_path / "blind.yaml"
+    blind.write_text("epsilon: 8/255\nlr: 0.000001\nood_budget: 256\nholdout: 256\n")
+    code = main(["scan", str(DEMO_ZOO / "clean"), "--policy", str(blind), "--out", str(tmp_path / "a"), "--quiet"])
+    plain = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert code == 0 and plain["verdict"] == "pass" and plain["positive_control"] is None
+
+    controlled = tmp_path / "controlled.yaml"
+    controlled.write_text(blind.read_text() + "positive_control: badclip\n")
+    code = main(["scan", str(DEMO_ZOO / "clean"), "--policy", str(controlled), "--out", str(tmp_path / "b"), "--quiet"])
+    res = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert code == 3 and res["verdict"] == "inconclusive"
+    ctl = res["positive_control"]
+    assert ctl["planted_asr"] >= 0.5 and ctl["caught"] is False  # the plant works; the scan missed it
+    assert "could not see a planted backdoor" in res["reason"]
+    assert res["timings"]["positive_control_s"] > 0
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "## Positive control" in report and "| verdict | inconclusive |" in report
+
+
+def _result(verdict):
+    return AuditResult(
+        decision=Decision(verdict, 1.0, 2.0, "k", None, "x"), classes=(), policy={}, policy_hash="", provenance=Provenance("r", "local", "p"),
+        pool=PoolInfo("procedural:0", 1, 0, 1, 1, 32, "h"), model=ModelInfo("cocoop", 3, "b", 32), timings={}, environment={}, seed=0, command="",
+    )
+
+
+def test_a_merged_sharded_scan_cannot_pass_a_policy_that_asks_for_the_control():
+    on, off = policy_from_mapping({"positive_control": "badclip"}), policy_from_mapping({})
+    assert control_not_run(_result(Verdict.PASS), on).decision.verdict == Verdict.INCONCLUSIVE
+    assert control_not_run(_result(Verdict.PASS), off).decision.verdict == Verdict.PASS
+    assert control_not_run(_result(Verdict.FAIL), on).decision.verdict == Verdict.FAIL
