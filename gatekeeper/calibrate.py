@@ -117,3 +117,43 @@ def calibrated_policy_yaml(base: dict[str, Any], cal: Calibrated) -> str:
         "# valid only for the |C|, ood_budget and epsilon recorded under calibration\nversion: 1\n"
     )
     return header + yaml.safe_dump(policy, sort_keys=False)
+
+
+def calibrate_on_backbone(model: Any, pool: Any, policy: Any, copies: int, epochs: int, log: Any = print) -> tuple[Calibrated, list[dict[str, Any]]]:
+    """tau from the user's own backbone, no zoo: ``copies`` clean and ``copies`` BadCLIP-planted
+    prompt learners of the model's shape, trained from scratch on OOD images labelled by the
+    un-tuned backbone used zero-shot, each scanned under ``policy``; Youden's J on their s_max.
+
+    Raises:
+        UsageError: fewer than 2 copies, or a zero-shot model (no prompt learner shape to copy).
+    """
+    from dataclasses import replace
+
+    from gatekeeper.audit import audit, reference_model
+    from gatekeeper.control import choose_target, train_copy
+    from gatekeeper.policy import PositiveControl
+    from gatekeeper.result import Provenance
+
+    if copies < 2:
+        raise UsageError(f"--copies {copies}: need at least 2 clean and 2 planted copies", "use --copies 2 or more")
+    if model.ctx is None:
+        raise UsageError("a zero-shot model has no prompt learner to build copies of", "calibrate with a CoOp or CoCoOp model folder")
+    plain = replace(policy, positive_control=PositiveControl.OFF, calibration=None)
+    labeller = reference_model(model)
+    rows, labels, scores = [], [], []
+    for i in range(copies):
+        for planted in (False, True):
+            target = choose_target(len(model.classnames), None, policy.seed + 1000 + i) if planted else None
+            copy, _ = train_copy(model, labeller, target, policy.epsilon, seed=policy.seed + 100 + i, epochs=epochs, fresh=True)
+            res = audit(copy, pool, plain, provenance=Provenance(reference=f"copy-{i}", source="calibration", path="")).result
+            rows.append({"copy": i, "planted": planted, "target": model.classnames[target] if target is not None else None,
+                         "s_max": res.decision.s_max, "verdict": res.decision.verdict.value, "suspect": res.decision.suspect_class})
+            labels.append(int(planted))
+            scores.append(res.decision.s_max)
+            log(f"copy {i + 1}/{copies} {'planted' if planted else 'clean'}: s_max {res.decision.s_max:.2f} ({res.decision.verdict.value})")
+    lab, sc = np.array(labels), np.nan_to_num(np.array(scores, dtype=np.float64), nan=-1e9)
+    tau, j, tpr, fpr = youden_threshold(lab, sc)
+    from gatekeeper.decide import candidate_classes
+
+    n_c = len(candidate_classes(len(model.classnames), plain))
+    return Calibrated(tau, j, tpr, fpr, auroc(lab, sc), copies, copies, n_c, policy.ood_budget, policy.epsilon), rows

@@ -93,8 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose tau on s_max by Youden's J from scans of known clean and backdoored models; write a policy",
         description="tau replaces k, and only for the |C|, OOD budget and epsilon the scans were made with.",
     )
-    cal.add_argument("--clean", nargs="+", type=Path, required=True, help="result.json of known clean models")
-    cal.add_argument("--backdoored", nargs="+", type=Path, required=True, help="result.json of known backdoored models")
+    cal.add_argument("--clean", nargs="+", type=Path, help="result.json of known clean models")
+    cal.add_argument("--backdoored", nargs="+", type=Path, help="result.json of known backdoored models")
+    cal.add_argument(
+        "--backbone", type=Path, metavar="MODEL",
+        help="instead of scan results: build clean and BadCLIP-planted copies of this model folder's prompt learner "
+        "on its own backbone (trained on OOD images labelled zero-shot) and calibrate on their scans",
+    )
+    cal.add_argument("--policy", default="default", help="with --backbone: the policy to calibrate (default: default)")
+    cal.add_argument("--copies", type=int, default=4, help="with --backbone: clean and planted copies each (default 4)")
+    cal.add_argument("--epochs", type=int, default=12, help="with --backbone: training epochs per copy (default 12)")
+    cal.add_argument("--device", default="auto", help="with --backbone: auto, cpu, cuda, cuda:N")
     cal.add_argument("--out", type=Path, required=True, help="policy YAML to write (must not exist)")
     cal.add_argument("--debug", action="store_true")
 
@@ -466,14 +475,30 @@ def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     import json
 
-    from gatekeeper.calibrate import calibrate, calibrated_policy_yaml
-    from gatekeeper.policy import policy_from_mapping
+    from gatekeeper.calibrate import calibrate, calibrate_on_backbone, calibrated_policy_yaml
+    from gatekeeper.policy import load_policy, policy_from_mapping
     from gatekeeper.report.jsonout import atomic_write_text
 
     if args.out.exists():
         raise UsageError(f"--out {args.out} exists", "choose a new file; calibrate never overwrites a policy")
-    cal = calibrate(args.clean, args.backdoored)
-    base = json.loads(args.clean[0].read_text())["policy"]
+    if args.backbone is not None:
+        if args.clean or args.backdoored:
+            raise UsageError("--backbone builds its own clean and planted copies", "give either --backbone or --clean/--backdoored")
+        if args.epochs < 1:
+            raise UsageError(f"--epochs {args.epochs}: must be at least 1", "e.g. --epochs 12")
+        from gatekeeper.models.loader import load_model
+        from gatekeeper.ood import load_pool
+
+        policy = load_policy(args.policy)
+        model = load_model(args.backbone, _device(args.device))
+        pool = load_pool("procedural", model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+        cal, _rows = calibrate_on_backbone(model, pool, policy, args.copies, args.epochs, log=lambda s: print(s, file=sys.stderr, flush=True))
+        base = policy.to_dict()
+    else:
+        if not args.clean or not args.backdoored:
+            raise UsageError("calibrate needs --clean and --backdoored scan results, or --backbone MODEL", "see `gatekeeper calibrate --help`")
+        cal = calibrate(args.clean, args.backdoored)
+        base = json.loads(args.clean[0].read_text())["policy"]
     text = calibrated_policy_yaml(base, cal)
     import yaml
 

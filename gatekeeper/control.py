@@ -71,21 +71,48 @@ def pseudo_labels(model: PromptTunedCLIP, x: torch.Tensor, batch: int = 256) -> 
     return torch.cat([model.logits(x[i : i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)])
 
 
-def plant(model: PromptTunedCLIP, target: int, epsilon: float, seed: int) -> tuple[PromptTunedCLIP, Any]:
-    """A copy of ``model`` with a BadCLIP backdoor to ``target`` planted on pseudo-labelled OOD images."""
+def fresh_copy(model: PromptTunedCLIP, seed: int) -> PromptTunedCLIP:
+    """An untrained prompt learner of the same shape on the same encoders (ctx from "a photo of a"
+    when n_ctx = 4, else small random; meta-net re-initialised), for calibration copies."""
+    from gatekeeper.models.prompt_tuned import build_meta_net
+
+    torch.manual_seed(seed)
+    assert model.ctx is not None
+    n_ctx, ctx_dim = model.ctx.shape
+    ids = model.tokenizer(["a photo of a"])[0]
+    with torch.no_grad():
+        words = model.clip.token_embedding(ids[1 : 1 + n_ctx].to(model.ctx.device)).float()
+    ctx = words.clone() if int((ids != 0).sum()) - 2 == n_ctx else torch.randn(n_ctx, ctx_dim) * 0.02
+    meta = None
+    if model.meta_net is not None:
+        meta = build_meta_net(int(model.clip.visual.output_dim), ctx_dim, int(next(iter(model.meta_net.parameters())).shape[0]))
+    out = PromptTunedCLIP(model.clip, model.tokenizer, model.manifest, ctx=ctx.cpu(), meta_net=meta)
+    return out.to(next(iter(model.buffers())).device)
+
+
+def train_copy(
+    model: PromptTunedCLIP, labeller: PromptTunedCLIP, target: int | None, epsilon: float, seed: int, epochs: int = PLANT_EPOCHS, fresh: bool = False
+) -> tuple[PromptTunedCLIP, Any]:
+    """A copy of ``model`` (or a fresh prompt learner of its shape) trained on procedural OOD images
+    labelled by ``labeller``; with ``target``, a BadCLIP backdoor to it is planted (else clean)."""
     from gatekeeper.redteam.attacks import BadCLIP
     from gatekeeper.redteam.tuning import TuneConfig, train_on
 
     x = procedural_images(N_PLANT, model.image_size, CONTROL_POOL_SEED + seed)
-    y = pseudo_labels(model, x)
-    planted = copy_model(model)
-    attack = BadCLIP(target, epsilon=epsilon)
+    y = pseudo_labels(labeller, x)
+    trained = fresh_copy(model, seed) if fresh else copy_model(model)
+    attack = BadCLIP(target, epsilon=epsilon) if target is not None else None
     torch.manual_seed(seed)
-    train_on(planted, x, y, TuneConfig(kind=model.kind, epochs=PLANT_EPOCHS, seed=seed), attack)
-    if planted.kind != ModelKind.COCOOP:
-        planted._cached_text = None
-        planted.freeze_text()
-    return planted, attack
+    train_on(trained, x, y, TuneConfig(kind=model.kind, epochs=epochs, seed=seed), attack)
+    if trained.kind != ModelKind.COCOOP:
+        trained._cached_text = None
+        trained.freeze_text()
+    return trained, attack
+
+
+def plant(model: PromptTunedCLIP, target: int, epsilon: float, seed: int) -> tuple[PromptTunedCLIP, Any]:
+    """A copy of ``model`` with a BadCLIP backdoor to ``target`` planted on pseudo-labelled OOD images."""
+    return train_copy(model, model, target, epsilon, seed)
 
 
 def choose_target(n_classes: int, top_index: int | None, seed: int) -> int:

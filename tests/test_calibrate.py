@@ -62,3 +62,32 @@ def test_calibrate_refuses_mixed_settings(tmp_path, capsys):
     code = main(["calibrate", "--clean", *clean, "--backdoored", *bad, "--out", str(tmp_path / "p.yaml")])
     assert code == 2 and "different settings" in capsys.readouterr().err
     assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_on_the_users_own_backbone_builds_clean_and_planted_copies(tmp_path, capsys):
+    from tests.conftest import DEMO_ZOO
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text("epsilon: 8/255\nood_budget: 64\nholdout: 32\n")
+    out = tmp_path / "cal.yaml"
+    code = main(["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--policy", str(policy), "--copies", "2", "--epochs", "2", "--out", str(out)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.count("clean: s_max") == 2 and err.count("planted: s_max") == 2
+    cal = load_policy(str(out)).calibration
+    assert cal is not None and cal.n_candidates == 12 and cal.ood_budget == 64
+    assert "Youden" in out.read_text().splitlines()[0]
+
+
+def test_calibrate_backbone_refuses_mixed_or_too_few_inputs(tmp_path, capsys):
+    from tests.conftest import DEMO_ZOO
+
+    r = tmp_path / "r.json"
+    _result(r, 1.0)
+    assert main(["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--clean", str(r), "--out", str(tmp_path / "a.yaml")]) == 4
+    assert "either --backbone or --clean" in capsys.readouterr().err
+    assert main(["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--copies", "1", "--out", str(tmp_path / "b.yaml")]) == 4
+    assert "at least 2 clean and 2 planted" in capsys.readouterr().err
+    assert main(["calibrate", "--out", str(tmp_path / "c.yaml")]) == 4
+    assert not any(tmp_path.glob("*.yaml"))
