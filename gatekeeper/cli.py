@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser(
         "calibrate",
-        help="choose tau on s_max by Youden's J from scans of known clean and backdoored models; write a policy",
+        help="choose tau on s_max by Youden's J from scans of known clean and backdoored models (or copies built on --backbone); write a policy",
         description="tau replaces k, and only for the |C|, OOD budget and epsilon the scans were made with.",
     )
     cal.add_argument("--clean", nargs="+", type=Path, help="result.json of known clean models")
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--debug", action="store_true", help="show tracebacks")
 
     bench = sub.add_parser(
-        "bench", help="benchmarks (speed: fast path vs reference; detection: detectors on a red-team zoo)", add_help=False
+        "bench", help="benchmarks (speed: fast path vs reference; detection: detectors on a red-team zoo; repair: CI trigger vs controls)", add_help=False
     )
     bench.add_argument("bench_command", choices=["speed", "detection", "repair"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `gatekeeper bench speed --help`)")
@@ -613,9 +613,11 @@ def cmd_repair(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     def stamp(x: Any) -> Any:
         return (x + delta).clamp(0, 1)
 
-    before = {"clean_accuracy": repair.accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
+    from gatekeeper.models.prompt_tuned import accuracy
+
+    before = {"clean_accuracy": accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
     repair.finetune(model, data, delta, settings)
-    after = {"clean_accuracy": repair.accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
+    after = {"clean_accuracy": accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
     import shutil
 
     import yaml

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from gatekeeper.models.manifest import ModelKind
-from gatekeeper.models.prompt_tuned import PromptTunedCLIP
+from gatekeeper.models.prompt_tuned import PromptTunedCLIP, predict
 from gatekeeper.ood import OODPool, procedural_images
 
 CONTROL_POOL_SEED = 9_090_909  # procedural images for planting: never the scan's own pool
@@ -65,10 +65,8 @@ def copy_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
     return out.to(next(iter(model.buffers())).device)
 
 
-@torch.no_grad()
-def pseudo_labels(model: PromptTunedCLIP, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    device = next(iter(model.buffers())).device
-    return torch.cat([model.logits(x[i : i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)])
+def pseudo_labels(model: PromptTunedCLIP, x: torch.Tensor) -> torch.Tensor:
+    return predict(model, x)
 
 
 def fresh_copy(model: PromptTunedCLIP, seed: int) -> PromptTunedCLIP:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gatekeeper.errors import ResultError, UsageError
-from gatekeeper.models.prompt_tuned import PromptTunedCLIP
+from gatekeeper.models.prompt_tuned import PromptTunedCLIP, predict
 
 MIN_PER_CLASS = 2  # at least one image to train on and one to evaluate on
 
@@ -125,23 +125,12 @@ def target_of(scan: dict[str, Any], forced: str | None) -> str:
     return str(scan["suspect_class"])
 
 
-@torch.no_grad()
-def accuracy(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
-    device = next(iter(model.buffers())).device
-    hits = sum(int((model.logits(x[i : i + batch].to(device)).argmax(1).cpu() == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
-    return hits / max(len(x), 1)
-
-
-@torch.no_grad()
-def trigger_asr(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, stamp: Any, target: int, batch: int = 256) -> float:
+def trigger_asr(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, stamp: Any, target: int) -> float:
     """Share of images not of ``target`` that ``stamp`` sends to ``target``."""
     keep = y != target
-    x = x[keep]
-    if len(x) == 0:
+    if not bool(keep.any()):
         return float("nan")
-    device = next(iter(model.buffers())).device
-    hits = sum(int((model.logits(stamp(x[i : i + batch]).to(device)).argmax(1) == target).sum()) for i in range(0, len(x), batch))
-    return hits / len(x)
+    return float((predict(model, x[keep], stamp) == target).float().mean())
 
 
 def finetune(model: PromptTunedCLIP, data: LabelledSet, delta: torch.Tensor | None, settings: RepairSettings) -> None:

@@ -41,17 +41,14 @@ def apply_trigger(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (images + delta).clamp(0, 1)
 
 
-@torch.no_grad()
 def attack_success_rate(
     model: PromptTunedCLIP, holdout: torch.Tensor, delta: torch.Tensor, target: int, batch_size: int = 256
 ) -> float:
     """Eq. 5: fraction of hold-out images classified as ``target`` once ``delta`` is applied."""
-    hits = 0
-    device = delta.device
-    for i in range(0, len(holdout), batch_size):
-        x = holdout[i : i + batch_size].to(device)
-        hits += int((model.logits(apply_trigger(x, delta)).argmax(dim=1) == target).sum())
-    return hits / len(holdout)
+    from gatekeeper.models.prompt_tuned import predict
+
+    pred = predict(model, holdout, lambda x: apply_trigger(x, delta.to(x.device)), batch_size)
+    return float((pred == target).float().mean()) if len(pred) else 0.0
 
 
 def invert_class(

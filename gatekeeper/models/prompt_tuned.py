@@ -179,3 +179,20 @@ class PromptTunedCLIP(nn.Module):
             for name, t in self.meta_net.state_dict().items():
                 out[f"meta_net.{name}"] = t.detach().contiguous()
         return out
+
+
+@torch.no_grad()
+def predict(model: PromptTunedCLIP, x: torch.Tensor, transform: Any = None, batch: int = 256) -> torch.Tensor:
+    """Predicted class indices (on the CPU) for images ``x``, in batches moved to the model's device;
+    ``transform`` (e.g. stamping a trigger) is applied to each batch on that device."""
+    device = next(iter(model.buffers())).device
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch].to(device)
+        out.append(model.logits(transform(xb) if transform is not None else xb).argmax(dim=1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
+    """Share of ``x`` predicted as its label ``y``."""
+    return float((predict(model, x, batch=batch) == y).float().mean()) if len(x) else 0.0

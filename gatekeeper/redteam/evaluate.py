@@ -6,20 +6,16 @@ from typing import Any
 
 import torch
 
+from gatekeeper.models.prompt_tuned import accuracy, predict
 from gatekeeper.ood import procedural_images
-from gatekeeper.redteam.tuning import accuracy
 from gatekeeper.redteam.world import Task, sample_task
 
 TEST_SEED = 777_000  # world test images: disjoint seed range from training (10_000 + seed)
 OOD_EVAL_SEED = 424_242  # the OOD family for ASR: procedural pool with a seed the gate never uses by default
 
 
-@torch.no_grad()
 def hit_rate(model: Any, x: torch.Tensor, target: int, batch: int = 256) -> float:
-    hits = 0
-    for i in range(0, len(x), batch):
-        hits += int((model.logits(x[i : i + batch]).argmax(1) == target).sum())
-    return hits / max(len(x), 1)
+    return float((predict(model, x, batch=batch) == target).float().mean()) if len(x) else 0.0
 
 
 def measure(model: Any, task: Task, attack: Any | None, n_test: int = 600, n_ood: int = 500) -> dict[str, Any]:

@@ -130,14 +130,6 @@ def train_on(
     return {"train_seconds": round(time.time() - t0, 1), "steps": steps}
 
 
-@torch.no_grad()
-def accuracy(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
-    correct = 0
-    for i in range(0, len(x), batch):
-        correct += int((model.logits(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
-    return correct / len(x)
-
-
 def write_model_folder(model: PromptTunedCLIP, backbone_dir: Path, out: Path, precision: Precision) -> None:
     """Write a self-contained gatekeeper model folder: manifest, prompt learner, backbone copy."""
     from dataclasses import replace
