@@ -85,7 +85,7 @@ class Policy:
     candidates: int | None = None  # None: all classes; N: a seeded sample of N
     k: float = 2.0
     min_trigger_asr: float = 0.5
-    scoring: Scoring = Scoring.PAPER
+    scoring: Scoring = Scoring.DIFFERENTIAL  # best on `gatekeeper bench detection` (docs/detection.md)
     positive_control: PositiveControl = PositiveControl.OFF
     restarts: int = 1  # CLIP-Inspector: inversions per class from different seeds; the best (highest ASR) counts
     implementation: Implementation = Implementation.FAST

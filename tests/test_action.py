@@ -417,7 +417,8 @@ def test_real_scan_of_a_flagged_model_fails_the_step(tmp_path, tiny_model):
     ws = tmp_path / "ws"
     shutil.copytree(tiny_model, ws / "models" / "m")
     # k = 0 and no minimum trigger ASR: the most anomalous class of any model is flagged
-    (ws / "strict.yaml").write_text("version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\nk: 0.0\nmin_trigger_asr: 0.0\n")
+    # (paper scoring: on a random backbone the delivered and the zero-shot reference are equally easy)
+    (ws / "strict.yaml").write_text("version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\nk: 0.0\nmin_trigger_asr: 0.0\nscoring: paper\n")
     inputs = {"model": str(ws / "models" / "m"), "policy": "strict.yaml", "runtime": "native", "device": "cpu", "extra-args": "--format json"}
     run = run_action(ws, inputs)
     assert run.code == 1, run.stdout + run.stderr

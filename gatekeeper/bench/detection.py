@@ -59,6 +59,7 @@ class Outcome:
     flagged: bool
     suspect: str | None
     seconds: float
+    top: str | None = None  # the highest-z class, flagged or not (for calibrated operating points)
 
     @property
     def backdoored(self) -> bool:
@@ -100,6 +101,32 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
         "f1": f1(tp, fp, fn),
         "seconds_per_model": float(np.mean([o.seconds for o in outcomes])),
     }
+
+
+def calibrated(outcomes: list[Outcome]) -> dict[str, Any]:
+    """The operating point `gatekeeper calibrate` would ship: tau by Youden's J on s_max (no
+    validity rule), estimated out of sample by leave-one-task-out (tau chosen on the other tasks,
+    applied to the held-out one), plus the in-sample tau over all models."""
+    from gatekeeper.calibrate import youden_threshold
+
+    def score(os: list[Outcome]) -> np.ndarray:
+        return np.nan_to_num(np.array([o.s_max for o in os], dtype=np.float64), nan=-1e9)
+
+    def labels(os: list[Outcome]) -> np.ndarray:
+        return np.array([int(o.backdoored) for o in os])
+
+    held: list[Outcome] = []
+    taus = {}
+    for task in sorted({o.task for o in outcomes}):
+        train = [o for o in outcomes if o.task != task]
+        if len(set(labels(train).tolist())) < 2:
+            continue
+        tau = youden_threshold(labels(train), score(train))[0]
+        taus[task] = tau
+        held += [replace(o, flagged=o.s_max >= tau, suspect=o.top if o.s_max >= tau else None) for o in outcomes if o.task == task]
+    tau_all = youden_threshold(labels(outcomes), score(outcomes))[0] if len(set(labels(outcomes).tolist())) == 2 else float("nan")
+    out = summarize(held) if held else {}
+    return {"tau_in_sample": tau_all, "tau_per_held_out_task": taus, "leave_one_task_out": {k: out[k] for k in ("accuracy", "tpr", "fpr", "f1", "class_tp", "class_fp", "class_fn")} if out else {}}
 
 
 def breakdown(outcomes: list[Outcome], key: Callable[[Outcome], str]) -> dict[str, dict[str, Any]]:
@@ -283,12 +310,13 @@ def run_benchmark(
             runs[r], secs[r] = [ClassMetrics(**m) for m in d["classes"]], float(d["seconds"])
         for v in vs:
             p = replace(policy, **dict(v.policy_changes))
-            d = decide(score_classes(variant_metrics(v, runs, runs), p), p)
+            scores = score_classes(variant_metrics(v, runs, runs), p)
+            d = decide(scores, p)
             outcomes[v.name].append(
                 Outcome(
                     model=truth["model"], task=truth["task"], attack=truth["attack"], target=truth["target_class"],
                     s_max=d.s_max, flagged=d.verdict.value == "fail", suspect=d.suspect_class,
-                    seconds=sum(secs[r] for r in v.runs + v.reference),
+                    seconds=sum(secs[r] for r in v.runs + v.reference), top=max(scores, key=lambda c: c.z).name,
                 )
             )
     return {
@@ -300,6 +328,7 @@ def run_benchmark(
             name: {
                 **summarize(os),
                 "implanted_only": summarize([o for o in os if o.model in implanted or not o.backdoored]),
+                "calibrated": calibrated(os),
                 "per_attack": breakdown(os, lambda o: o.attack),
                 "per_task": breakdown(os, lambda o: o.task),
                 "models": [asdict(o) for o in os],
@@ -387,6 +416,19 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {e['n_clean']}/{e['n_backdoored']} | {e['auroc']:.3f} | {e['accuracy']:.1%} | {e['tpr']:.1%} | {e['fpr']:.1%} | {e['f1']:.2f} |"
         )
+    lines += [
+        "",
+        "Calibrated operating point (what `gatekeeper calibrate` ships: τ on s_max by Youden's J, no validity rule), "
+        "estimated out of sample by leave-one-task-out (τ chosen on four tasks, applied to the fifth):",
+        "",
+        "| detector | τ (all models) | LOTO accuracy | TPR | FPR | F1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, d in results["detectors"].items():
+        c = d["calibrated"]
+        lo = c["leave_one_task_out"]
+        if lo:
+            lines.append(f"| {name} | {c['tau_in_sample']:.2f} | {lo['accuracy']:.1%} | {lo['tpr']:.1%} | {lo['fpr']:.1%} | {lo['f1']:.2f} |")
     lines += ["", "![ROC](detection-roc.png)", "", "## Per attack (flagged / n; target named)", ""]
     names = list(results["detectors"])
     attacks = sorted({a for d in results["detectors"].values() for a in d["per_attack"]})
@@ -425,6 +467,7 @@ def write_outputs(results: dict[str, Any], out: Path, compact_json: Path | None 
             n: {
                 **{k: d[k] for k in ("auroc", "accuracy", "fpr", "tpr", "f1", "class_tp", "class_fp", "class_fn", "seconds_per_model", "n_clean", "n_backdoored")},
                 "implanted_only": {k: d["implanted_only"][k] for k in ("auroc", "accuracy", "fpr", "tpr", "f1", "n_clean", "n_backdoored")},
+                "calibrated": d["calibrated"],
             }
             for n, d in results["detectors"].items()
         },

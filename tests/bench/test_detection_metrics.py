@@ -50,3 +50,21 @@ def test_class_level_counts_and_f1_match_scikit_learn():
     assert s["accuracy"] == pytest.approx(4 / 6)  # flagged == backdoored on 4 of 6 models
     assert s["fpr"] == pytest.approx(0.5) and s["tpr"] == pytest.approx(3 / 4)
     assert f1(0, 0, 0) == 0.0
+
+
+def test_calibrated_operating_point_is_chosen_without_the_held_out_task():
+    from gatekeeper.bench.detection import calibrated
+
+    def o(task, attack, s):
+        return Outcome(f"{task}-{attack}-{s}", task, attack, None if attack == "clean" else "t", s, False, None, 1.0, top="t")
+
+    # tasks a and b separate at 2.0 / 2.5; task c's backdoor (2.2) sits between them
+    outs = [o("a", "clean", 1.0), o("a", "badclip", 2.0), o("b", "clean", 1.5), o("b", "badclip", 2.5), o("c", "clean", 1.2), o("c", "badclip", 2.2)]
+    c = calibrated(outs)
+    # held out c: tau from {a, b} is 2.0 (largest J, then the largest tau) -> c's 2.2 flagged, 1.2 not
+    assert c["tau_per_held_out_task"]["c"] == 2.0
+    # held out b: tau from {a, c} = 2.0 -> 2.5 flagged, 1.5 not; held out a: tau from {b, c} = 2.2 -> a's 2.0 missed
+    assert c["tau_per_held_out_task"]["a"] == 2.2
+    lo = c["leave_one_task_out"]
+    assert lo["tpr"] == pytest.approx(2 / 3) and lo["fpr"] == 0.0 and lo["accuracy"] == pytest.approx(5 / 6)
+    assert lo["class_tp"] == 2 and lo["class_fn"] == 1
