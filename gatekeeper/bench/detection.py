@@ -164,13 +164,14 @@ class Variant:
 def variants(restarts: int) -> list[Variant]:
     ci = tuple(f"ci-s{r}" for r in range(restarts))
     ref = tuple(f"ref-s{r}" for r in range(restarts))
+    paper = ("scoring", Scoring.PAPER)
     out = [
-        Variant("clip-inspector", ci[:1]),
+        Variant("clip-inspector", ci[:1], (), (paper,)),
         Variant("clip-inspector+differential", ci[:1], ref[:1], (("scoring", Scoring.DIFFERENTIAL),)),
     ]
     if restarts > 1:
         out += [
-            Variant(f"clip-inspector+restarts{restarts}", ci, (), (("restarts", restarts),)),
+            Variant(f"clip-inspector+restarts{restarts}", ci, (), (paper, ("restarts", restarts))),
             Variant(
                 f"clip-inspector+differential+restarts{restarts}", ci, ref,
                 (("scoring", Scoring.DIFFERENTIAL), ("restarts", restarts)),
