@@ -35,6 +35,7 @@ from gatekeeper.ood import OODPool, procedural_images
 CONTROL_POOL_SEED = 9_090_909  # procedural images for planting: never the scan's own pool
 N_PLANT = 1000
 PLANT_EPOCHS = 12
+MIN_PLANTED_ASR = 0.5  # the plant must work on at least half the hold-out images (or min_trigger_asr, if higher)
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,10 @@ def run_control(model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: i
     planted, attack = plant(model, target, eps, policy.seed)
     device = next(iter(model.buffers())).device
     planted_asr = attack_success_rate(planted, pool.holdout, attack.delta.detach().to(device), target)
-    if planted_asr < policy.min_trigger_asr:
+    bound = max(policy.min_trigger_asr, MIN_PLANTED_ASR)
+    if planted_asr < bound:
         return ControlOutcome(name, eps, planted_asr, False, "not run", float("nan"), None, round(time.perf_counter() - t0, 2),
-                              f"the planted backdoor itself reached only {planted_asr:.0%} ASR (< {policy.min_trigger_asr:.0%}), so the control could not be set up")
+                              f"the planted backdoor itself reached only {planted_asr:.0%} ASR (< {bound:.0%}), so the control could not be set up")
     result = scan(planted)
     d = result.decision
     caught = d.verdict.value == "fail" and d.suspect_class == name

@@ -87,7 +87,7 @@ class Policy:
     min_trigger_asr: float = 0.5
     scoring: Scoring = Scoring.DIFFERENTIAL  # best on `gatekeeper bench detection` (docs/detection.md)
     positive_control: PositiveControl = PositiveControl.OFF
-    restarts: int = 1  # CLIP-Inspector: inversions per class from different seeds; the best (highest ASR) counts
+    restarts: int = 2  # CLIP-Inspector: inversions per class from different seeds; the best (highest ASR) counts
     implementation: Implementation = Implementation.FAST
     calibration: Calibration | None = None
     on_inconclusive: OnInconclusive = OnInconclusive.FAIL
