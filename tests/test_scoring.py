@@ -28,10 +28,11 @@ def test_differential_scoring_cancels_a_naturally_easy_class_and_keeps_an_implan
     base = [(0.70, -1.0, 0.65, -0.9), (0.10, 2.0, 0.08, 2.1), (0.12, 1.9, 0.10, 2.0), (0.60, -0.8, 0.05, 2.2),
             (0.11, 2.1, 0.09, 2.0), (0.09, 2.2, 0.10, 2.1), (0.10, 2.0, 0.09, 2.0), (0.12, 2.1, 0.10, 2.2)]
     metrics = [_m(i, a, lo, ra, rl) for i, (a, lo, ra, rl) in enumerate(base)]
-    paper = decide(score_classes(metrics, policy_from_mapping({})), policy_from_mapping({}))
+    paper_policy = policy_from_mapping({"scoring": "paper"})
+    paper = decide(score_classes(metrics, paper_policy), paper_policy)
     diff_policy = policy_from_mapping({"scoring": "differential"})
     diff = decide(score_classes(metrics, diff_policy), diff_policy)
-    top_paper = max(score_classes(metrics, policy_from_mapping({})), key=lambda c: c.z)
+    top_paper = max(score_classes(metrics, paper_policy), key=lambda c: c.z)
     assert top_paper.name == "c0"  # the paper's scoring ranks the natural sink first
     assert diff.verdict == Verdict.FAIL and diff.suspect_class == "c3"
     assert paper.suspect_class != "c3"
