@@ -63,11 +63,17 @@ def make_detector(policy: Policy) -> Detector:
     return ClipInspector() if policy.implementation == Implementation.REFERENCE else FastClipInspector()
 
 
+def restart_rank(m: ClassMetrics) -> tuple[float, float]:
+    """How restarts of one class compare: higher ASR wins, ties go to the lower loss (a restart
+    can only find an easier trigger)."""
+    return (m.asr, -m.loss)
+
+
 def _best_of_restarts(
     detector: Detector, model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress
 ) -> list[ClassInversion]:
-    """``policy.restarts`` inversions per class from seeds seed, seed+1, ...; per class the one with
-    the highest ASR (ties: lower loss) counts, since a restart can only find an easier trigger."""
+    """``policy.restarts`` inversions per class from seeds seed, seed+1, ...; per class the best by
+    :func:`restart_rank` counts."""
     best: list[ClassInversion] | None = None
     for r in range(policy.restarts):
         settings = InversionSettings(policy.epsilon, policy.batch_size, policy.epochs, policy.lr, policy.seed + r)
@@ -75,7 +81,7 @@ def _best_of_restarts(
         if best is None:
             best = run
         else:
-            best = [max(a, b, key=lambda i: (i.metrics.asr, -i.metrics.loss)) for a, b in zip(best, run, strict=True)]
+            best = [max(a, b, key=lambda i: restart_rank(i.metrics)) for a, b in zip(best, run, strict=True)]
     assert best is not None
     return best
 

@@ -7,7 +7,6 @@ refuses tau under any other setting (``Policy.threshold``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +70,10 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, flo
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ResultError(f"cannot read scan result {path}: {exc}", "give result.json files written by `gatekeeper scan`") from None
-    if not isinstance(d, dict) or "s_max" not in d or "policy" not in d:
+    from gatekeeper.report.jsonout import read_result
+
+    d = read_result(path)
+    if "s_max" not in d:
         raise ResultError(f"{path} is not a gatekeeper scan result", "give result.json files written by `gatekeeper scan`")
     if d.get("verdict") in ("error", "inconclusive") or d.get("s_max") is None:
         raise ResultError(f"{path} has no usable s_max (verdict {d.get('verdict')})", "calibrate on completed scans only")

@@ -102,10 +102,7 @@ def train_copy(
     trained = fresh_copy(model, seed) if fresh else copy_model(model)
     attack = BadCLIP(target, epsilon=epsilon) if target is not None else None
     torch.manual_seed(seed)
-    train_on(trained, x, y, TuneConfig(kind=model.kind, epochs=epochs, seed=seed), attack)
-    if trained.kind != ModelKind.COCOOP:
-        trained._cached_text = None
-        trained.freeze_text()
+    train_on(trained, x, y, TuneConfig(kind=model.kind, epochs=epochs, seed=seed), attack)  # re-freezes text
     return trained, attack
 
 

@@ -103,14 +103,9 @@ def load_labelled(root: Path, classnames: list[str], image_size: int, settings: 
 
 def read_scan(path: Path) -> dict[str, Any]:
     """The scan's result.json (a file, or the scan's output folder)."""
-    file = path / "result.json" if path.is_dir() else path
-    try:
-        d = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ResultError(f"cannot read scan result {file}: {exc}", "give the result.json (or output folder) of `gatekeeper scan`") from None
-    if not isinstance(d, dict) or "classes" not in d or "policy" not in d:
-        raise ResultError(f"{file} is not a gatekeeper scan result", "give the result.json of `gatekeeper scan`")
-    return d
+    from gatekeeper.report.jsonout import read_result
+
+    return read_result(path)
 
 
 def target_of(scan: dict[str, Any], forced: str | None) -> str:
@@ -135,8 +130,11 @@ def trigger_asr(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, stamp:
 
 def finetune(model: PromptTunedCLIP, data: LabelledSet, delta: torch.Tensor | None, settings: RepairSettings) -> None:
     """Fine-tune the prompt learner in place on (x, y) and, with ``delta``, (clamp(x + delta), y)."""
+    from gatekeeper.redteam.tuning import prompt_parameters
+
     device = next(iter(model.buffers())).device
-    params = [p for p in ([model.ctx] + (list(model.meta_net.parameters()) if model.meta_net is not None else [])) if p is not None]
+    model.thaw_text()  # a scan cached CoOp text features; training must reach the context again
+    params = prompt_parameters(model)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
@@ -156,9 +154,7 @@ def finetune(model: PromptTunedCLIP, data: LabelledSet, delta: torch.Tensor | No
     model.eval()
     for p in params:
         p.requires_grad_(False)
-    if model.kind.value != "cocoop":
-        model._cached_text = None
-        model.freeze_text()
+    model.freeze_text()
 
 
 def check_out(out: Path, model_folder: Path) -> None:

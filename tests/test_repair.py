@@ -97,3 +97,17 @@ def test_repair_refuses_bad_data_and_outputs(data, scan, tmp_path, capsys):
     (tmp_path / "passed.json").write_text(json.dumps({"verdict": "pass", "suspect_class": None, "classes": [], "policy": {}}))
     assert _run(MODEL, "--scan", tmp_path / "passed.json", "--data", data, "--out", tmp_path / "o4") == 4
     assert "no class was flagged" in capsys.readouterr().err
+
+
+def test_finetune_reaches_a_coop_context_even_after_a_scan_cached_its_text(model_factory):
+    import torch
+
+    from gatekeeper.repair import LabelledSet, RepairSettings, finetune
+
+    model = load_model(model_factory("coop", ("red circle", "blue square", "green star")))
+    model.freeze_text()  # what a scan does before repair runs
+    before = model.ctx.detach().clone()
+    x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 3
+    finetune(model, LabelledSet(x, y, x[:0], y[:0], ("red circle", "blue square", "green star"), ()), None, RepairSettings(epochs=1))
+    assert not torch.equal(model.ctx.detach(), before), "the context did not move: training ran against cached text"
+    assert model._cached_text is not None  # re-frozen with the new context

@@ -81,9 +81,17 @@ def class_counts(outcomes: list[Outcome]) -> tuple[int, int, int]:
     return tp, fp, fn
 
 
+def _labels(outcomes: list[Outcome]) -> np.ndarray:
+    return np.array([int(o.backdoored) for o in outcomes])
+
+
+def _scores(outcomes: list[Outcome]) -> np.ndarray:
+    """s_max per model; a non-finite s_max (an inconclusive scan) ranks lowest."""
+    return np.nan_to_num(np.array([o.s_max for o in outcomes], dtype=np.float64), nan=-1e9)
+
+
 def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
-    labels = np.array([int(o.backdoored) for o in outcomes])
-    scores = np.nan_to_num(np.array([o.s_max for o in outcomes], dtype=np.float64), nan=-1e9)
+    labels, scores = _labels(outcomes), _scores(outcomes)
     flagged = np.array([o.flagged for o in outcomes])
     tp, fp, fn = class_counts(outcomes)
     clean, bad = labels == 0, labels == 1
@@ -109,22 +117,16 @@ def calibrated(outcomes: list[Outcome]) -> dict[str, Any]:
     applied to the held-out one), plus the in-sample tau over all models."""
     from gatekeeper.calibrate import youden_threshold
 
-    def score(os: list[Outcome]) -> np.ndarray:
-        return np.nan_to_num(np.array([o.s_max for o in os], dtype=np.float64), nan=-1e9)
-
-    def labels(os: list[Outcome]) -> np.ndarray:
-        return np.array([int(o.backdoored) for o in os])
-
     held: list[Outcome] = []
     taus = {}
     for task in sorted({o.task for o in outcomes}):
         train = [o for o in outcomes if o.task != task]
-        if len(set(labels(train).tolist())) < 2:
+        if len(set(_labels(train).tolist())) < 2:
             continue
-        tau = youden_threshold(labels(train), score(train))[0]
+        tau = youden_threshold(_labels(train), _scores(train))[0]
         taus[task] = tau
         held += [replace(o, flagged=o.s_max >= tau, suspect=o.top if o.s_max >= tau else None) for o in outcomes if o.task == task]
-    tau_all = youden_threshold(labels(outcomes), score(outcomes))[0] if len(set(labels(outcomes).tolist())) == 2 else float("nan")
+    tau_all = youden_threshold(_labels(outcomes), _scores(outcomes))[0] if len(set(_labels(outcomes).tolist())) == 2 else float("nan")
     out = summarize(held) if held else {}
     return {"tau_in_sample": tau_all, "tau_per_held_out_task": taus, "leave_one_task_out": {k: out[k] for k in ("accuracy", "tpr", "fpr", "f1", "class_tp", "class_fp", "class_fn")} if out else {}}
 
@@ -185,8 +187,10 @@ def variants(restarts: int) -> list[Variant]:
 
 
 def best_of(runs: list[list[ClassMetrics]]) -> list[ClassMetrics]:
-    """Per class, the restart with the highest ASR (ties: lower loss), as ``audit`` does."""
-    return [max(group, key=lambda m: (m.asr, -m.loss)) for group in zip(*runs, strict=True)]
+    """Per class, the best restart by the rule ``audit`` applies (:func:`gatekeeper.audit.restart_rank`)."""
+    from gatekeeper.audit import restart_rank
+
+    return [max(group, key=restart_rank) for group in zip(*runs, strict=True)]
 
 
 def variant_metrics(v: Variant, runs: dict[str, list[ClassMetrics]], refs: dict[str, list[ClassMetrics]]) -> list[ClassMetrics]:

@@ -172,9 +172,9 @@ class _Baseline:
         state = _CostState(n, self.schedule)
         targets = torch.tensor(classes, device=device)
         sizes: list[float | None] = [None] * n
-        ce_all: list[list[float]] = [[] for _ in classes]
-        hits, seen, regs = torch.zeros(n), 0, torch.zeros(n)
-        batches = 0
+        # running sums stay on the device; the host reads them once per schedule step
+        ce_sum, hits, regs = (torch.zeros(n, device=device) for _ in range(3))
+        seen = batches = 0
         g_shuffle = torch.Generator().manual_seed(settings.seed)
         for _ in range(self.epochs):
             order = torch.randperm(len(pool), generator=g_shuffle)
@@ -190,21 +190,21 @@ class _Baseline:
                 (ce + cost * reg).sum().backward()
                 opt.step()
                 with torch.no_grad():
-                    hits += (logits.argmax(-1) == targets.view(n, 1)).sum(1).cpu().float()
-                    regs += reg.detach().cpu()
+                    hits += (logits.argmax(-1) == targets.view(n, 1)).sum(1).float()
+                    regs += reg.detach()
+                    ce_sum += ce.detach()
                 seen += m
                 batches += 1
-                for g in range(n):
-                    ce_all[g].append(float(ce[g].detach()))
                 if batches % self.steps_per_update == 0:
                     with torch.no_grad():
+                        asrs, mean_regs = (hits / seen).tolist(), (regs / self.steps_per_update).tolist()
                         for g in range(n):
-                            asr = float(hits[g]) / seen
-                            sizes[g] = self.after_step(params, g, asr, float(regs[g]) / self.steps_per_update)
-                            state.update(g, asr)
+                            sizes[g] = self.after_step(params, g, asrs[g], mean_regs[g])
+                            state.update(g, asrs[g])
                     hits.zero_()
                     regs.zero_()
                     seen = 0
+        mean_ce = (ce_sum / max(batches, 1)).tolist()
         out = []
         for g, c in enumerate(classes):
             best = self.best(params, g)
@@ -214,7 +214,7 @@ class _Baseline:
                 return self.stamp(one, x)[0]
 
             asr = _asr(model, holdout, stamp_one, c, plan)
-            metrics = ClassMetrics(index=c, name=model.classnames[c], asr=asr, loss=sum(ce_all[g]) / len(ce_all[g]), size=sizes[g])
+            metrics = ClassMetrics(index=c, name=model.classnames[c], asr=asr, loss=mean_ce[g], size=sizes[g])
             out.append(ClassInversion(metrics, self.picture(best).cpu()))
         return out
 
@@ -245,8 +245,9 @@ class NeuralCleanse(_Baseline):
         mask = torch.stack([_uniform((1, h, w), seed, c, 0) for c in classes])
         pattern = torch.stack([_uniform(shape, seed, c, 1) for c in classes])
         self._best_norm = [float("inf")] * len(classes)
-        self._best = [[mask[g].clone(), pattern[g].clone()] for g in range(len(classes))]
-        return [_to_tanh(mask), _to_tanh(pattern)]
+        params = [_to_tanh(mask), _to_tanh(pattern)]
+        self._best = [[params[0][g].clone(), params[1][g].clone()] for g in range(len(classes))]
+        return params
 
     def stamp(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         mask, pattern = _from_tanh(params[0]), _from_tanh(params[1])  # (G,1,H,W), (G,3,H,W)
@@ -258,12 +259,11 @@ class NeuralCleanse(_Baseline):
     def after_step(self, params: list[torch.Tensor], g: int, asr: float, reg: float) -> float | None:
         if asr >= self.schedule.success and reg < self._best_norm[g]:
             self._best_norm[g] = reg
-            self._best[g] = [_from_tanh(params[0][g]).clone(), _from_tanh(params[1][g]).clone()]
+            self._best[g] = [params[0][g].detach().clone(), params[1][g].detach().clone()]
         return self._best_norm[g] if self._best_norm[g] < float("inf") else None
 
     def best(self, params: list[torch.Tensor], g: int) -> list[torch.Tensor]:
-        # stored in pixel space; stamp() expects tanh space
-        return [_to_tanh(self._best[g][0]), _to_tanh(self._best[g][1])]
+        return [t.to(params[0].device) for t in self._best[g]]
 
     def picture(self, best: list[torch.Tensor]) -> torch.Tensor:
         return _from_tanh(best[0]) * _from_tanh(best[1])

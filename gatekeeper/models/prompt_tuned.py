@@ -141,6 +141,10 @@ class PromptTunedCLIP(nn.Module):
         assert self.ctx is not None
         return self.encode_prompt_embeddings(self.class_prompts(self.ctx), self.eot_index)
 
+    def thaw_text(self) -> None:
+        """Drop cached text features, so the prompt learner gets gradients again (before training)."""
+        self._cached_text = None
+
     def freeze_text(self) -> None:
         """Cache image-independent text features (CoOp, zero-shot); a no-op for CoCoOp."""
         self._cached_text = None

@@ -95,7 +95,12 @@ def train(
 def train_on(
     model: PromptTunedCLIP, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TuneConfig, attack: Any = None, log: Any = None
 ) -> dict[str, Any]:
-    """Train ``model``'s prompt learner in place on (x_train, y_train), implanting ``attack`` if given."""
+    """Train ``model``'s prompt learner in place on (x_train, y_train), implanting ``attack`` if given.
+
+    Cached text features are dropped first (a CoOp model cached by a scan would otherwise train
+    against frozen text) and rebuilt afterwards.
+    """
+    model.thaw_text()
     g = torch.Generator().manual_seed(20_000 + cfg.seed)
     params = prompt_parameters(model)
     for p in params:
@@ -127,6 +132,7 @@ def train_on(
     model.eval()
     for p in params:
         p.requires_grad_(False)
+    model.freeze_text()
     return {"train_seconds": round(time.time() - t0, 1), "steps": steps}
 
 

@@ -154,3 +154,19 @@ def _validate_minimal(d: dict[str, Any]) -> None:
         )
     if not isinstance(d.get("classes"), list):
         raise ResultError(f"result does not match schema {SCHEMA_FILE} at classes: not an array")
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A scan's result.json (the file, or the scan's output folder holding it).
+
+    Raises:
+        ResultError: unreadable, not JSON, or not a gatekeeper scan result (no classes/policy).
+    """
+    file = path / "result.json" if path.is_dir() else path
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultError(f"cannot read scan result {file}: {exc}", "give the result.json (or output folder) of `gatekeeper scan`") from None
+    if not isinstance(d, dict) or "classes" not in d or "policy" not in d:
+        raise ResultError(f"{file} is not a gatekeeper scan result", "give the result.json of `gatekeeper scan`")
+    return d
