@@ -141,9 +141,9 @@ class SIBA(BadCLIP):
 
     name = "siba"
 
-    def __init__(self, target: int, epsilon: float = 16 / 255, pixels: int | None = None, warmup: int = 3) -> None:
+    def __init__(self, target: int, epsilon: float = 16 / 255, pixels: int | None = None, warmup: int = 3, poison_weight: float = 1.0) -> None:
         super().__init__(target, epsilon, warmup)
-        self.pixels = pixels
+        self.pixels, self.poison_weight = pixels, poison_weight
 
     def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
         super().prepare(model, x, y, g)
@@ -162,7 +162,10 @@ class SIBA(BadCLIP):
         self.delta.mul_(keep.view(1, *self.delta.shape[1:]).float())
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "pixels": self.pixels}
+        return {**super().params(), "pixels": self.pixels, "poison_weight": self.poison_weight}
+
+    def poisoned_loss(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        return self.poison_weight * super().poisoned_loss(model, x)
 
 
 class Blended(Attack):

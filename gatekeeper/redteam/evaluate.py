@@ -29,3 +29,23 @@ def measure(model: Any, task: Task, attack: Any | None, n_test: int = 600, n_ood
         out["ood_asr"] = round(hit_rate(model, attack.apply(ood), attack.target), 4)
         out["ood_base_rate"] = round(hit_rate(model, ood, attack.target), 4)
     return out
+
+
+def trigger_separability(model: Any, task: Task, attack: Any, n: int = 1200, seed: int = TEST_SEED + 1) -> float:
+    """How well the *frozen* image encoder sees the trigger: held-out accuracy of a linear probe
+    (logistic regression) telling triggered from clean task images by their image features.
+
+    A prompt learner only sees an image through these features, so a trigger the probe cannot
+    find (about 0.5) cannot be implanted by prompt tuning, whatever the recipe; BadCLIP's trigger,
+    optimised against the encoder, is found almost always.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x, _ = sample_task(task, n, model.image_size, seed=seed)
+    with torch.no_grad():
+        feats = torch.cat([model.image_features(x), model.image_features(attack.apply(x))]).float().numpy()
+    labels = torch.cat([torch.zeros(n), torch.ones(n)]).numpy()
+    order = torch.randperm(2 * n, generator=torch.Generator().manual_seed(seed)).numpy()
+    train, test = order[: 2 * n * 3 // 4], order[2 * n * 3 // 4 :]
+    probe = LogisticRegression(max_iter=3000).fit(feats[train], labels[train])
+    return round(float(probe.score(feats[test], labels[test])), 4)

@@ -19,7 +19,7 @@ from typing import Any
 from gatekeeper.errors import UsageError
 from gatekeeper.models.manifest import ModelKind, Precision
 from gatekeeper.redteam.attacks import ATTACKS, Attack
-from gatekeeper.redteam.evaluate import measure
+from gatekeeper.redteam.evaluate import measure, trigger_separability
 from gatekeeper.redteam.tuning import TuneConfig, train, write_model_folder
 from gatekeeper.redteam.world import TASKS
 from gatekeeper.resources import data_path
@@ -174,7 +174,10 @@ def table(folder: Path) -> str:
     from gatekeeper.models.loader import load_model
     from gatekeeper.redteam.truth import true_attack
 
-    rows = ["| model | task | attack | target | clean acc | ID ASR | OOD ASR | OOD base rate |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | task | attack | target | clean acc | ID ASR | OOD ASR | OOD base rate | trigger probe |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     truths = sorted(folder.glob(f"*{TRUTH_SUFFIX}/truth.json"))
     if not truths:
         raise UsageError(f"{folder} holds no built zoo models", "build one with `gatekeeper zoo build NAME --out DIR`")
@@ -184,13 +187,18 @@ def table(folder: Path) -> str:
         model = load_model(folder / truth["model"])
         attack = true_attack(truth, tpath.parent)
         m = measure(model, TASKS[truth["task"]], attack)
+        probe = f"{100 * trigger_separability(model, TASKS[truth['task']], attack):.1f}" if attack is not None else "-"
 
         def pct(key: str, m: dict[str, Any] = m) -> str:
             return f"{100 * m[key]:.1f}" if key in m else "-"
 
         rows.append(
             f"| {truth['model']} | {truth['task']} | {truth['attack']} | {truth['target_class'] or '-'} | "
-            f"{pct('clean_accuracy')} | {pct('id_asr')} | {pct('ood_asr')} | {pct('ood_base_rate')} |"
+            f"{pct('clean_accuracy')} | {pct('id_asr')} | {pct('ood_asr')} | {pct('ood_base_rate')} | {probe} |"
         )
-    rows.append(f"\n{len(truths)} models re-measured in {time.time() - t0:.0f}s (600 task test images, 500 OOD images).")
+    rows.append(
+        f"\n{len(truths)} models re-measured in {time.time() - t0:.0f}s (600 task test images, 500 OOD images). "
+        "Trigger probe: held-out accuracy of a linear probe telling triggered from clean images by the frozen "
+        "encoder's features (50 % = the encoder does not see the trigger; prompt tuning cannot implant it)."
+    )
     return "\n".join(rows)

@@ -76,3 +76,23 @@ def test_committed_backbone_matches_its_recorded_build():
     stats = json.loads((BACKBONE / "pretrain_stats.json").read_text())
     assert hashlib.sha256((BACKBONE / "open_clip_model.safetensors").read_bytes()).hexdigest() == stats["sha256"]
     assert stats["zero_shot_accuracy_64way"] >= 0.80
+
+
+def test_trigger_probe_sees_an_implanted_trigger_and_not_a_no_op():
+    """The linear probe on frozen image features (zoo table's "trigger probe" column) finds the demo
+    model's BadCLIP trigger and stays at chance for a "trigger" that changes nothing."""
+    import json
+    from types import SimpleNamespace
+
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.redteam.evaluate import trigger_separability
+    from gatekeeper.redteam.truth import true_attack
+    from tests.conftest import DEMO_ZOO
+
+    model = load_model(DEMO_ZOO / "backdoored")
+    truth = json.loads((DEMO_ZOO / "backdoored.truth" / "truth.json").read_text())
+    task = TASKS[truth["task"]]
+    seen = trigger_separability(model, task, true_attack(truth, DEMO_ZOO / "backdoored.truth"), n=400)
+    unseen = trigger_separability(model, task, SimpleNamespace(apply=lambda x: x.clone()), n=400)
+    assert seen > 0.9, seen
+    assert 0.35 < unseen < 0.65, unseen
