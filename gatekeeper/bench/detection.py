@@ -209,16 +209,24 @@ def _run_key(policy: Policy, run: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def _cached(path: Path, compute: Callable[[], tuple[list[ClassMetrics], float]]) -> tuple[list[ClassMetrics], float]:
-    if path.is_file():
-        d = json.loads(path.read_text())
-        return [ClassMetrics(**m) for m in d["classes"]], float(d["seconds"])
-    metrics, seconds = compute()
+def _fresh(path: Path, fingerprint: str) -> bool:
+    """A cached run counts only for the exact model it was computed on (rebuilt models rerun)."""
+    return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint
+
+
+def _store(path: Path, fingerprint: str, metrics: list[ClassMetrics], seconds: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"classes": [asdict(m) for m in metrics], "seconds": seconds}) + "\n")
+    tmp.write_text(json.dumps({"classes": [asdict(m) for m in metrics], "seconds": seconds, "fingerprint": fingerprint}) + "\n")
     tmp.replace(path)
-    return metrics, seconds
+
+
+def model_fingerprint(folder: Path) -> str:
+    """sha256 over a model folder's own files (manifest, prompt learner); the backbone is hashed apart."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _invert(model: Any, policy: Policy, run: str) -> tuple[list[ClassMetrics], float]:
@@ -250,22 +258,20 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _computation(folder: Path, policy: Policy, run: str) -> Callable[[], tuple[list[ClassMetrics], float]]:
-    def compute() -> tuple[list[ClassMetrics], float]:
-        from gatekeeper.models.loader import load_model
+def _run_on(folder: Path, policy: Policy, run: str) -> tuple[list[ClassMetrics], float]:
+    from gatekeeper.models.loader import load_model
 
-        return _invert(load_model(folder), policy, run)
-
-    return compute
+    return _invert(load_model(folder), policy, run)
 
 
-def _cache_path(cache: Path, policy: Policy, run: str, truth: dict[str, Any]) -> Path:
+def _cache_path(cache: Path, policy: Policy, run: str, truth: dict[str, Any]) -> tuple[Path, str]:
+    """Where run ``run`` of this model is cached, and the fingerprint the entry must carry."""
     folder = cache / f"{run}-{_run_key(policy, run)}"
     if run.startswith("ref-"):  # the reference depends on the backbone and class names only
         backbone = truth["backbone_sha256"]
         ref_id = hashlib.sha256(json.dumps([backbone, truth["classnames"]]).encode()).hexdigest()[:12]
-        return folder / f"classes-{ref_id}.json"
-    return folder / f"{truth['model']}.json"
+        return folder / f"classes-{ref_id}.json", backbone
+    return folder / f"{truth['model']}.json", truth["backbone_sha256"] + truth["model_sha256"]
 
 
 def run_benchmark(
@@ -290,6 +296,7 @@ def run_benchmark(
     for truth in items:
         weights = zoo / truth["model"] / "backbone" / "open_clip_model.safetensors"
         truth["backbone_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else truth["model"]
+        truth["model_sha256"] = model_fingerprint(zoo / truth["model"])
     vs = [v for v in variants(restarts) if only is None or v.name in only]
     order = [f"ci-s{r}" for r in range(restarts)] + [f"ref-s{r}" for r in range(restarts)] + ["neural-cleanse", "pixel-backdoor"]
     needed = [r for r in order if any(r in v.runs + v.reference for v in vs)]
@@ -298,10 +305,10 @@ def run_benchmark(
     mine = items[shard[0] - 1 :: shard[1]]
     for r in needed:
         for i, truth in enumerate(mine):
-            path = _cache_path(cache, policy, r, truth)
-            if path.is_file():
+            path, fingerprint = _cache_path(cache, policy, r, truth)
+            if _fresh(path, fingerprint):
                 continue
-            _cached(path, _computation(zoo / truth["model"], policy, r))
+            _store(path, fingerprint, *_run_on(zoo / truth["model"], policy, r))
             log(f"{r} [{i + 1}/{len(mine)}] {truth['model']} ({time.time() - t_start:.0f}s)")
     if shard != (1, 1):
         return None
@@ -311,7 +318,7 @@ def run_benchmark(
         runs: dict[str, list[ClassMetrics]] = {}
         secs: dict[str, float] = {}
         for r in needed:
-            d = json.loads(_cache_path(cache, policy, r, truth).read_text())
+            d = json.loads(_cache_path(cache, policy, r, truth)[0].read_text())
             runs[r], secs[r] = [ClassMetrics(**m) for m in d["classes"]], float(d["seconds"])
         for v in vs:
             p = replace(policy, **dict(v.policy_changes))

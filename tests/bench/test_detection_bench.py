@@ -35,6 +35,29 @@ def test_bench_detection_writes_reports_and_resumes_from_its_cache(tmp_path, cap
     assert "ci-s0 [" not in capsys.readouterr().err
 
 
+def test_bench_detection_reruns_a_model_rebuilt_under_the_same_name(tmp_path, capsys):
+    """The cache is keyed by model *content*, not only its name: a rebuilt model is scanned again."""
+    import shutil
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(DEMO_ZOO, zoo)
+    policy = tmp_path / "fast.yaml"
+    policy.write_text("epsilon: 8/255\nood_budget: 32\nholdout: 16\n")
+    out = tmp_path / "bench"
+    argv = ["bench", "detection", "--zoo", str(zoo), "--out", str(out), "--policy", str(policy), "--only", "clip-inspector", "--restarts", "1"]
+    assert main(argv) == 0
+    entry = {p.stem: p for p in out.glob("cache/ci-s0-*/*.json")}
+    before = {k: v.read_text() for k, v in entry.items()}
+    # "rebuild" the clean model: it now carries the backdoored model's prompt learner
+    shutil.copy(zoo / "backdoored" / "prompt_learner.safetensors", zoo / "clean" / "prompt_learner.safetensors")
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "ci-s0 [1/2] backdoored" not in err and "ci-s0 [2/2] clean" in err
+    assert entry["backdoored"].read_text() == before["backdoored"]
+    assert entry["clean"].read_text() != before["clean"]
+
+
 def test_bench_detection_refuses_unknown_detectors(tmp_path, capsys):
     code = main(["bench", "detection", "--zoo", str(DEMO_ZOO), "--out", str(tmp_path), "--only", "strip"])
     assert code == 4
