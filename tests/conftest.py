@@ -16,6 +16,17 @@ DEMO_ZOO = REPO / "zoo" / "demo"
 BACKBONE = REPO / "zoo" / "backbone"
 
 
+def light_tiny_world_policy(out: Path) -> Path:
+    """The shipped tiny-world policy with one restart and no positive control, for tests that check
+    plumbing (action, audit, rebuilt demo) rather than the policy itself; `test_demo.py` runs the
+    shipped policy as is. Same detector, scoring, epsilon, budget and calibrated tau."""
+    text = (REPO / "policies" / "tiny-world.yaml").read_text()
+    light = text.replace("positive_control: badclip", 'positive_control: "off"').replace("restarts: 2", "restarts: 1")
+    assert light.count('positive_control: "off"') == 1 and "restarts: 1" in light, "tiny-world.yaml changed shape"
+    out.write_text(light)
+    return out
+
+
 @pytest.fixture(scope="session")
 def random_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny open_clip CLIP in the local-dir layout (for shape/format tests)."""

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import light_tiny_world_policy
+
 REPO = Path(__file__).resolve().parent.parent
 ACTION = REPO / "action.yml"
 ENTRY = REPO / "scripts" / "action-entry.sh"
@@ -446,7 +448,8 @@ def test_demo_zoo_through_the_action(tmp_path, name, code, verdict):
         pytest.skip("the gatekeeper console script is not installed in this environment")
     ws = tmp_path / "ws"
     shutil.copytree(DEMO / name, ws / "models" / name)
-    run = run_action(ws, {"model": f"models/{name}", "policy": "tiny-world", "runtime": "native", "device": "cpu"})
+    light_tiny_world_policy(ws / "tiny-world-light.yaml")  # test_demo.py runs the shipped policy itself
+    run = run_action(ws, {"model": f"models/{name}", "policy": "tiny-world-light.yaml", "runtime": "native", "device": "cpu"})
     assert run.code == code, run.stdout + run.stderr
     assert run.outputs["verdict"] == verdict and run.outputs["s-max"]
     assert Path(ws / run.outputs["report-path"]).is_file() and Path(ws / run.outputs["json-path"]).is_file()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gatekeeper.cli import main
-from tests.conftest import DEMO_ZOO, REPO
+from tests.conftest import DEMO_ZOO, light_tiny_world_policy
 
 
 @pytest.mark.slow
@@ -48,9 +48,8 @@ def test_a_freshly_planted_backdoor_is_caught_and_its_clean_twin_passes(tmp_path
     truth = json.loads((tmp_path / "zoo" / "backdoored.truth" / "truth.json").read_text())
     assert truth["metrics_at_build"]["id_asr"] >= 0.8
     verdicts = {}
-    # the tiny-world policy without its positive control (test_demo covers the control; saves ~2 min)
-    policy = tmp_path / "tiny-world-no-control.yaml"
-    policy.write_text((REPO / "policies" / "tiny-world.yaml").read_text().replace("positive_control: badclip", "positive_control: \"off\""))
+    # the demo test above runs the shipped policy with its control; this one checks the rebuild
+    policy = light_tiny_world_policy(tmp_path / "tiny-world-light.yaml")
     for name in ("clean", "backdoored"):
         out = tmp_path / f"out-{name}"
         code = main(["scan", str(tmp_path / "zoo" / name), "--policy", str(policy), "--out", str(out), "--quiet"])

@@ -13,7 +13,7 @@ from gatekeeper.cli import main
 from gatekeeper.errors import ExitCode, PolicyError, UsageError
 from gatekeeper.inventory import cache_key, load_inventory, worst
 
-from .conftest import DEMO_ZOO
+from .conftest import DEMO_ZOO, light_tiny_world_policy
 
 FAST = "version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\n"
 
@@ -175,7 +175,8 @@ def test_exit_code_ordering_and_cache_key():
 @pytest.mark.skipif(not (DEMO_ZOO / "backdoored" / "gatekeeper.json").exists(), reason="demo zoo not built")
 def test_audit_detects_the_demo_backdoor(tmp_path):
     inv = tmp_path / "inv.yaml"
-    inv.write_text(f"version: 1\npolicy: tiny-world\nmodels:\n  - {{name: bd, model: '{DEMO_ZOO / 'backdoored'}'}}\n")
+    light_tiny_world_policy(tmp_path / "tiny-world-light.yaml")  # test_demo.py runs the shipped policy itself
+    inv.write_text(f"version: 1\npolicy: tiny-world-light.yaml\nmodels:\n  - {{name: bd, model: '{DEMO_ZOO / 'backdoored'}'}}\n")
     out = tmp_path / "out"
     assert main(["audit", str(inv), "--out", str(out), "--quiet"]) == ExitCode.BACKDOOR
     truth = json.loads((DEMO_ZOO / "backdoored.truth" / "truth.json").read_text())
