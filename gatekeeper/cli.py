@@ -595,11 +595,12 @@ def cmd_audit(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 
 def cmd_repair(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper import repair
+    from gatekeeper.report.jsonout import read_result
 
     if args.epochs < 1 or not 0 < args.test_fraction < 1 or not 0 < args.lr <= 1:
         raise UsageError("--epochs must be >= 1, --test-fraction in (0, 1), --lr in (0, 1]", "see `gatekeeper repair --help`")
     settings = repair.RepairSettings(epochs=args.epochs, lr=args.lr, test_fraction=args.test_fraction)
-    scan = repair.read_scan(args.scan)
+    scan = read_result(args.scan)
     cls = repair.target_of(scan, args.class_name)
     repair.check_out(args.out, args.model)
     from gatekeeper.models.loader import load_model

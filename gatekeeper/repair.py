@@ -101,13 +101,6 @@ def load_labelled(root: Path, classnames: list[str], image_size: int, settings: 
     return LabelledSet(torch.cat(xs_tr), torch.cat(ys_tr), torch.cat(xs_te), torch.cat(ys_te), tuple(present), missing)
 
 
-def read_scan(path: Path) -> dict[str, Any]:
-    """The scan's result.json (a file, or the scan's output folder)."""
-    from gatekeeper.report.jsonout import read_result
-
-    return read_result(path)
-
-
 def target_of(scan: dict[str, Any], forced: str | None) -> str:
     """The class to repair: ``forced``, else the scan's suspect; refuses a scan that flagged nothing."""
     if forced is not None:

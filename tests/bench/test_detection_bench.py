@@ -55,7 +55,8 @@ def test_bench_detection_reruns_a_model_rebuilt_under_the_same_name(tmp_path, ca
     err = capsys.readouterr().err
     assert "ci-s0 [1/2] backdoored" not in err and "ci-s0 [2/2] clean" in err
     assert entry["backdoored"].read_text() == before["backdoored"]
-    assert entry["clean"].read_text() != before["clean"]
+    # recomputed on the new weights: the backdoored prompt learner's per-class ASRs, not the old ones
+    assert json.loads(entry["clean"].read_text())["classes"] != json.loads(before["clean"])["classes"]
 
 
 def test_bench_detection_refuses_unknown_detectors(tmp_path, capsys):
