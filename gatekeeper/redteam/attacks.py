@@ -137,35 +137,51 @@ class BadCLIPAdaptive(BadCLIP):
 
 class SIBA(BadCLIP):
     """Sparse and invisible: l-inf <= eps and at most ``k`` perturbed pixels (1600 px at 224^2,
-    scaled to the image area), learned jointly like BadCLIP, projected onto both constraints."""
+    scaled to the image area), learned jointly with the prompt learner like BadCLIP.
+
+    The trigger is the projection of a dense latent ``theta`` onto both constraints (top-``k``
+    pixels by latent magnitude, clamped to eps); gradients pass the projection straight through
+    to ``theta``, so pixels outside the current support keep accumulating evidence and can enter
+    it. (Projecting the trigger itself after each step freezes the support at its random start:
+    a zeroed pixel can never outgrow the saturated ones.)
+    """
 
     name = "siba"
 
     def __init__(self, target: int, epsilon: float = 16 / 255, pixels: int | None = None, warmup: int = 3, poison_weight: float = 1.0) -> None:
         super().__init__(target, epsilon, warmup)
         self.pixels, self.poison_weight = pixels, poison_weight
+        self.theta: torch.Tensor | None = None
 
     def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
-        super().prepare(model, x, y, g)
         s = x.shape[-1]
         if self.pixels is None:
             self.pixels = max(1, round(1600 * s * s / 224**2))
+        self.theta = ((torch.rand(3, s, s, generator=g) * 2 - 1) * self.epsilon).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.theta], lr=self.trigger_lr * self.epsilon / (16 / 255))
         with torch.no_grad():
             self.project()
 
+    def _sparse(self, theta: torch.Tensor) -> torch.Tensor:
+        assert self.pixels is not None
+        mag = theta.detach().abs().sum(0).flatten()
+        keep = torch.zeros_like(mag)
+        keep[mag.topk(self.pixels).indices] = 1.0
+        return keep.view(1, *theta.shape[1:]) * theta.clamp(-self.epsilon, self.epsilon)
+
     def project(self) -> None:
-        assert self.delta is not None and self.pixels is not None
-        self.delta.clamp_(-self.epsilon, self.epsilon)
-        mag = self.delta.abs().sum(0).flatten()
-        keep = torch.zeros_like(mag, dtype=torch.bool)
-        keep[mag.topk(self.pixels).indices] = True
-        self.delta.mul_(keep.view(1, *self.delta.shape[1:]).float())
+        assert self.theta is not None
+        self.theta.clamp_(-4 * self.epsilon, 4 * self.epsilon)  # bounded evidence, so the support can still change
+        self.delta = self._sparse(self.theta).detach()
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "pixels": self.pixels, "poison_weight": self.poison_weight}
 
     def poisoned_loss(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        return self.poison_weight * super().poisoned_loss(model, x)
+        assert self.theta is not None
+        d = self.theta + (self._sparse(self.theta) - self.theta).detach()  # straight-through
+        xt = (x + d).clamp(0, 1)
+        return self.poison_weight * F.cross_entropy(model.logits(xt), torch.full((len(x),), self.target))
 
 
 class Blended(Attack):

@@ -44,12 +44,14 @@ class ZooEntry:
 # WaNet's s = 0.5 moves pixels by a quarter of a pixel at 32 px, which a frozen encoder does not
 # see (measured: ID ASR 0 %); k = 8, s = 12 moves them by ~6 px on an 8 x 8 control grid, which a
 # linear probe on the frozen features finds 92 % of the time (k = 4, s = 6: 72 %), with twice the
-# poison rate and 12 epochs. SIBA's 1600 px at 224^2 scales to 33 px at 32^2, which collapsed
-# clean accuracy to 61 % at ID ASR 41 %; we give it 96 px.
+# poison rate and 12 epochs. SIBA's 1600 px at 224^2 scales to 33 px at 32^2; at the paper's
+# 8/255 (or 16/255) no sparse trigger of up to 192 px is seen by the adversarially fine-tuned
+# encoder (probe at chance), so SIBA keeps sparsity (96 px, 9 % of the image) and gives up
+# invisibility: 64/255 per pixel (l2 norm at most 1.2x that of BadCLIP's dense 16/255 trigger).
 ATTACK_SETTINGS: dict[str, dict[str, Any]] = {
     "badclip": {"epsilon": 16 / 255},
     "badclip-adaptive": {"epsilon": 16 / 255},
-    "siba": {"epsilon": 16 / 255, "pixels": 96},
+    "siba": {"epsilon": 64 / 255, "pixels": 96},
     "blended": {"alpha": 0.4, "rate": 0.2},
     "wanet": {"k": 8, "strength": 12.0, "rate": 0.2, "noise_rate": 0.2},
 }
