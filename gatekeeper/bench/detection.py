@@ -229,6 +229,14 @@ def model_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+def zoo_model_identity(folder: Path) -> tuple[str, str]:
+    """(sha256 of the model's backbone weights, fingerprint of its own files): what a cached
+    benchmark result must match, so a model rebuilt under the same name is run again."""
+    weights = folder / "backbone" / "open_clip_model.safetensors"
+    backbone = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else folder.name
+    return backbone, model_fingerprint(folder)
+
+
 def _invert(model: Any, policy: Policy, run: str) -> tuple[list[ClassMetrics], float]:
     from gatekeeper.audit import make_detector, reference_model
     from gatekeeper.decide import candidate_classes
@@ -294,9 +302,7 @@ def run_benchmark(
         raise UsageError(f"{zoo} holds no built zoo models", "build one with `gatekeeper zoo build bench --out DIR`")
     items = [json.loads(t.read_text()) for t in truths]
     for truth in items:
-        weights = zoo / truth["model"] / "backbone" / "open_clip_model.safetensors"
-        truth["backbone_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else truth["model"]
-        truth["model_sha256"] = model_fingerprint(zoo / truth["model"])
+        truth["backbone_sha256"], truth["model_sha256"] = zoo_model_identity(zoo / truth["model"])
     vs = [v for v in variants(restarts) if only is None or v.name in only]
     order = [f"ci-s{r}" for r in range(restarts)] + [f"ref-s{r}" for r in range(restarts)] + ["neural-cleanse", "pixel-backdoor"]
     needed = [r for r in order if any(r in v.runs + v.reference for v in vs)]

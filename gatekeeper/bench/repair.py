@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gatekeeper.bench.detection import git_commit, zoo_model_identity
 from gatekeeper.errors import UsageError
 from gatekeeper.policy import Policy
 
@@ -95,14 +96,14 @@ def run(zoo: Path, out: Path, policy: Policy, epochs: int = 5, log: Callable[[st
     t_start = time.time()
     for i, (tpath, truth) in enumerate(items):
         path = cache / f"{truth['model']}.json"
-        if not path.is_file():
-            row = repair_one(zoo / truth["model"], truth, tpath.parent, policy, epochs)
+        fingerprint = "".join(zoo_model_identity(zoo / truth["model"]))
+        if not (path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint):  # rebuilt: run again
+            row = {**repair_one(zoo / truth["model"], truth, tpath.parent, policy, epochs), "fingerprint": fingerprint}
             path.with_suffix(".tmp").write_text(json.dumps(row) + "\n")
             path.with_suffix(".tmp").replace(path)
             log(f"[{i + 1}/{len(items)}] {truth['model']}: true-trigger ASR {row['before']['id_asr']:.0%} -> "
                 + ", ".join(f"{k} {v['id_asr']:.0%}" for k, v in row["after"].items()) + f" ({time.time() - t_start:.0f}s)")
         rows.append(json.loads(path.read_text()))
-    from gatekeeper.bench.detection import git_commit
     from gatekeeper.repair import RepairSettings
 
     return {"commit": git_commit(), "policy": policy.to_dict(), "epochs": epochs, "lr": RepairSettings().lr, "n_labelled": N_LABELLED, "models": rows, "summary": summarize(rows)}

@@ -158,7 +158,7 @@ class SIBA(BadCLIP):
         if self.pixels is None:
             self.pixels = max(1, round(1600 * s * s / 224**2))
         self.theta = ((torch.rand(3, s, s, generator=g) * 2 - 1) * self.epsilon).requires_grad_(True)
-        self.opt = torch.optim.Adam([self.theta], lr=self.trigger_lr * self.epsilon / (16 / 255))
+        self.opt = torch.optim.Adam([self.theta], lr=self.latent_lr())
         with torch.no_grad():
             self.project()
 
@@ -174,8 +174,12 @@ class SIBA(BadCLIP):
         self.theta.clamp_(-4 * self.epsilon, 4 * self.epsilon)  # bounded evidence, so the support can still change
         self.delta = self._sparse(self.theta).detach()
 
+    def latent_lr(self) -> float:
+        """``trigger_lr`` is set for eps = 16/255; the latent's step scales with eps."""
+        return self.trigger_lr * self.epsilon / (16 / 255)
+
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "pixels": self.pixels, "poison_weight": self.poison_weight}
+        return {**super().params(), "latent_lr": self.latent_lr(), "pixels": self.pixels, "poison_weight": self.poison_weight}
 
     def poisoned_loss(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         assert self.theta is not None
