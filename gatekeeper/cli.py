@@ -168,20 +168,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="build or describe red-team zoos (tiny CLIP world)")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
-    zb = zsub.add_parser("build", help="build a named zoo into a folder, skipping what is built")
-    zb.add_argument("name", help="zoo name (demo, bench)")
-    zb.add_argument("--out", type=Path, required=True)
+    zb = zsub.add_parser(
+        "build", help="build a named zoo into a folder, skipping what is built",
+        description="Prompt-tune the models of a named zoo on the tiny CLIP world, implanting each entry's attack, and "
+        "write a gatekeeper model folder plus a NAME.truth/ ground-truth sidecar (attack, target, trigger) per model. "
+        "Models whose folder and truth already exist are skipped, so an interrupted build resumes. Zoos: demo (1 clean + "
+        "1 BadCLIP, the committed zoo/demo), attacks (every attack on two tasks: the red-team table), bench (40 models "
+        "for `gatekeeper bench detection`). Settings and why: docs/tiny-world.md.",
+    )
+    zb.add_argument("name", choices=("demo", "attacks", "bench"), help="zoo name")
+    zb.add_argument("--out", type=Path, required=True, help="zoo folder (created; existing models are kept)")
     zb.add_argument("--backbone", type=Path, help="backbone folder (default: the committed tiny backbone)")
     zb.add_argument("--shard", help="i/n: build only every n-th model from the i-th (run n processes on one zoo)")
     zb.add_argument("--debug", action="store_true")
-    zt = zsub.add_parser("table", help="print clean accuracy and true-trigger ID/OOD ASR per model")
-    zt.add_argument("folder", type=Path)
+    zt = zsub.add_parser(
+        "table", help="print clean accuracy and true-trigger ID/OOD ASR per model",
+        description="Re-measure every model of a built zoo: clean accuracy on fresh task images, the true trigger's "
+        "in-distribution and OOD attack success rate, the OOD base rate (same images, no trigger) and the trigger "
+        "probe (can the frozen encoder see the trigger at all: 50 %% = no). Prints a Markdown table.",
+    )
+    zt.add_argument("folder", type=Path, help="a zoo folder built by `gatekeeper zoo build`")
     zt.add_argument("--markdown", type=Path, help="also write the table here")
     zt.add_argument("--debug", action="store_true")
-    zp = zsub.add_parser("backbone", help="pretrain the tiny CLIP backbone from its seed (deterministic)")
-    zp.add_argument("--out", type=Path, required=True)
-    zp.add_argument("--seed", type=int, default=0)
-    zp.add_argument("--steps", type=int, default=2500)
+    zp = zsub.add_parser(
+        "backbone", help="pretrain the tiny CLIP backbone from its seed (deterministic)",
+        description="Pretrain the tiny CLIP (open_clip CLIP class, 3-layer ViT, 32 px) contrastively on the procedural "
+        "world, then fine-tune it adversarially, and write it as an open_clip folder with pretrain_stats.json "
+        "(zero-shot accuracy, settings, sha256). With the defaults it rebuilds the committed zoo/backbone bit for bit "
+        "(2 threads, deterministic algorithms; about 25 min on two CPU cores).",
+    )
+    zp.add_argument("--out", type=Path, required=True, help="output folder for the backbone")
+    zp.add_argument("--seed", type=int, default=0, help="world and training seed (default 0: the committed backbone)")
+    zp.add_argument("--steps", type=int, default=2500, help="contrastive pretraining steps (default 2500: the committed backbone)")
     zp.add_argument("--debug", action="store_true")
     return p
 
