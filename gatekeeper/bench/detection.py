@@ -279,7 +279,7 @@ def _cache_path(cache: Path, policy: Policy, run: str, truth: dict[str, Any]) ->
         backbone = truth["backbone_sha256"]
         ref_id = hashlib.sha256(json.dumps([backbone, truth["classnames"]]).encode()).hexdigest()[:12]
         return folder / f"classes-{ref_id}.json", backbone
-    return folder / f"{truth['model']}.json", truth["backbone_sha256"] + truth["model_sha256"]
+    return folder / f"{truth['model']}.json", truth["backbone_sha256"] + truth["model_fingerprint"]
 
 
 def run_benchmark(
@@ -302,7 +302,7 @@ def run_benchmark(
         raise UsageError(f"{zoo} holds no built zoo models", "build one with `gatekeeper zoo build bench --out DIR`")
     items = [json.loads(t.read_text()) for t in truths]
     for truth in items:
-        truth["backbone_sha256"], truth["model_sha256"] = zoo_model_identity(zoo / truth["model"])
+        truth["backbone_sha256"], truth["model_fingerprint"] = zoo_model_identity(zoo / truth["model"])
     vs = [v for v in variants(restarts) if only is None or v.name in only]
     order = [f"ci-s{r}" for r in range(restarts)] + [f"ref-s{r}" for r in range(restarts)] + ["neural-cleanse", "pixel-backdoor"]
     needed = [r for r in order if any(r in v.runs + v.reference for v in vs)]
