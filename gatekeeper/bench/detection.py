@@ -31,6 +31,7 @@ from gatekeeper.calibrate import auroc, roc_points
 from gatekeeper.decide import decide, score_classes
 from gatekeeper.errors import UsageError
 from gatekeeper.policy import Detector, Policy, Scoring
+from gatekeeper.report.jsonout import atomic_write_text
 from gatekeeper.result import ClassMetrics
 
 TRUTH_SUFFIX = ".truth"
@@ -209,16 +210,13 @@ def _run_key(policy: Policy, run: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def _fresh(path: Path, fingerprint: str) -> bool:
-    """A cached run counts only for the exact model it was computed on (rebuilt models rerun)."""
+def fresh_entry(path: Path, fingerprint: str) -> bool:
+    """A cached benchmark entry counts only for the exact model it was computed on (rebuilt models rerun)."""
     return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint
 
 
 def _store(path: Path, fingerprint: str, metrics: list[ClassMetrics], seconds: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"classes": [asdict(m) for m in metrics], "seconds": seconds, "fingerprint": fingerprint}) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps({"classes": [asdict(m) for m in metrics], "seconds": seconds, "fingerprint": fingerprint}) + "\n")
 
 
 def model_fingerprint(folder: Path) -> str:
@@ -312,7 +310,7 @@ def run_benchmark(
     for r in needed:
         for i, truth in enumerate(mine):
             path, fingerprint = _cache_path(cache, policy, r, truth)
-            if _fresh(path, fingerprint):
+            if fresh_entry(path, fingerprint):
                 continue
             _store(path, fingerprint, *_run_on(zoo / truth["model"], policy, r))
             log(f"{r} [{i + 1}/{len(mine)}] {truth['model']} ({time.time() - t_start:.0f}s)")

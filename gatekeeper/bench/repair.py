@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gatekeeper.bench.detection import git_commit, zoo_model_identity
+from gatekeeper.bench.detection import fresh_entry, git_commit, zoo_model_identity
 from gatekeeper.errors import UsageError
 from gatekeeper.policy import Policy
+from gatekeeper.report.jsonout import atomic_write_text
 
 TRUTH_SUFFIX = ".truth"
 VARIANTS = ("ci", "clean-only", "random", "wrong-class")
@@ -97,10 +98,9 @@ def run(zoo: Path, out: Path, policy: Policy, epochs: int = 5, log: Callable[[st
     for i, (tpath, truth) in enumerate(items):
         path = cache / f"{truth['model']}.json"
         fingerprint = "".join(zoo_model_identity(zoo / truth["model"]))
-        if not (path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint):  # rebuilt: run again
+        if not fresh_entry(path, fingerprint):
             row = {**repair_one(zoo / truth["model"], truth, tpath.parent, policy, epochs), "fingerprint": fingerprint}
-            path.with_suffix(".tmp").write_text(json.dumps(row) + "\n")
-            path.with_suffix(".tmp").replace(path)
+            atomic_write_text(path, json.dumps(row) + "\n")
             log(f"[{i + 1}/{len(items)}] {truth['model']}: true-trigger ASR {row['before']['id_asr']:.0%} -> "
                 + ", ".join(f"{k} {v['id_asr']:.0%}" for k, v in row["after"].items()) + f" ({time.time() - t_start:.0f}s)")
         rows.append(json.loads(path.read_text()))

@@ -44,8 +44,8 @@ class ZooEntry:
 # WaNet's s = 0.5 moves pixels by a quarter of a pixel at 32 px, which a frozen encoder does not
 # see (measured: ID ASR 0 %); k = 8, s = 12 moves them by ~6 px on an 8 x 8 control grid, which a
 # linear probe on the frozen features finds 92 % of the time (k = 4, s = 6: 72 %), with twice the
-# poison rate and 12 epochs. SIBA's 1600 px at 224^2 scales to 33 px at 32^2; at the paper's
-# 8/255 (or 16/255) no sparse trigger of up to 192 px is seen by the adversarially fine-tuned
+# poison rate and 12 epochs. SIBA's 1600 px at 224^2 scales to 33 px at 32^2; at 16/255 (twice
+# the paper's 8/255) no sparse trigger of 33-192 px is seen by the adversarially fine-tuned
 # encoder (probe at chance), so SIBA keeps sparsity (96 px, 9 % of the image) and gives up
 # invisibility: 64/255 per pixel (l2 norm at most 1.2x that of BadCLIP's dense 16/255 trigger).
 ATTACK_SETTINGS: dict[str, dict[str, Any]] = {
@@ -66,6 +66,14 @@ ZOO_META_HIDDEN = 32
 BENCH_ATTACKS = ("badclip", "blended", "wanet", "siba", "badclip-adaptive")
 
 
+def _attack_entry(task: str, attack: str, seed: int, target: int) -> ZooEntry:
+    """A backdoored zoo model with the tiny world's settings for ``attack`` (ATTACK_SETTINGS/EPOCHS)."""
+    return ZooEntry(
+        f"{task}-{attack}", task, attack, seed=seed, target=target, attack_kwargs=ATTACK_SETTINGS[attack],
+        epochs=ATTACK_EPOCHS.get(attack), meta_hidden=ZOO_META_HIDDEN,
+    )
+
+
 def zoo_entries(name: str) -> list[ZooEntry]:
     """The models of a named zoo."""
     if name == "demo":
@@ -79,12 +87,7 @@ def zoo_entries(name: str) -> list[ZooEntry]:
         for task, target in (("plain", 7), ("texture", 3)):
             out.append(ZooEntry(f"{task}-clean", task, "clean", seed=0, meta_hidden=ZOO_META_HIDDEN))
             for attack in BENCH_ATTACKS:
-                out.append(
-                    ZooEntry(
-                        f"{task}-{attack}", task, attack, seed=0, target=target, attack_kwargs=ATTACK_SETTINGS[attack],
-                        epochs=ATTACK_EPOCHS.get(attack), meta_hidden=ZOO_META_HIDDEN,
-                    )
-                )
+                out.append(_attack_entry(task, attack, 0, target))
         return out
     if name == "bench":
         out = []
@@ -93,12 +96,7 @@ def zoo_entries(name: str) -> list[ZooEntry]:
                 out.append(ZooEntry(f"{task}-clean-s{seed}", task, "clean", seed=seed, meta_hidden=ZOO_META_HIDDEN))
             for a_i, attack in enumerate(BENCH_ATTACKS):
                 target = (3 * t_i + 5 * a_i + 1) % len(TASKS[task].classnames)
-                out.append(
-                    ZooEntry(
-                        f"{task}-{attack}", task, attack, seed=10 + a_i, target=target, attack_kwargs=ATTACK_SETTINGS[attack],
-                        epochs=ATTACK_EPOCHS.get(attack), meta_hidden=ZOO_META_HIDDEN,
-                    )
-                )
+                out.append(_attack_entry(task, attack, 10 + a_i, target))
         return out
     raise UsageError(f"unknown zoo {name!r}", "known zoos: demo, attacks, bench")
 

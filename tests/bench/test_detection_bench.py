@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from gatekeeper.cli import main
+from tests.bench.conftest import demo_zoo_copy, rebuild_under_same_name
 from tests.conftest import DEMO_ZOO
 
 
@@ -37,19 +38,13 @@ def test_bench_detection_writes_reports_and_resumes_from_its_cache(tmp_path, cap
 
 def test_bench_detection_reruns_a_model_rebuilt_under_the_same_name(tmp_path, capsys):
     """The cache is keyed by model *content*, not only its name: a rebuilt model is scanned again."""
-    import shutil
-
-    zoo = tmp_path / "zoo"
-    shutil.copytree(DEMO_ZOO, zoo)
-    policy = tmp_path / "fast.yaml"
-    policy.write_text("epsilon: 8/255\nood_budget: 32\nholdout: 16\n")
+    zoo, policy = demo_zoo_copy(tmp_path, ood_budget=32, holdout=16)
     out = tmp_path / "bench"
     argv = ["bench", "detection", "--zoo", str(zoo), "--out", str(out), "--policy", str(policy), "--only", "clip-inspector", "--restarts", "1"]
     assert main(argv) == 0
     entry = {p.stem: p for p in out.glob("cache/ci-s0-*/*.json")}
     before = {k: v.read_text() for k, v in entry.items()}
-    # "rebuild" the clean model: it now carries the backdoored model's prompt learner
-    shutil.copy(zoo / "backdoored" / "prompt_learner.safetensors", zoo / "clean" / "prompt_learner.safetensors")
+    rebuild_under_same_name(zoo, source="backdoored", target="clean")
     capsys.readouterr()
     assert main(argv) == 0
     err = capsys.readouterr().err

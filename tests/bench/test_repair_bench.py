@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 from gatekeeper.cli import main
-from tests.conftest import DEMO_ZOO
+from tests.bench.conftest import demo_zoo_copy, rebuild_under_same_name
 
 
 def test_bench_repair_reports_resumes_and_reruns_a_rebuilt_model(tmp_path, capsys):
-    zoo = tmp_path / "zoo"
-    shutil.copytree(DEMO_ZOO, zoo)
-    policy = tmp_path / "fast.yaml"
-    policy.write_text("epsilon: 8/255\nood_budget: 64\nholdout: 16\n")
+    zoo, policy = demo_zoo_copy(tmp_path, ood_budget=64, holdout=16)
     out = tmp_path / "bench"
     argv = ["bench", "repair", "--zoo", str(zoo), "--out", str(out), "--policy", str(policy), "--epochs", "1"]
     assert main(argv) == 0
@@ -27,8 +23,7 @@ def test_bench_repair_reports_resumes_and_reruns_a_rebuilt_model(tmp_path, capsy
     assert main(argv) == 0  # resumes: nothing recomputed
     assert "[1/1]" not in capsys.readouterr().err
 
-    # "rebuild" the backdoored model as a clean one (same name): the cached row must not be reused
-    shutil.copy(zoo / "clean" / "prompt_learner.safetensors", zoo / "backdoored" / "prompt_learner.safetensors")
+    rebuild_under_same_name(zoo, source="clean", target="backdoored")  # the cached row must not be reused
     assert main(argv) == 0
     assert "[1/1] backdoored" in capsys.readouterr().err
     (row2,) = json.loads((out / "repair.json").read_text())["models"]
