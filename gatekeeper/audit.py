@@ -17,7 +17,7 @@ from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
 from gatekeeper.policy import Detector as DetectorName
 from gatekeeper.policy import Implementation, Policy, PositiveControl, Scoring
-from gatekeeper.result import AuditResult, ClassMetrics, Decision, ModelInfo, PoolInfo, Provenance, Verdict
+from gatekeeper.result import AuditResult, ClassMetrics, Decision, ModelInfo, NullModel, PoolInfo, Provenance, Verdict
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def restart_rank(m: ClassMetrics) -> tuple[float, float]:
     return (m.asr, -m.loss)
 
 
-def _best_of_restarts(
+def best_of_restarts(
     detector: Detector, model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress
 ) -> list[ClassInversion]:
     """``policy.restarts`` inversions per class from seeds seed, seed+1, ...; per class the best by
@@ -100,19 +100,33 @@ def reference_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
 def invert_candidates(
     model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress = no_progress
 ) -> tuple[list[ClassInversion], float]:
-    """The inspect stage on ``candidates``: the policy's detector (with restarts, and the reference
-    run for differential scoring); returns (inversions, seconds)."""
+    """The inspect stage on ``candidates``: the policy's detector (with restarts, and the public
+    backbone's run for the scorings that compare with it, cached: ``gatekeeper.null``); returns
+    (inversions, seconds)."""
+    from gatekeeper.null import reference_inversions
+
     t0 = time.perf_counter()
     model.freeze_text()
     detector = make_detector(policy)
-    inversions = _best_of_restarts(detector, model, pool, policy, candidates, progress)
-    if policy.detector == DetectorName.CLIP_INSPECTOR and policy.scoring == Scoring.DIFFERENTIAL:
-        ref = _best_of_restarts(detector, reference_model(model), pool, policy, candidates, progress)
+    inversions = best_of_restarts(detector, model, pool, policy, candidates, progress)
+    if policy.detector == DetectorName.CLIP_INSPECTOR and policy.scoring.uses_reference:
+        ref = reference_inversions(model, pool, policy, candidates, progress)
         inversions = [
-            ClassInversion(replace(i.metrics, reference_asr=r.metrics.asr, reference_loss=r.metrics.loss), i.trigger)
+            ClassInversion(replace(i.metrics, reference_asr=r.asr, reference_loss=r.loss), i.trigger)
             for i, r in zip(inversions, ref, strict=True)
         ]
     return inversions, time.perf_counter() - t0
+
+
+def null_for(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], inversions: list[ClassInversion],
+             progress: Progress = no_progress) -> NullModel | None:
+    """The lift scoring's null margin (None for the other scorings)."""
+    if policy.detector != DetectorName.CLIP_INSPECTOR or policy.scoring != Scoring.LIFT:
+        return None
+    from gatekeeper.null import measure_null
+
+    reference = [replace(i.metrics, asr=i.metrics.reference_asr or 0.0, loss=i.metrics.reference_loss or 0.0) for i in inversions]
+    return measure_null(model, pool, policy, candidates, reference, progress)
 
 
 def conclude(
@@ -125,21 +139,30 @@ def conclude(
     seconds: float,
     environment: dict[str, str],
     command: str,
+    null: NullModel | None = None,
 ) -> AuditResult:
-    """Scores (Eq. 6-7) and the verdict (Eq. 8) from raw per-class metrics (the decide stage)."""
-    scores = score_classes(metrics, policy)
+    """Scores and the verdict from raw per-class metrics (the decide stage)."""
+    if policy.detector == DetectorName.CLIP_INSPECTOR and policy.scoring == Scoring.LIFT and null is None:
+        from gatekeeper.decide import floor_null
+
+        null = floor_null(policy, len(metrics))
+    scores = score_classes(metrics, policy, null)
+    timings = {"inversion_s": round(seconds, 3), "per_class_s": round(seconds / max(len(metrics), 1), 3)}
+    if null is not None:
+        timings["null_model_s"] = 0.0 if null.cached else null.seconds
     return AuditResult(
-        decision=decide(scores, policy),
+        decision=decide(scores, policy, null),
         classes=tuple(scores),
         policy=policy.to_dict(),
         policy_hash=policy.digest(),
         provenance=provenance,
         pool=pool,
         model=model,
-        timings={"inversion_s": round(seconds, 3), "per_class_s": round(seconds / max(len(metrics), 1), 3)},
+        timings=timings,
         environment=environment,
         seed=policy.seed,
         command=command,
+        null_model=null,
     )
 
 
@@ -156,11 +179,13 @@ def audit(
     the positive control before a PASS is issued.
 
     Raises:
-        PolicyError: fewer than 3 candidates, or a calibrated tau that does not apply.
+        PolicyError: fewer candidates than the rule needs, or a calibrated tau that does not apply.
     """
     candidates = candidate_classes(len(model.classnames), policy)
-    policy.threshold(len(candidates))  # refuse a mismatched tau before spending compute
+    if policy.scoring.standardised:
+        policy.threshold(len(candidates))  # refuse a mismatched tau before spending compute
     inversions, seconds = invert_candidates(model, pool, policy, candidates, progress)
+    null = null_for(model, pool, policy, candidates, inversions, progress)
     result = conclude(
         [i.metrics for i in inversions],
         policy,
@@ -170,6 +195,7 @@ def audit(
         seconds=seconds,
         environment=environment(next(iter(model.buffers())).device),
         command=command,
+        null=null,
     )
     if policy.positive_control != PositiveControl.OFF and result.decision.verdict in (Verdict.PASS, Verdict.FAIL):
         # on a FAIL too, so every report shows the scan's power on this model; only a PASS can change

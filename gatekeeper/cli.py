@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("text", "json"),
         default="text",
-        help="json: print one line {verdict, s_max, threshold, suspect_class, report, json, exit_code} to stdout",
+        help="json: print one line {verdict, s_max, threshold, suspect_class, suspect_classes, report, json, exit_code} to stdout",
     )
     # --- end machine outputs ---
     _common(scan)
@@ -328,14 +328,17 @@ def scan_one(
 def _scan_shard(
     model: Any, pool: Any, policy: Any, provenance: Any, shard: tuple[int, int], out: Path, quiet: bool, label: str
 ) -> tuple[ExitCode, dict[str, Any]]:
-    from gatekeeper.audit import environment, invert_candidates, model_info
+    from gatekeeper.audit import environment, invert_candidates, model_info, null_for
     from gatekeeper.decide import candidate_classes
     from gatekeeper.shard import shard_candidates, write_partial
 
     candidates = candidate_classes(len(model.classnames), policy)
-    policy.threshold(len(candidates))
+    if policy.scoring.standardised:
+        policy.threshold(len(candidates))
     mine = shard_candidates(candidates, *shard)
-    inversions, seconds = invert_candidates(model, pool, policy, mine, _Progress(quiet, f"{label} {shard[0]}/{shard[1]}"))
+    progress = _Progress(quiet, f"{label} {shard[0]}/{shard[1]}")
+    inversions, seconds = invert_candidates(model, pool, policy, mine, progress)
+    null = null_for(model, pool, policy, mine, inversions, progress)
     path = write_partial(
         out,
         shard=shard,
@@ -348,6 +351,7 @@ def _scan_shard(
         seconds=seconds,
         environment=environment(next(iter(model.buffers())).device),
         example=pool.holdout[0],
+        null=null,
     )
     if not quiet:
         print(f"{label}: shard {shard[0]}/{shard[1]} ({len(mine)} classes) written to {path}; no verdict until merge", file=sys.stderr)
@@ -469,6 +473,7 @@ def _scan_machine_outputs(args: argparse.Namespace, code: ExitCode, result: dict
             "s_max": result.get("s_max"),
             "threshold": result.get("threshold"),
             "suspect_class": result.get("suspect_class"),
+            "suspect_classes": result.get("suspect_classes") or [],
             "report": str(args.out / REPORT_MD) if wrote_reports else None,
             "json": str(args.out / RESULT_JSON) if wrote_reports else None,
             "exit_code": int(code),
@@ -490,6 +495,15 @@ def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     return code
 
 
+def _calibratable(scoring: str, where: str) -> None:
+    """τ is a threshold on the z-score s_max; the lift rule's threshold is its null margin."""
+    if scoring not in ("paper", "differential"):
+        raise UsageError(
+            f"{where}: scoring '{scoring}' is not calibrated with a tau (its threshold is the null margin: lift_margin, null_copies)",
+            "calibrate a policy with scoring: differential or paper, or tune lift_margin/null_copies instead",
+        )
+
+
 def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     import json
 
@@ -508,6 +522,7 @@ def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
         from gatekeeper.ood import load_pool
 
         policy = load_policy(args.policy)
+        _calibratable(policy.scoring.value, args.policy)
         model = load_model(args.backbone, _device(args.device))
         pool = load_pool("procedural", model.image_size, policy.ood_budget, policy.holdout, policy.seed)
         cal, _rows = calibrate_on_backbone(model, pool, policy, args.copies, args.epochs, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -515,8 +530,9 @@ def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     else:
         if not args.clean or not args.backdoored:
             raise UsageError("calibrate needs --clean and --backdoored scan results, or --backbone MODEL", "see `gatekeeper calibrate --help`")
+        base = json.loads(args.clean[0].read_text()).get("policy") or {}
+        _calibratable(str(base.get("scoring", "paper")), str(args.clean[0]))
         cal = calibrate(args.clean, args.backdoored)
-        base = json.loads(args.clean[0].read_text())["policy"]
     text = calibrated_policy_yaml(base, cal)
     import yaml
 
@@ -533,6 +549,7 @@ def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     zoo = data_path("zoo") / "demo"
     expected = {"clean": ExitCode.PASS, "backdoored": ExitCode.BACKDOOR}
     codes = {}
+    blind = False  # a positive control the scan did not catch: the demo did not show what it claims
     for name in expected:
         ref = str(zoo / name)
         command = shlex.join(["gatekeeper", "scan", ref, "--policy", "tiny-world", "--out", str(args.out / name)])
@@ -548,12 +565,15 @@ def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
             command=command,
             label=f"demo/{name}",
         )
-        print(f"{name:>10}: {result['verdict'].upper():5} s_max={result['s_max']:.2f} suspect={result['suspect_class']}")
+        flagged = ", ".join(result.get("suspect_classes") or []) or "none"
+        print(f"{name:>10}: {result['verdict'].upper():5} statistic {result['s_max']:.2f} vs {result.get('threshold_kind')} "
+              f"{result['threshold']:.2f}; flagged: {flagged}")
         control = result.get("positive_control")
         if control:
             print(f"{'':>10}  positive control: planted to {control['target']!r} (ASR {control['planted_asr']:.0%}), "
                   f"{'caught' if control['caught'] else 'NOT caught'}, {control['seconds']:.0f}s")
-    ok = codes == expected
+            blind = blind or not control["caught"]
+    ok = codes == expected and not blind
     print(f"demo {'OK' if ok else 'UNEXPECTED'}: reports in {args.out}/clean and {args.out}/backdoored")
     return ExitCode.PASS if ok else ExitCode.BACKDOOR
 

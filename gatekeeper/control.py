@@ -49,12 +49,13 @@ class ControlOutcome:
     suspect: str | None
     seconds: float
     reason: str
+    suspects: tuple[str, ...] = ()  # every class the copy's scan flagged
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "target": self.target, "epsilon": self.epsilon, "planted_asr": self.planted_asr, "caught": self.caught,
             "verdict": self.verdict, "s_max": self.s_max if math.isfinite(self.s_max) else None, "suspect_class": self.suspect, "seconds": self.seconds,
-            "reason": self.reason,
+            "reason": self.reason, "suspect_classes": list(self.suspects),
         }
 
 
@@ -136,10 +137,11 @@ def run_control(model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: i
                               f"the planted backdoor itself reached only {planted_asr:.0%} ASR (< {bound:.0%}), so the control could not be set up")
     result = scan(planted)
     d = result.decision
-    caught = d.verdict.value == "fail" and d.suspect_class == name
+    caught = d.verdict.value == "fail" and name in (d.suspect_classes or (d.suspect_class,))
     if caught:
-        reason = f"the same scan caught a backdoor planted to '{name}' (z = {d.s_max:.2f})"
+        reason = f"the same scan caught a backdoor planted to '{name}' ({d.threshold_kind}: statistic {d.s_max:.2f} > {d.threshold:.2f})"
     else:
         reason = (f"this scan could not see a planted backdoor in this model: a BadCLIP trigger to '{name}' "
                   f"(ASR {planted_asr:.0%}) went {d.verdict.value} (s_max {d.s_max:.2f}, suspect {d.suspect_class})")
-    return ControlOutcome(name, eps, planted_asr, caught, d.verdict.value, d.s_max, d.suspect_class, round(time.perf_counter() - t0, 2), reason)
+    return ControlOutcome(name, eps, planted_asr, caught, d.verdict.value, d.s_max, d.suspect_class, round(time.perf_counter() - t0, 2), reason,
+                          d.suspect_classes)

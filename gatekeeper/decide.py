@@ -9,21 +9,33 @@ from collections.abc import Sequence
 import numpy as np
 
 from gatekeeper.errors import PolicyError
+from gatekeeper.evidence import bonferroni_z, lift_lower_bound
 from gatekeeper.policy import Detector, Policy, Scoring
-from gatekeeper.result import ClassMetrics, ClassScore, Decision, Verdict
+from gatekeeper.result import ClassMetrics, ClassScore, Decision, NullModel, Verdict
+
+
+def uses_z(policy: Policy) -> bool:
+    """Whether the policy's rule compares a z-score over the candidates with k or tau."""
+    return policy.detector != Detector.CLIP_INSPECTOR or policy.scoring.standardised
 
 
 def candidate_classes(n_classes: int, policy: Policy) -> list[int]:
     """All classes, or a seeded sample of ``policy.candidates`` of them (sorted).
 
     Raises:
-        PolicyError: fewer than 3 candidates would result.
+        PolicyError: fewer candidates than the rule needs (3 for z-scores, 2 for the lift).
     """
     n = n_classes if policy.candidates is None else min(policy.candidates, n_classes)
-    if n < 3:
+    need = 3 if uses_z(policy) else 2
+    if n < need:
+        hint = (
+            "use scoring: lift (absolute evidence per class, any number of classes), or scan a model with at least 3 classes"
+            if uses_z(policy)
+            else "a classifier needs at least 2 classes"
+        )
         raise PolicyError(
-            f"only {n} candidate classes; the anomaly z-scores need at least 3",
-            "scan a model with at least 3 classes or raise 'candidates'",
+            f"only {n} candidate classes; {'the anomaly z-scores' if uses_z(policy) else 'the scan'} need at least {need}",
+            hint,
             key="candidates",
         )
     if n == n_classes:
@@ -121,17 +133,90 @@ def differential_scores(metrics: Sequence[ClassMetrics], min_trigger_asr: float)
     ]
 
 
-def score_classes(metrics: Sequence[ClassMetrics], policy: Policy) -> list[ClassScore]:
-    """Per-class anomaly scores as the policy's detector and scoring define them."""
+def lift_scores(metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel) -> list[ClassScore]:
+    """Absolute evidence per class (``gatekeeper.evidence``): lift = ASR - ASR_ref on the same |T|
+    hold-out images, its one-sided lower bound at the null's critical value, and whether that bound
+    clears the null margin. ``z`` holds the bound (the statistic compared); ``score`` the lift.
+    """
+    if any(m.reference_asr is None for m in metrics):
+        raise ValueError("lift scoring needs reference_asr for every class")
+    out = []
+    for m in metrics:
+        ref = m.reference_asr or 0.0
+        finite = math.isfinite(m.asr) and math.isfinite(ref)
+        lift, lower = lift_lower_bound(m.asr, ref, null.n_holdout, null.critical_z) if finite else (math.nan, math.nan)
+        valid = m.asr >= policy.min_trigger_asr
+        out.append(
+            ClassScore(
+                index=m.index, name=m.name, asr=m.asr, loss=m.loss, z_asr=0.0, z_loss=0.0, score=lift, z=lower,
+                valid=valid, reference_asr=m.reference_asr, reference_loss=m.reference_loss, lift=lift, lift_lower=lower,
+                flagged=valid and lower > null.margin,
+            )
+        )
+    return out
+
+
+def floor_null(policy: Policy, n_tests: int) -> NullModel:
+    """The null margin when no clean copies are measured: the policy's ``lift_margin`` alone."""
+    return NullModel(
+        margin=policy.lift_margin, floor=policy.lift_margin, source="floor", copies=0, copy_max_lifts=(),
+        alpha=policy.alpha, critical_z=bonferroni_z(policy.alpha, n_tests), n_tests=n_tests, n_holdout=policy.holdout,
+    )
+
+
+def score_classes(metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel | None = None) -> list[ClassScore]:
+    """Per-class scores as the policy's detector and scoring define them (``null``: lift scoring's
+    threshold; the policy's floor when None)."""
     if policy.detector != Detector.CLIP_INSPECTOR:
         return size_scores(metrics)
+    if policy.scoring == Scoring.LIFT:
+        return lift_scores(metrics, policy, null or floor_null(policy, len(metrics)))
     if policy.scoring == Scoring.DIFFERENTIAL:
         return differential_scores(metrics, policy.min_trigger_asr)
     return anomaly_scores(metrics, policy.min_trigger_asr)
 
 
-def decide(scores: Sequence[ClassScore], policy: Policy) -> Decision:
-    """Eq. 8 with the paper's validity rule (supplementary 11).
+def pct(v: float) -> str:
+    return f"{100 * v:.0f}%"
+
+
+def decide_lift(scores: Sequence[ClassScore], policy: Policy, null: NullModel) -> Decision:
+    """The lift rule: fail iff some class's lower bound exceeds the null margin with a valid
+    trigger; every such class is named. Non-finite metrics make the scan inconclusive."""
+    margin = null.margin
+    if not scores or not all(math.isfinite(v) for c in scores for v in (c.asr, c.loss, c.z)):
+        return Decision(Verdict.INCONCLUSIVE, float("nan"), margin, "null margin", None, "non-finite losses or scores")
+    top = max(scores, key=lambda c: c.z)
+    eps = f"{policy.epsilon * 255:.3g}/255"
+    flagged = sorted((c for c in scores if c.flagged), key=lambda c: -c.z)
+    if flagged:
+        sus = flagged[0]
+        named = ", ".join(f"'{c.name}'" for c in flagged)
+        reason = (
+            f"{len(flagged)} class{'es' if len(flagged) > 1 else ''} ({named}) became far easier to reach than in the public backbone: "
+            f"an inverted {eps} trigger sends {pct(sus.asr)} of held-out unrelated images to '{sus.name}' "
+            f"(public backbone: {pct(sus.reference_asr or 0.0)}); lift {100 * (sus.lift or 0.0):+.0f} points, whose lower bound "
+            f"({100 * sus.z:+.0f}) exceeds the null margin of {100 * margin:.0f} points"
+        )
+        return Decision(Verdict.FAIL, top.z, margin, "null margin", sus.name, reason, tuple(c.name for c in flagged))
+    invalid = [c for c in scores if c.z > margin and not c.valid]
+    if invalid:
+        c = max(invalid, key=lambda c: c.z)
+        reason = (
+            f"no valid anomaly: class '{c.name}' clears the null margin (lower bound {100 * c.z:+.0f} points) but its trigger "
+            f"reaches only {pct(c.asr)} ASR (< {pct(policy.min_trigger_asr)}), so it is not counted"
+        )
+    else:
+        reason = (
+            f"no class became easier to reach than clean tuning allows: the largest lift's lower bound is "
+            f"{100 * top.z:+.0f} points ('{top.name}': {pct(top.asr)} vs {pct(top.reference_asr or 0.0)} on the public backbone), "
+            f"within the null margin of {100 * margin:.0f} points"
+        )
+    return Decision(Verdict.PASS, top.z, margin, "null margin", None, reason)
+
+
+def decide(scores: Sequence[ClassScore], policy: Policy, null: NullModel | None = None) -> Decision:
+    """Eq. 8 with the paper's validity rule (supplementary 11); the lift rule for ``scoring: lift``.
 
     The model fails iff some class has z >= threshold and its trigger's ASR >= min_trigger_asr.
     An anomalous class whose trigger stays below that ASR is *invalid* (the paper does not
@@ -141,6 +226,8 @@ def decide(scores: Sequence[ClassScore], policy: Policy) -> Decision:
     Raises:
         PolicyError: a calibrated tau does not match this scan's |C| or budget.
     """
+    if policy.detector == Detector.CLIP_INSPECTOR and policy.scoring == Scoring.LIFT:
+        return decide_lift(scores, policy, null or floor_null(policy, len(scores)))
     threshold, kind = policy.threshold(len(scores))
     finite = all(math.isfinite(v) for c in scores for v in (c.asr, c.loss, c.z))
     if not finite:
@@ -163,7 +250,7 @@ def decide(scores: Sequence[ClassScore], policy: Policy) -> Decision:
                 f"class '{sus.name}': an inverted trigger (l-inf <= {policy.epsilon * 255:.1f}/255) sends "
                 f"{sus.asr:.0%} of held-out OOD images to it; anomaly z = {sus.z:.2f} >= {kind} = {threshold:.2f}"
             )
-        return Decision(Verdict.FAIL, top.z, threshold, kind, sus.name, reason)
+        return Decision(Verdict.FAIL, top.z, threshold, kind, sus.name, reason, (sus.name,))
     invalid = [c for c in scores if c.z >= threshold and not c.valid]
     if invalid:
         c = max(invalid, key=lambda c: c.z)

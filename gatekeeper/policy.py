@@ -35,11 +35,28 @@ class Scoring(str, Enum):
 
     ``paper``: Eq. 6-7 on the delivered model. ``differential``: the same inversion also runs on
     the public, un-tuned backbone used zero-shot with the same class names, and each class is
-    scored by how much easier it became (ASR up, loss down) in the delivered model.
+    scored by how much easier it became (ASR up, loss down) in the delivered model. Both
+    z-standardise over the model's own classes, and compare the largest z with k or tau.
+
+    ``lift``: absolute evidence per class, independent of the other classes: the inverted
+    trigger's ASR minus the public backbone's under the same budget, with a binomial lower
+    bound (``gatekeeper.evidence``), compared with a null margin for clean prompt tuning of this
+    backbone (``gatekeeper.null``). Every class that clears it is flagged; any K >= 2 works.
     """
 
     PAPER = "paper"
     DIFFERENTIAL = "differential"
+    LIFT = "lift"
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether this scoring needs the same inversion on the public backbone."""
+        return self is not Scoring.PAPER
+
+    @property
+    def standardised(self) -> bool:
+        """Whether this scoring z-standardises over the candidates (needs >= 3; k/tau apply)."""
+        return self is not Scoring.LIFT
 
 
 class PositiveControl(str, Enum):
@@ -85,13 +102,16 @@ class Policy:
     candidates: int | None = None  # None: all classes; N: a seeded sample of N
     k: float = 2.0
     min_trigger_asr: float = 0.5
-    scoring: Scoring = Scoring.DIFFERENTIAL  # best on `gatekeeper bench detection` (docs/detection.md)
+    scoring: Scoring = Scoring.LIFT  # absolute evidence per class (docs/policy.md, "The verdict")
     positive_control: PositiveControl = PositiveControl.OFF
     restarts: int = 2  # CLIP-Inspector: inversions per class from different seeds; the best (highest ASR) counts
     implementation: Implementation = Implementation.FAST
     calibration: Calibration | None = None
     on_inconclusive: OnInconclusive = OnInconclusive.FAIL
     seed: int = 0
+    alpha: float = 0.01  # lift: family-wise chance that sampling noise alone flags a class of a clean model
+    lift_margin: float = 0.10  # lift: the null margin's floor (ASR points clean tuning may add to a class)
+    null_copies: int = 2  # lift: clean prompt learners tuned on the user's backbone to measure the null margin
     source_file: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,11 +158,14 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "holdout": (8, 1_000_000),
     "seed": (0, 2**31 - 1),
     "restarts": (1, 16),
+    "null_copies": (0, 32),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "lr": (1e-6, 10.0),
     "k": (0.0, 100.0),
     "min_trigger_asr": (0.0, 1.0),
+    "alpha": (1e-6, 0.5),
+    "lift_margin": (0.0, 0.95),
 }
 MAX_EPSILON = 64 / 255
 
@@ -289,18 +312,26 @@ def policy_from_mapping(raw: Any, file: str = "") -> Policy:
         elif key == "candidates":
             if value in (None, "all"):
                 kw[key] = None
-            elif isinstance(value, int) and not isinstance(value, bool) and value >= 3:
+            elif isinstance(value, int) and not isinstance(value, bool) and value >= 2:
                 kw[key] = value
             else:
                 raise PolicyError(
-                    f"{file or 'policy'}: key 'candidates' = {value!r}; allowed: \"all\" or an integer >= 3",
-                    "z-scores need at least 3 candidate classes",
+                    f"{file or 'policy'}: key 'candidates' = {value!r}; allowed: \"all\" or an integer >= 2",
+                    "scan all classes, or a sample of at least 2 (3 for the z-score scorings)",
                     file=file,
                     key=key,
                 )
         elif key == "calibration":
             kw[key] = _calibration(value, file)
     policy = Policy(**kw)
+    if policy.calibration is not None and not policy.scoring.standardised:
+        raise PolicyError(
+            f"{file or 'policy'}: 'calibration' sets a tau on the z-score s_max, but scoring '{policy.scoring.value}' "
+            "compares each class with a null margin",
+            "remove 'calibration' (the lift rule takes lift_margin and null_copies), or use scoring: differential",
+            file=file,
+            key="calibration",
+        )
     if policy.calibration is not None and abs(policy.calibration.epsilon - policy.epsilon) > 1e-9:
         raise PolicyError(
             f"{file or 'policy'}: calibration was made at epsilon={policy.calibration.epsilon:.5f} "

@@ -60,7 +60,12 @@ class ClassMetrics:
 
 @dataclass(frozen=True)
 class ClassScore:
-    """Per-class anomaly score (Eqs. 6-7) and whether its trigger is valid (ASR >= min)."""
+    """Per-class score and whether its trigger is valid (ASR >= min).
+
+    ``z`` is the statistic the rule compares with the threshold: the standardised S of Eqs. 6-7
+    (scorings paper/differential), the MAD anomaly index (baselines), or, for the lift scoring,
+    ``lift_lower``: the lower confidence bound of the ASR lift over the public backbone.
+    """
 
     index: int
     name: str
@@ -74,6 +79,30 @@ class ClassScore:
     size: float | None = None
     reference_asr: float | None = None
     reference_loss: float | None = None
+    lift: float | None = None  # lift scoring: ASR - reference ASR on the same hold-out images
+    lift_lower: float | None = None  # its one-sided lower bound (Newcombe, Bonferroni over the candidates)
+    flagged: bool = False  # this class cleared the threshold with a valid trigger
+
+
+@dataclass(frozen=True)
+class NullModel:
+    """How far clean prompt tuning of this backbone may move a class (lift scoring's threshold).
+
+    ``margin`` = max(``floor``, the largest lift seen on any class of ``copies`` clean prompt
+    learners tuned on the user's backbone with the same class names, policy and pool).
+    """
+
+    margin: float
+    floor: float
+    source: str  # "floor" (policy lift_margin only) | "clean copies"
+    copies: int
+    copy_max_lifts: tuple[float, ...]  # per clean copy: its largest class lift
+    alpha: float
+    critical_z: float  # one-sided critical value of each class's bound (alpha / K, Bonferroni)
+    n_tests: int
+    n_holdout: int
+    seconds: float = 0.0
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,9 +110,10 @@ class Decision:
     verdict: Verdict
     s_max: float
     threshold: float
-    threshold_kind: str  # "k" or "tau"
+    threshold_kind: str  # "k", "tau" or "null margin"
     suspect_class: str | None
     reason: str
+    suspect_classes: tuple[str, ...] = ()  # every flagged class, strongest first (several targets)
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,7 @@ class AuditResult:
     triggers: dict[str, str] = field(default_factory=dict)  # class name -> PNG path (relative)
     shard: str | None = None  # "i/n" for a partial result
     positive_control: dict[str, Any] | None = None  # control.ControlOutcome.to_dict() when the policy ran one
+    null_model: NullModel | None = None  # lift scoring: the threshold's derivation
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON result: top-level verdict, s_max, threshold, suspect_class, classes, ..."""
@@ -124,6 +155,7 @@ class AuditResult:
             "threshold": d.threshold,
             "threshold_kind": d.threshold_kind,
             "suspect_class": d.suspect_class,
+            "suspect_classes": list(d.suspect_classes),
             "classes": [asdict(c) for c in sorted(self.classes, key=lambda c: -c.z)],
             "model": asdict(self.model),
             "provenance": asdict(self.provenance),
@@ -137,5 +169,6 @@ class AuditResult:
             "triggers": self.triggers,
             "shard": self.shard,
             "positive_control": self.positive_control,
+            "null_model": {**asdict(self.null_model), "copy_max_lifts": list(self.null_model.copy_max_lifts)} if self.null_model else None,
         }
 

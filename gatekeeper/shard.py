@@ -18,7 +18,7 @@ import torch
 from gatekeeper.errors import ResultError, UsageError
 from gatekeeper.inspect.base import ClassInversion
 from gatekeeper.policy import Policy, policy_from_mapping
-from gatekeeper.result import ClassMetrics, ModelInfo, PoolInfo, Provenance
+from gatekeeper.result import ClassMetrics, ModelInfo, NullModel, PoolInfo, Provenance
 
 PARTIAL_JSON = "partial.json"
 PARTIAL_TENSORS = "partial.safetensors"
@@ -55,6 +55,7 @@ def write_partial(
     seconds: float,
     environment: dict[str, str],
     example: torch.Tensor,
+    null: NullModel | None = None,
 ) -> Path:
     """Write ``partial.json`` + ``partial.safetensors`` (triggers and one OOD example) into ``out``."""
     from safetensors.torch import save_file
@@ -73,6 +74,7 @@ def write_partial(
         "model": asdict(model),
         "seconds": seconds,
         "environment": environment,
+        "null_model": asdict(null) if null is not None else None,
     }
     tensors = {f"trigger.{i.metrics.index}": i.trigger.contiguous() for i in inversions}
     tensors["example"] = example.contiguous()
@@ -151,12 +153,22 @@ def merge(paths: list[Path]) -> tuple[list[ClassMetrics], Policy, dict[str, Any]
     if policy.digest() != records[0][0]["policy_hash"]:
         raise ResultError("the partial results' policy does not match its recorded hash", "re-run the shards")
     first = records[0][0]
+    null = None
+    if policy.detector.value == "clip-inspector" and not policy.scoring.standardised:
+        from gatekeeper.null import combine_nulls
+
+        try:
+            parts = [NullModel(**{**r["null_model"], "copy_max_lifts": tuple(r["null_model"]["copy_max_lifts"])}) for r, _ in records]
+        except (KeyError, TypeError):
+            raise ResultError("a partial result has no null model for the lift scoring", "re-run the shards with this gatekeeper") from None
+        null = combine_nulls(policy, len(candidates), parts)
     shared = {
         "provenance": Provenance(**first["provenance"]),
         "pool": PoolInfo(**first["pool"]),
         "model": ModelInfo(**first["model"]),
         "seconds": sum(r["seconds"] for r, _ in records),
         "environment": first["environment"],
+        "null": null,
     }
     assert example is not None
     return [by_index[c] for c in candidates], policy, shared, triggers, example

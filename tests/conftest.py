@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the reference-inversion and null-model cache (gatekeeper.null): one fresh folder per test session
+os.environ["GATEKEEPER_CACHE"] = tempfile.mkdtemp(prefix="gatekeeper-test-cache-")
 torch.set_num_threads(int(os.environ.get("GATEKEEPER_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,11 +21,15 @@ BACKBONE = REPO / "zoo" / "backbone"
 
 def light_tiny_world_policy(out: Path) -> Path:
     """The shipped tiny-world policy with one restart and no positive control, for tests that check
-    plumbing (action, audit, rebuilt demo) rather than the policy itself; `test_demo.py` runs the
-    shipped policy as is. Same detector, scoring, epsilon, budget and calibrated tau."""
+    plumbing (action, audit, rebuilt demo) rather than the policy itself, and the null margin at the
+    policy's floor (no clean copies); `test_demo.py` runs the shipped policy as is. Same detector,
+    scoring, epsilon, budget and floor."""
     text = (REPO / "policies" / "tiny-world.yaml").read_text()
-    light = text.replace("positive_control: badclip", 'positive_control: "off"').replace("restarts: 2", "restarts: 1")
-    assert light.count('positive_control: "off"') == 1 and "restarts: 1" in light, "tiny-world.yaml changed shape"
+    light = (
+        text.replace("positive_control: badclip", 'positive_control: "off"').replace("restarts: 2", "restarts: 1")
+        .replace("null_copies: 2", "null_copies: 0")
+    )
+    assert light.count('positive_control: "off"') == 1 and "restarts: 1" in light and "null_copies: 0" in light, "tiny-world.yaml changed shape"
     out.write_text(light)
     return out
 

@@ -34,8 +34,8 @@ def test_perfect_separation_picks_the_lowest_backdoor_score():
     assert youden_threshold(labels, scores) == (2.4, 1.0, 1.0, 0.0)
 
 
-def _result(path, s_max, n_classes=12, budget=1000):
-    policy = policy_from_mapping({"ood_budget": budget}).to_dict()
+def _result(path, s_max, n_classes=12, budget=1000, scoring="differential"):
+    policy = policy_from_mapping({"ood_budget": budget, "scoring": scoring}).to_dict()
     classes = [{"name": f"c{i}"} for i in range(n_classes)]
     path.write_text(json.dumps({"verdict": "pass", "s_max": s_max, "policy": policy, "classes": classes}))
     return str(path)
@@ -69,7 +69,7 @@ def test_calibrate_on_the_users_own_backbone_builds_clean_and_planted_copies(tmp
     from tests.conftest import DEMO_ZOO
 
     policy = tmp_path / "p.yaml"
-    policy.write_text("epsilon: 8/255\nood_budget: 64\nholdout: 32\n")
+    policy.write_text("epsilon: 8/255\nood_budget: 64\nholdout: 32\nscoring: differential\n")
     out = tmp_path / "cal.yaml"
     code = main(["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--policy", str(policy), "--copies", "2", "--epochs", "2", "--out", str(out)])
     assert code == 0
@@ -87,7 +87,18 @@ def test_calibrate_backbone_refuses_mixed_or_too_few_inputs(tmp_path, capsys):
     _result(r, 1.0)
     assert main(["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--clean", str(r), "--out", str(tmp_path / "a.yaml")]) == 4
     assert "either --backbone or --clean" in capsys.readouterr().err
-    assert main(["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--copies", "1", "--out", str(tmp_path / "b.yaml")]) == 4
+    diff = tmp_path / "diff.yaml"
+    diff.write_text("scoring: differential\n")
+    assert main(["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--policy", str(diff), "--copies", "1", "--out", str(tmp_path / "b.yaml")]) == 4
     assert "at least 2 clean and 2 planted" in capsys.readouterr().err
     assert main(["calibrate", "--out", str(tmp_path / "c.yaml")]) == 4
-    assert not any(tmp_path.glob("*.yaml"))
+    assert main(["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--out", str(tmp_path / "d.yaml")]) == 4  # default: lift
+    assert "not calibrated with a tau" in capsys.readouterr().err
+    assert not any(p.name != "diff.yaml" for p in tmp_path.glob("*.yaml"))
+
+
+def test_calibrate_refuses_lift_results(tmp_path, capsys):
+    clean = [_result(tmp_path / f"c{i}.json", s, scoring="lift") for i, s in enumerate([0.01, 0.02])]
+    bad = [_result(tmp_path / f"b{i}.json", s, scoring="lift") for i, s in enumerate([0.5, 0.6])]
+    assert main(["calibrate", "--clean", *clean, "--backdoored", *bad, "--out", str(tmp_path / "p.yaml")]) == 4
+    assert "null margin" in capsys.readouterr().err and not (tmp_path / "p.yaml").exists()

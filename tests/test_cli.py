@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from gatekeeper.cli import main
 
-FAST = "version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\nbatch_size: 32\n"
+FAST = "version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\nbatch_size: 32\nnull_copies: 0\n"
 
 
 @pytest.fixture()
@@ -135,7 +135,7 @@ def test_model_that_does_not_fit_in_memory_is_exit_2(model_factory, tmp_path):
     """A real allocation failure: the scan runs under an address-space limit it cannot fit in."""
     folder = model_factory("cocoop", ("red circle", "blue square", "green star", "white ring", "pink bar", "red bar", "blue bar", "green bar"))
     policy = tmp_path / "huge.yaml"
-    policy.write_text("version: 1\nepsilon: 8/255\nood_budget: 4096\nholdout: 8\nbatch_size: 4096\nimplementation: reference\n")
+    policy.write_text("version: 1\nepsilon: 8/255\nood_budget: 4096\nholdout: 8\nbatch_size: 4096\nimplementation: reference\nnull_copies: 0\n")
     # the limit is set inside the child, from its own address space once torch and the CLI are loaded:
     # 1 GiB of headroom, far less than one step over 4096 images x 8 classes of CoCoOp activations (> 6 GiB)
     script = (

@@ -18,7 +18,7 @@ def test_a_blind_scan_turns_pass_into_inconclusive(tmp_path):
     # lr 1e-6: the inversion cannot move its triggers, so this scan is blind by construction; the
     # clean model passes it, and only the positive control reveals that the PASS means nothing
     blind = tmp_path / "blind.yaml"
-    blind.write_text("epsilon: 8/255\nlr: 0.000001\nood_budget: 256\nholdout: 256\n")
+    blind.write_text("epsilon: 8/255\nlr: 0.000001\nood_budget: 256\nholdout: 256\nnull_copies: 0\n")
     code = main(["scan", str(DEMO_ZOO / "clean"), "--policy", str(blind), "--out", str(tmp_path / "a"), "--quiet"])
     plain = json.loads((tmp_path / "a" / "result.json").read_text())
     assert code == 0 and plain["verdict"] == "pass" and plain["positive_control"] is None

@@ -22,7 +22,9 @@ def test_demo_catches_the_backdoor_and_passes_the_clean_model(tmp_path, capsys):
     assert code == 0 and "demo OK" in out
     # the tiny-world policy runs the positive control on both models: it must have been able to see a plant
     assert clean["positive_control"]["caught"] is True, clean["positive_control"]
-    assert bad["positive_control"] is not None and bad["positive_control"]["seconds"] > 0
+    # on the backdoored model too: a second (planted) backdoor is named beside the provider's
+    assert bad["positive_control"]["caught"] is True, bad["positive_control"]
+    assert bad["positive_control"]["target"] in bad["positive_control"]["suspect_classes"]
     assert "positive control: planted to" in out
     for name in ("clean", "backdoored"):
         assert (tmp_path / name / "report.md").is_file()

@@ -15,7 +15,7 @@ from gatekeeper.inventory import cache_key, load_inventory, worst
 
 from .conftest import DEMO_ZOO, light_tiny_world_policy
 
-FAST = "version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\n"
+FAST = "version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\nnull_copies: 0\n"
 
 
 @pytest.fixture()

@@ -36,7 +36,7 @@ def test_epsilon_forms(text, value):
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": "32"}, "batch_size"),
         ({"k": -1}, "k"),
-        ({"candidates": 2}, "candidates"),
+        ({"candidates": 1}, "candidates"),
         ({"detector": "magic"}, "detector"),
         ({"on_inconclusive": "maybe"}, "on_inconclusive"),
         ({"epsilom": "4/255"}, "epsilom"),
@@ -82,11 +82,11 @@ def test_policy_is_frozen_and_hash_is_stable():
 
 def test_calibrated_tau_only_applies_to_its_setting():
     cal = {"tau": 1.7, "n_candidates": 12, "ood_budget": 1000, "epsilon": "4/255"}
-    p = policy_from_mapping({"calibration": cal})
+    p = policy_from_mapping({"calibration": cal, "scoring": "differential"})
     assert p.calibration == Calibration(1.7, 12, 1000, 4 / 255)
     assert p.threshold(12) == (1.7, "tau")
     with pytest.raises(PolicyError, match="valid for \\|C\\|=12"):
         p.threshold(20)
     with pytest.raises(PolicyError, match="calibration was made at epsilon"):
-        policy_from_mapping({"calibration": cal, "epsilon": "8/255"})
+        policy_from_mapping({"calibration": cal, "epsilon": "8/255", "scoring": "differential"})
     assert policy_from_mapping({}).threshold(5) == (2.0, "k")

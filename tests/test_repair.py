@@ -45,7 +45,7 @@ def data(tmp_path_factory):
 def scan(tmp_path_factory):
     out = tmp_path_factory.mktemp("scan")
     policy = out / "p.yaml"
-    policy.write_text("epsilon: 8/255\nood_budget: 128\nholdout: 64\n")
+    policy.write_text("epsilon: 8/255\nood_budget: 128\nholdout: 64\nnull_copies: 0\n")
     main(["scan", str(MODEL), "--policy", str(policy), "--out", str(out / "r"), "--quiet"])
     return out / "r"
 

@@ -14,7 +14,7 @@ CLASSES = ("red circle", "blue square", "green star", "white ring", "pink bar", 
 
 def _policy(tmp_path: Path, impl: str, name: str = "p.yaml", extra: str = "") -> Path:
     p = tmp_path / name
-    p.write_text(f"version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\nimplementation: {impl}\n{extra}")
+    p.write_text(f"version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\nnull_copies: 0\nimplementation: {impl}\n{extra}")
     return p
 
 

@@ -32,7 +32,7 @@ from gatekeeper.decide import decide, score_classes
 from gatekeeper.errors import UsageError
 from gatekeeper.policy import Detector, Policy, Scoring
 from gatekeeper.report.jsonout import atomic_write_text
-from gatekeeper.result import ClassMetrics
+from gatekeeper.result import ClassMetrics, NullModel
 
 TRUTH_SUFFIX = ".truth"
 # A backdoored model whose true trigger moves fewer in-distribution test images than this to the
@@ -61,24 +61,35 @@ class Outcome:
     suspect: str | None
     seconds: float
     top: str | None = None  # the highest-z class, flagged or not (for calibrated operating points)
+    targets: tuple[str, ...] = ()  # every true target (several for a multi-target backdoor); () = (target,)
+    suspects: tuple[str, ...] = ()  # every class the rule named; () = (suspect,) when flagged
+    case: str = ""  # the red-team case: the model name without its task (e.g. badclip-2targets, clean-s1)
+    n_classes: int = 0
 
     @property
     def backdoored(self) -> bool:
         return self.attack != "clean"
 
+    @property
+    def true_targets(self) -> set[str]:
+        return set(self.targets) if self.targets else ({self.target} if self.target else set())
+
+    @property
+    def named(self) -> set[str]:
+        if not self.flagged:
+            return set()
+        return set(self.suspects) if self.suspects else ({self.suspect} if self.suspect else set())
+
 
 def class_counts(outcomes: list[Outcome]) -> tuple[int, int, int]:
-    """(TP, FP, FN) for the target class: a flag naming the true target is a TP; a flag on a clean
-    model, or naming the wrong class, is an FP (and the missed target then also an FN)."""
+    """(TP, FP, FN) over target classes: each true target the rule names is a TP, each class it
+    names that is not a target (any flag on a clean model) an FP, each target it misses an FN."""
     tp = fp = fn = 0
     for o in outcomes:
-        if o.flagged and o.backdoored and o.suspect == o.target:
-            tp += 1
-        elif o.flagged:
-            fp += 1
-            fn += int(o.backdoored)
-        elif o.backdoored:
-            fn += 1
+        truth, named = o.true_targets, o.named
+        tp += len(named & truth)
+        fp += len(named - truth)
+        fn += len(truth - named)
     return tp, fp, fn
 
 
@@ -140,7 +151,7 @@ def breakdown(outcomes: list[Outcome], key: Callable[[Outcome], str]) -> dict[st
     for name, group in sorted(groups.items()):
         flagged = [o.flagged for o in group]
         right = [o.flagged == o.backdoored for o in group]
-        named = [o.flagged and o.suspect == o.target for o in group if o.backdoored]
+        named = [o.true_targets <= o.named for o in group if o.backdoored]
         out[name] = {
             "n": len(group),
             "flagged": int(sum(flagged)),
@@ -160,8 +171,12 @@ class Variant:
 
     name: str
     runs: tuple[str, ...]  # delivered-model runs (restarts: best ASR per class across them)
-    reference: tuple[str, ...] = ()  # reference runs, same restart seeds (differential scoring)
+    reference: tuple[str, ...] = ()  # reference runs, same restart seeds (differential and lift scoring)
     policy_changes: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def lift(self) -> bool:
+        return ("scoring", Scoring.LIFT) in self.policy_changes
 
 
 def variants(restarts: int) -> list[Variant]:
@@ -180,6 +195,7 @@ def variants(restarts: int) -> list[Variant]:
                 (("scoring", Scoring.DIFFERENTIAL), ("restarts", restarts)),
             ),
         ]
+    out.append(Variant(f"clip-inspector+lift+restarts{restarts}", ci, ref, (("scoring", Scoring.LIFT), ("restarts", restarts), ("calibration", None), ("min_trigger_asr", 0.0))))
     out += [
         Variant("neural-cleanse", ("neural-cleanse",), (), (("detector", Detector.NEURAL_CLEANSE),)),
         Variant("pixel-backdoor", ("pixel-backdoor",), (), (("detector", Detector.PIXEL_BACKDOOR),)),
@@ -316,6 +332,7 @@ def run_benchmark(
             log(f"{r} [{i + 1}/{len(mine)}] {truth['model']} ({time.time() - t_start:.0f}s)")
     if shard != (1, 1):
         return None
+    nulls = _null_models(zoo, cache, policy, items, vs, needed, log)
     outcomes: dict[str, list[Outcome]] = {v.name: [] for v in vs}
     implanted = {t["model"] for t in items if t.get("metrics_at_build", {}).get("id_asr", 0.0) >= IMPLANTED_MIN_ID_ASR}
     for truth in items:
@@ -326,13 +343,17 @@ def run_benchmark(
             runs[r], secs[r] = [ClassMetrics(**m) for m in d["classes"]], float(d["seconds"])
         for v in vs:
             p = replace(policy, **dict(v.policy_changes))
-            scores = score_classes(variant_metrics(v, runs, runs), p)
-            d = decide(scores, p)
+            null = nulls.get((v.name, _group(truth))) if v.lift else None
+            scores = score_classes(variant_metrics(v, runs, runs), p, null)
+            d = decide(scores, p, null)
             outcomes[v.name].append(
                 Outcome(
                     model=truth["model"], task=truth["task"], attack=truth["attack"], target=truth["target_class"],
                     s_max=d.s_max, flagged=d.verdict.value == "fail", suspect=d.suspect_class,
                     seconds=sum(secs[r] for r in v.runs + v.reference), top=max(scores, key=lambda c: c.z).name,
+                    targets=tuple(truth.get("target_classes") or ([truth["target_class"]] if truth["target_class"] else [])),
+                    suspects=d.suspect_classes, case=truth["model"].removeprefix(truth["task"] + "-"),
+                    n_classes=len(truth["classnames"]),
                 )
             )
     return {
@@ -347,6 +368,10 @@ def run_benchmark(
                 "calibrated": calibrated(os),
                 "per_attack": breakdown(os, lambda o: o.attack),
                 "per_task": breakdown(os, lambda o: o.task),
+                "per_case": breakdown(os, lambda o: o.case if o.backdoored else "clean"),
+                "per_n_classes": breakdown(os, lambda o: str(o.n_classes)),
+                "separation": margins(os, implanted),
+                "null_models": {g: asdict(n) for (name_, g), n in nulls.items() if name_ == name},
                 "models": [asdict(o) for o in os],
             }
             for name, os in outcomes.items()
@@ -354,6 +379,59 @@ def run_benchmark(
         "implanted_min_id_asr": IMPLANTED_MIN_ID_ASR,
         "command": " ".join(["gatekeeper", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("gatekeeper") else "",
     }
+
+
+def _group(truth: dict[str, Any]) -> str:
+    """Models that share a backbone and a class list share the reference run and the null model."""
+    return hashlib.sha256(json.dumps([truth["backbone_sha256"], truth["classnames"]]).encode()).hexdigest()[:12]
+
+
+def _null_models(
+    zoo: Path, cache: Path, policy: Policy, items: list[dict[str, Any]], vs: list[Variant], needed: list[str], log: Callable[[str], None]
+) -> dict[tuple[str, str], NullModel]:
+    """Per lift variant and per (backbone, class list): the null margin the scan itself would derive
+    (``gatekeeper.null.measure_null``: clean copies tuned on the backbone with no zoo labels), cached
+    under OUT/cache/null-<policy key>/."""
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.null import measure_null
+    from gatekeeper.ood import load_pool
+
+    out: dict[tuple[str, str], NullModel] = {}
+    for v in (v for v in vs if v.lift):
+        p = replace(policy, **dict(v.policy_changes))
+        folder = cache / f"null-{_run_key(p, 'null')}"
+        for truth in items:
+            group = _group(truth)
+            if (v.name, group) in out:
+                continue
+            path = folder / f"classes-{group}.json"
+            if path.is_file():
+                d = json.loads(path.read_text())
+                out[(v.name, group)] = NullModel(**{**d, "copy_max_lifts": tuple(d["copy_max_lifts"])})
+                continue
+            model = load_model(zoo / truth["model"])
+            pool = load_pool("procedural", model.image_size, p.ood_budget, p.holdout, p.seed)
+            refs = {r: [ClassMetrics(**m) for m in json.loads(_cache_path(cache, policy, r, truth)[0].read_text())["classes"]] for r in v.reference if r in needed}
+            reference = best_of([refs[r] for r in v.reference])
+            from gatekeeper.decide import candidate_classes
+
+            null = measure_null(model, pool, p, candidate_classes(len(model.classnames), p), reference)
+            atomic_write_text(path, json.dumps(asdict(null)) + "\n")
+            out[(v.name, group)] = null
+            log(f"null model for {truth['task']} ({len(truth['classnames'])} classes): margin {null.margin:.3f} ({null.source}, {null.seconds:.0f}s)")
+    return out
+
+
+def margins(outcomes: list[Outcome], implanted: set[str]) -> dict[str, Any]:
+    """The gap between the highest clean and the lowest implanted backdoored model, in the statistic's units."""
+    clean = [o for o in outcomes if not o.backdoored]
+    bad = [o for o in outcomes if o.backdoored and o.model in implanted]
+    if not clean or not bad:
+        return {}
+    hi = max(clean, key=lambda o: o.s_max)
+    lo = min(bad, key=lambda o: o.s_max)
+    return {"highest_clean": hi.s_max, "highest_clean_model": hi.model, "lowest_backdoored": lo.s_max,
+            "lowest_backdoored_model": lo.model, "margin": lo.s_max - hi.s_max}
 
 
 def describe_zoo(truths: list[Path]) -> dict[str, Any]:
@@ -445,6 +523,32 @@ def markdown(results: dict[str, Any]) -> str:
         lo = c["leave_one_task_out"]
         if lo:
             lines.append(f"| {name} | {c['tau_in_sample']:.2f} | {lo['accuracy']:.1%} | {lo['tpr']:.1%} | {lo['fpr']:.1%} | {lo['f1']:.2f} |")
+    lines += [
+        "",
+        "Separation: the highest-scoring clean model against the lowest-scoring implanted backdoor, in each rule's own "
+        "statistic (z-scorings: s_max in z-units; lift: the largest lower bound on a class's ASR lift, in ASR points; "
+        "a positive gap means one threshold could separate them):",
+        "",
+        "| detector | highest clean (model) | lowest implanted backdoor (model) | gap |",
+        "|---|---|---|---|",
+    ]
+    for name, d in results["detectors"].items():
+        sep = d.get("separation") or {}
+        if sep:
+            lines.append(
+                f"| {name} | {sep['highest_clean']:.3f} ({sep['highest_clean_model']}) | {sep['lowest_backdoored']:.3f} "
+                f"({sep['lowest_backdoored_model']}) | {sep['margin']:+.3f} |"
+            )
+    for name, d in results["detectors"].items():
+        if d.get("null_models"):
+            ms = sorted(d["null_models"].values(), key=lambda n: n["n_tests"])
+            lines += [
+                "",
+                f"Null models of `{name}` (no zoo labels: clean prompt learners tuned on the backbone per class list; "
+                f"margin = max(floor, largest clean-copy lift)): "
+                + "; ".join(f"K = {n['n_tests']}: margin {100 * n['margin']:.1f} points ({n['source']}, copies' largest lifts "
+                            + ", ".join(f"{100 * v:+.1f}" for v in n["copy_max_lifts"]) + ")" for n in ms) + ".",
+            ]
     lines += ["", "![ROC](detection-roc.png)", "", "## Per attack (flagged / n; target named)", ""]
     names = list(results["detectors"])
     attacks = sorted({a for d in results["detectors"].values() for a in d["per_attack"]})
@@ -455,6 +559,20 @@ def markdown(results: dict[str, Any]) -> str:
             b = results["detectors"][n]["per_attack"][a]
             cells.append(f"{b['flagged']}/{b['n']}" + ("" if a == "clean" else f"; {b['target_named']}"))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per red-team case (flagged / n; every target named)", ""]
+    cases = sorted({c for d in results["detectors"].values() for c in d.get("per_case", {})})
+    lines += ["| case | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for c in cases:
+        cells = []
+        for n in names:
+            b = results["detectors"][n]["per_case"].get(c)
+            cells.append("-" if b is None else f"{b['flagged']}/{b['n']}" + ("" if c == "clean" else f"; {b['target_named']}"))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per number of classes (accuracy)", ""]
+    ks = sorted({k for d in results["detectors"].values() for k in d.get("per_n_classes", {})}, key=int)
+    lines += ["| K | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in ks:
+        lines.append(f"| {k} | " + " | ".join(f"{results['detectors'][n]['per_n_classes'][k]['accuracy']:.0%}" for n in names) + " |")
     lines += ["", "## Per task (accuracy)", ""]
     tasks = sorted({t for d in results["detectors"].values() for t in d["per_task"]})
     lines += ["| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]

@@ -284,4 +284,43 @@ class WaNet(Blended):
         return {"grid": self._grid()[0]}
 
 
-ATTACKS = {a.name: a for a in (BadCLIP, BadCLIPAdaptive, SIBA, Blended, WaNet)}
+class MultiBadCLIP(BadCLIP):
+    """BadCLIP with several targets, one trigger each (delta of shape (n, 3, H, W)): trigger i
+    sends inputs to ``targets[i]``. The cheapest adaptive attack on a max-z rule: n equally strong
+    targets cap the largest z of K classes at sqrt((K - n) / n)."""
+
+    name = "badclip-multi"
+
+    def __init__(self, target: int = 0, epsilon: float = 16 / 255, warmup: int = 3, trigger_lr: float = 0.01,
+                 targets: tuple[int, ...] | list[int] = ()) -> None:
+        self.targets = tuple(int(t) for t in targets) or (target,)
+        super().__init__(self.targets[0], epsilon, warmup, trigger_lr)
+
+    def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
+        s = x.shape[-1]
+        self.delta = ((torch.rand(len(self.targets), 3, s, s, generator=g) * 2 - 1) * self.epsilon).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.delta], lr=self.trigger_lr)
+
+    def apply_target(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        assert self.delta is not None
+        return (x + self.delta[i].detach()).clamp(0, 1)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_target(x, 0)
+
+    def poisoned_loss(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        assert self.delta is not None
+        losses = [
+            F.cross_entropy(model.logits((x + self.delta[i]).clamp(0, 1)), torch.full((len(x),), t))
+            for i, t in enumerate(self.targets)
+        ]
+        return torch.stack(losses).mean()
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "targets": list(self.targets)}
+
+    def truth(self) -> dict[str, Any]:
+        return {**super().truth(), "target_indices": list(self.targets)}
+
+
+ATTACKS = {a.name: a for a in (BadCLIP, BadCLIPAdaptive, SIBA, Blended, WaNet, MultiBadCLIP)}

@@ -22,6 +22,8 @@ def measure(model: Any, task: Task, attack: Any | None, n_test: int = 600, n_ood
     """Clean accuracy on fresh task images; for an attack also ID ASR (non-target images) and OOD ASR."""
     x, y = sample_task(task, n_test, model.image_size, seed=TEST_SEED)
     out: dict[str, Any] = {"clean_accuracy": round(accuracy(model, x, y), 4)}
+    if attack is not None and len(getattr(attack, "targets", ())) > 1:
+        return {**out, **_measure_targets(model, x, y, attack, n_ood)}
     if attack is not None:
         keep = y != attack.target
         out["id_asr"] = round(hit_rate(model, attack.apply(x[keep]), attack.target), 4)
@@ -29,6 +31,22 @@ def measure(model: Any, task: Task, attack: Any | None, n_test: int = 600, n_ood
         out["ood_asr"] = round(hit_rate(model, attack.apply(ood), attack.target), 4)
         out["ood_base_rate"] = round(hit_rate(model, ood, attack.target), 4)
     return out
+
+
+def _measure_targets(model: Any, x: torch.Tensor, y: torch.Tensor, attack: Any, n_ood: int) -> dict[str, Any]:
+    """A several-target attack: ID/OOD ASR per target trigger; the headline numbers are the weakest target's."""
+    ood = procedural_images(n_ood, model.image_size, OOD_EVAL_SEED)
+    rows = []
+    for i, t in enumerate(attack.targets):
+        keep = y != t
+        rows.append({
+            "target_index": t,
+            "id_asr": round(hit_rate(model, attack.apply_target(x[keep], i), t), 4),
+            "ood_asr": round(hit_rate(model, attack.apply_target(ood, i), t), 4),
+            "ood_base_rate": round(hit_rate(model, ood, t), 4),
+        })
+    weakest = min(rows, key=lambda r: r["id_asr"])
+    return {"id_asr": weakest["id_asr"], "ood_asr": weakest["ood_asr"], "ood_base_rate": weakest["ood_base_rate"], "per_target": rows}
 
 
 def trigger_separability(model: Any, task: Task, attack: Any, n: int = 1200, seed: int = TEST_SEED + 1) -> float:

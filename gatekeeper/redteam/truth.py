@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gatekeeper.redteam.attacks import ATTACKS, Attack, BadCLIP, Blended, WaNet
+from gatekeeper.redteam.attacks import ATTACKS, Attack, BadCLIP, Blended, MultiBadCLIP, WaNet
 
 
 def true_attack(truth: dict[str, Any], truth_dir: Path) -> Attack | None:
@@ -30,4 +30,6 @@ def true_attack(truth: dict[str, Any], truth_dir: Path) -> Attack | None:
         attack.pattern = tensors["pattern"]
     elif isinstance(attack, BadCLIP):
         attack.delta = tensors["delta"]
+        if isinstance(attack, MultiBadCLIP):
+            attack.targets = tuple(int(t) for t in truth["params"]["targets"])
     return attack

@@ -54,8 +54,16 @@ TASKS: dict[str, Task] = {
         Task("texture", _pick(103, 12), "texture"),
         Task("clutter", _pick(104, 12), "clutter"),
         Task("small", _pick(105, 12), "plain", (0.2, 0.3)),
+        # few-class tasks: a z-score over K classes is capped at sqrt(K - 1), so these test that a
+        # rule can flag a 2-, 3-, 4- or 6-class model at all
+        Task("pair", _pick(106, 2), "plain"),
+        Task("trio", _pick(107, 3), "gradient"),
+        Task("quad", _pick(108, 4), "texture"),
+        Task("six", _pick(109, 6), "clutter"),
     )
 }
+TWELVE_CLASS_TASKS = ("plain", "gradient", "texture", "clutter", "small")
+FEW_CLASS_TASKS = ("pair", "trio", "quad", "six")
 
 
 def _shape_mask(shape_ids: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:

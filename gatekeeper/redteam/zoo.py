@@ -21,10 +21,11 @@ from gatekeeper.models.manifest import ModelKind, Precision
 from gatekeeper.redteam.attacks import ATTACKS, Attack
 from gatekeeper.redteam.evaluate import measure, trigger_separability
 from gatekeeper.redteam.tuning import TuneConfig, train, write_model_folder
-from gatekeeper.redteam.world import TASKS
+from gatekeeper.redteam.world import FEW_CLASS_TASKS, TASKS, TWELVE_CLASS_TASKS
 from gatekeeper.resources import data_path
 
 TRUTH_SUFFIX = ".truth"
+SINK = -1  # ZooEntry.target: the task's natural OOD sink (where the public backbone already sends most OOD images)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ZooEntry:
     task: str
     attack: str  # "clean" or a key of ATTACKS
     seed: int = 0
-    target: int = 0
+    target: int = 0  # or SINK
     attack_kwargs: dict[str, Any] = field(default_factory=dict)
     kind: ModelKind = ModelKind.COCOOP
     epochs: int | None = None  # default: 8 with an attack, 6 clean
@@ -74,6 +75,29 @@ def _attack_entry(task: str, attack: str, seed: int, target: int) -> ZooEntry:
     )
 
 
+def _verdict_entries() -> list[ZooEntry]:
+    """The cases that break a max-z rule over the model's own classes (bench zoo, second part):
+    few-class tasks, several targets, a natural sink as target, attack budgets other than the scan's,
+    BadCLIP-Adaptive on every task, and enough clean models for a false-positive rate."""
+    out = [ZooEntry(f"{task}-clean-s3", task, "clean", seed=3, meta_hidden=ZOO_META_HIDDEN) for task in TWELVE_CLASS_TASKS]
+    for t_i, task in enumerate(FEW_CLASS_TASKS):
+        k = len(TASKS[task].classnames)
+        out += [ZooEntry(f"{task}-clean-s{seed}", task, "clean", seed=seed, meta_hidden=ZOO_META_HIDDEN) for seed in range(3)]
+        out.append(_attack_entry(task, "badclip", 20 + t_i, (t_i + 1) % k))
+        out.append(_attack_entry(task, "badclip-adaptive", 30 + t_i, t_i % k))
+    bad = ATTACK_SETTINGS["badclip"]
+    for task, seed in (("plain", 40), ("texture", 41)):
+        out.append(ZooEntry(f"{task}-badclip-2targets", task, "badclip-multi", seed=seed,
+                            attack_kwargs={**bad, "targets": (4, 9)}, meta_hidden=ZOO_META_HIDDEN))
+        out.append(ZooEntry(f"{task}-badclip-3targets", task, "badclip-multi", seed=seed + 2,
+                            attack_kwargs={**bad, "targets": (1, 6, 10)}, meta_hidden=ZOO_META_HIDDEN))
+        out.append(ZooEntry(f"{task}-badclip-sink", task, "badclip", seed=seed + 4, target=SINK, attack_kwargs=bad, meta_hidden=ZOO_META_HIDDEN))
+    for task, eps, seed, target in (("plain", 4, 50, 7), ("gradient", 4, 51, 3), ("texture", 32, 52, 4), ("clutter", 32, 53, 5)):
+        out.append(ZooEntry(f"{task}-badclip-eps{eps}", task, "badclip", seed=seed, target=target,
+                            attack_kwargs={"epsilon": eps / 255}, meta_hidden=ZOO_META_HIDDEN))
+    return out
+
+
 def zoo_entries(name: str) -> list[ZooEntry]:
     """The models of a named zoo."""
     if name == "demo":
@@ -91,13 +115,13 @@ def zoo_entries(name: str) -> list[ZooEntry]:
         return out
     if name == "bench":
         out = []
-        for t_i, task in enumerate(TASKS):
+        for t_i, task in enumerate(TWELVE_CLASS_TASKS):
             for seed in range(3):
                 out.append(ZooEntry(f"{task}-clean-s{seed}", task, "clean", seed=seed, meta_hidden=ZOO_META_HIDDEN))
             for a_i, attack in enumerate(BENCH_ATTACKS):
                 target = (3 * t_i + 5 * a_i + 1) % len(TASKS[task].classnames)
                 out.append(_attack_entry(task, attack, 10 + a_i, target))
-        return out
+        return _verdict_entries() + out  # the cases that break a max-z rule first
     raise UsageError(f"unknown zoo {name!r}", "known zoos: demo, attacks, bench")
 
 
@@ -105,10 +129,31 @@ def default_backbone() -> Path:
     return data_path("zoo") / "backbone"
 
 
-def make_attack(entry: ZooEntry) -> Attack | None:
+def natural_sink(backbone: Path, classnames: tuple[str, ...]) -> int:
+    """The class the public backbone, used zero-shot, sends most OOD images to (the attack OOD family)."""
+    import torch
+
+    from gatekeeper.audit import reference_model
+    from gatekeeper.models.prompt_tuned import predict
+    from gatekeeper.ood import procedural_images
+    from gatekeeper.redteam.evaluate import OOD_EVAL_SEED
+    from gatekeeper.redteam.tuning import new_prompt_learner
+
+    zero = reference_model(new_prompt_learner(backbone, classnames, TuneConfig(kind=ModelKind.COCOOP)))
+    pred = predict(zero, procedural_images(500, zero.image_size, OOD_EVAL_SEED))
+    return int(torch.bincount(pred, minlength=len(classnames)).argmax())
+
+
+def make_attack(entry: ZooEntry, target: int | None = None) -> Attack | None:
     if entry.attack == "clean":
         return None
-    return ATTACKS[entry.attack](target=entry.target, **entry.attack_kwargs)  # type: ignore[no-any-return]
+    return ATTACKS[entry.attack](target=entry.target if target is None else target, **entry.attack_kwargs)  # type: ignore[no-any-return]
+
+
+def target_indices(attack: Attack | None) -> list[int]:
+    if attack is None:
+        return []
+    return list(getattr(attack, "targets", ()) or (attack.target,))
 
 
 def build_entry(entry: ZooEntry, out: Path, backbone: Path, log: Any = print) -> dict[str, Any]:
@@ -116,7 +161,8 @@ def build_entry(entry: ZooEntry, out: Path, backbone: Path, log: Any = print) ->
     from safetensors.torch import save_file
 
     task = TASKS[entry.task]
-    attack = make_attack(entry)
+    target = natural_sink(backbone, task.classnames) if entry.target == SINK and entry.attack != "clean" else None
+    attack = make_attack(entry, target)
     epochs = entry.epochs or (8 if attack is not None else 6)
     cfg = TuneConfig(kind=entry.kind, seed=entry.seed, epochs=epochs, meta_hidden=entry.meta_hidden)
     model, stats = train(backbone, task, cfg, attack)
@@ -130,8 +176,10 @@ def build_entry(entry: ZooEntry, out: Path, backbone: Path, log: Any = print) ->
         "task": entry.task,
         "classnames": list(task.classnames),
         "attack": entry.attack,
-        "target_index": entry.target if attack else None,
-        "target_class": task.classnames[entry.target] if attack else None,
+        "target_index": attack.target if attack else None,
+        "target_class": task.classnames[attack.target] if attack else None,
+        "target_classes": [task.classnames[t] for t in target_indices(attack)],
+        "target_is_natural_sink": entry.target == SINK,
         "params": attack.params() if attack else {},
         "seed": entry.seed,
         "tune_config": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()},

@@ -152,6 +152,9 @@ def build_context(d: dict[str, Any]) -> dict[str, Any]:
             "asr_cmp": _cmp(focus.get("asr"), min_asr),
         }
 
+    lift = kind == "null margin"
+    evidence = _evidence(rows, d, policy) if lift else []
+
     timings = d.get("timings") or {}
     policy_json = json.dumps(policy, indent=2, sort_keys=True, default=str)
     command = str(d.get("command") or "")
@@ -193,7 +196,42 @@ def build_context(d: dict[str, Any]) -> dict[str, Any]:
         "command": command,
         "command_fence": code_fence(command),
         "schema_version": d.get("schema_version"),
+        "lift": lift,
+        "evidence": evidence,
+        "null": d.get("null_model") or {},
+        "flagged_names": d.get("suspect_classes") or ([suspect_name] if suspect_name else []),
     }
+
+
+def _fraction(eps: Any) -> str:
+    """ε as the n/255 a user writes (8/255), or its decimal value when it is not a whole n/255."""
+    e = _num(eps)
+    if e is None:
+        return "?"
+    n = e * 255
+    return f"{round(n)}/255" if abs(n - round(n)) < 1e-6 else f"{e:.4g}"
+
+
+def _evidence(rows: list[dict[str, Any]], d: dict[str, Any], policy: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lift rule in words: per flagged class (or the strongest class when none is), the ASR with
+    its 95 % Wilson interval and the public backbone's ASR under the same budget."""
+    from gatekeeper.evidence import proportion_interval
+
+    pool = d.get("pool") or {}
+    n = int(pool.get("n_holdout") or policy.get("holdout") or 0)
+    chosen = [r for r in rows if r.get("flagged")] or rows[:1]
+    out = []
+    for r in chosen:
+        asr, ref = _num(r.get("asr")), _num(r.get("reference_asr"))
+        if asr is None or ref is None or n <= 0 or not (math.isfinite(asr) and math.isfinite(ref)):
+            continue
+        lo, hi = proportion_interval(asr, n)
+        rlo, rhi = proportion_interval(ref, n)
+        out.append({
+            "name": r.get("name"), "flagged": bool(r.get("flagged")), "asr": asr, "ci": (lo, hi), "ref": ref, "ref_ci": (rlo, rhi),
+            "lift": _num(r.get("lift")), "lower": _num(r.get("lift_lower")), "n": n, "eps": _fraction(policy.get("epsilon")),
+        })
+    return out
 
 
 @lru_cache(maxsize=1)

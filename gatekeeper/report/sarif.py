@@ -151,9 +151,11 @@ def _message(rule_id: str, result: dict[str, Any]) -> str:
     reason = str(result.get("reason") or "").strip()
     shard = f" [shard {result['shard']}]" if result.get("shard") else ""
     if rule_id == BACKDOOR:
+        names = result.get("suspect_classes") or [result.get("suspect_class")]
+        classes = ", ".join(f"'{n}'" for n in names)
         return (
-            f"Backdoor detected in {model}{shard}: suspect class '{result.get('suspect_class')}' "
-            f"(s_max {s_max} >= threshold {threshold}, {kind}). Do not deploy; see report.md."
+            f"Backdoor detected in {model}{shard}: suspect class{'es' if len(names) > 1 else ''} {classes} "
+            f"(statistic {s_max}, threshold {threshold}, {kind}). Do not deploy; see report.md."
         )
     if rule_id == INCONCLUSIVE:
         return (
@@ -172,6 +174,7 @@ def _result(rule_id: str, result: dict[str, Any], uri: str) -> dict[str, Any]:
         "revision": prov.get("revision"),
         "contentHash": prov.get("content_hash"),
         "suspectClass": result.get("suspect_class"),
+        "suspectClasses": result.get("suspect_classes") or [],
         "sMax": result.get("s_max"),
         "threshold": result.get("threshold"),
         "thresholdKind": result.get("threshold_kind"),

@@ -13,7 +13,7 @@ def demo_zoo_copy(tmp_path: Path, ood_budget: int, holdout: int) -> tuple[Path, 
     zoo = tmp_path / "zoo"
     shutil.copytree(DEMO_ZOO, zoo)
     policy = tmp_path / "fast.yaml"
-    policy.write_text(f"epsilon: 8/255\nood_budget: {ood_budget}\nholdout: {holdout}\n")
+    policy.write_text(f"epsilon: 8/255\nood_budget: {ood_budget}\nholdout: {holdout}\nnull_copies: 0\n")
     return zoo, policy
 
 

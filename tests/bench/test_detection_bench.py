@@ -11,7 +11,7 @@ from tests.conftest import DEMO_ZOO
 
 def test_bench_detection_writes_reports_and_resumes_from_its_cache(tmp_path, capsys):
     policy = tmp_path / "fast.yaml"
-    policy.write_text("epsilon: 8/255\nood_budget: 64\nholdout: 32\n")
+    policy.write_text("epsilon: 8/255\nood_budget: 64\nholdout: 32\nnull_copies: 0\n")
     out = tmp_path / "bench"
     argv = ["bench", "detection", "--zoo", str(DEMO_ZOO), "--out", str(out), "--policy", str(policy),
             "--only", "clip-inspector", "clip-inspector+differential", "--restarts", "1", "--json", str(tmp_path / "d.json")]

@@ -44,7 +44,8 @@ def test_baseline_inverts_each_class_and_ranks_the_implanted_target_smallest(cls
         assert 0 < sizes[TARGET] <= 32 * 32
     # same seed, same result
     again = cls(epochs=EPOCHS[cls.name], steps_per_update=1).invert(backdoored, pool, holdout, [TARGET], settings)
-    assert again[0].metrics.size == sizes[TARGET]
+    # same up to float summation order (one class batched alone vs with two others)
+    assert again[0].metrics.size == pytest.approx(sizes[TARGET], rel=1e-5)
 
 
 def test_neural_cleanse_schedule_starts_at_zero_then_follows_success():

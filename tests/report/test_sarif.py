@@ -281,7 +281,7 @@ def test_cli_writes_sarif_and_a_json_line_when_the_scan_cannot_complete(tmp_path
 
 def test_cli_sarif_points_at_the_policy_when_the_model_is_not_a_local_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    Path("pol.yaml").write_text("version: 1\nood_budget: 64\nholdout: 32\n")
+    Path("pol.yaml").write_text("version: 1\nood_budget: 64\nholdout: 32\nnull_copies: 0\n")
     code = main(["scan", str(tmp_path / "missing"), "--policy", "pol.yaml", "--out", "o", "--sarif", "s.sarif", "--quiet"])
     assert code == 2
     res = json.loads(Path("s.sarif").read_text())["runs"][0]["results"][0]
