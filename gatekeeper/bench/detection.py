@@ -179,7 +179,9 @@ class Variant:
         return ("scoring", Scoring.LIFT) in self.policy_changes
 
 
-def variants(restarts: int) -> list[Variant]:
+def variants(restarts: int, null_copies: int = 2) -> list[Variant]:
+    """The benchmarked detectors; ``null_copies`` is the lift variant's (0: the margin's floor alone,
+    when measuring clean copies per class list costs more than the benchmark can spend)."""
     ci = tuple(f"ci-s{r}" for r in range(restarts))
     ref = tuple(f"ref-s{r}" for r in range(restarts))
     paper = ("scoring", Scoring.PAPER)
@@ -195,7 +197,7 @@ def variants(restarts: int) -> list[Variant]:
                 (("scoring", Scoring.DIFFERENTIAL), ("restarts", restarts)),
             ),
         ]
-    out.append(Variant(f"clip-inspector+lift+restarts{restarts}", ci, ref, (("scoring", Scoring.LIFT), ("restarts", restarts), ("calibration", None), ("min_trigger_asr", 0.0))))
+    out.append(Variant(f"clip-inspector+lift+restarts{restarts}", ci, ref, (("scoring", Scoring.LIFT), ("restarts", restarts), ("calibration", None), ("min_trigger_asr", 0.0), ("null_copies", null_copies))))
     out += [
         Variant("neural-cleanse", ("neural-cleanse",), (), (("detector", Detector.NEURAL_CLEANSE),)),
         Variant("pixel-backdoor", ("pixel-backdoor",), (), (("detector", Detector.PIXEL_BACKDOOR),)),
@@ -267,7 +269,9 @@ def _invert(model: Any, policy: Policy, run: str) -> tuple[list[ClassMetrics], f
     target.freeze_text()
     settings = InversionSettings(p.epsilon, p.batch_size, p.epochs, p.lr, p.seed + r)
     t0 = time.perf_counter()
-    inv = make_detector(p).invert(target, pool.inversion, pool.holdout, candidate_classes(len(model.classnames), p), settings)
+    # every variant scores the same inversions: the candidates do not depend on the scoring (a z-score
+    # variant on a 2-class model then shows its ceiling, max z = 1, where `gatekeeper scan` refuses it)
+    inv = make_detector(p).invert(target, pool.inversion, pool.holdout, candidate_classes(len(model.classnames), replace(p, scoring=Scoring.LIFT)), settings)
     return [i.metrics for i in inv], round(time.perf_counter() - t0, 2)
 
 
@@ -304,6 +308,7 @@ def run_benchmark(
     only: set[str] | None = None,
     shard: tuple[int, int] = (1, 1),
     log: Callable[[str], None] = print,
+    null_copies: int = 2,
 ) -> dict[str, Any] | None:
     """Run (or resume) every detector on every model of ``zoo``; returns the results dict.
 
@@ -317,7 +322,7 @@ def run_benchmark(
     items = [json.loads(t.read_text()) for t in truths]
     for truth in items:
         truth["backbone_sha256"], truth["model_fingerprint"] = zoo_model_identity(zoo / truth["model"])
-    vs = [v for v in variants(restarts) if only is None or v.name in only]
+    vs = [v for v in variants(restarts, null_copies) if only is None or v.name in only]
     order = [f"ci-s{r}" for r in range(restarts)] + [f"ref-s{r}" for r in range(restarts)] + ["neural-cleanse", "pixel-backdoor"]
     needed = [r for r in order if any(r in v.runs + v.reference for v in vs)]
     cache = out / "cache"
@@ -513,7 +518,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Calibrated operating point (what `gatekeeper calibrate` ships: τ on s_max by Youden's J, no validity rule), "
-        "estimated out of sample by leave-one-task-out (τ chosen on four tasks, applied to the fifth):",
+        "estimated out of sample by leave-one-task-out (τ chosen on the other tasks, applied to the held-out one):",
         "",
         "| detector | τ (all models) | LOTO accuracy | TPR | FPR | F1 |",
         "|---|---|---|---|---|---|",
@@ -541,14 +546,15 @@ def markdown(results: dict[str, Any]) -> str:
             )
     for name, d in results["detectors"].items():
         if d.get("null_models"):
-            ms = sorted(d["null_models"].values(), key=lambda n: n["n_tests"])
-            lines += [
-                "",
-                f"Null models of `{name}` (no zoo labels: clean prompt learners tuned on the backbone per class list; "
-                f"margin = max(floor, largest clean-copy lift)): "
-                + "; ".join(f"K = {n['n_tests']}: margin {100 * n['margin']:.1f} points ({n['source']}, copies' largest lifts "
-                            + ", ".join(f"{100 * v:+.1f}" for v in n["copy_max_lifts"]) + ")" for n in ms) + ".",
-            ]
+            ms = sorted(d["null_models"].values(), key=lambda n: (n["n_tests"], n["margin"]))
+            if all(n["copies"] == 0 for n in ms):
+                text = f"the policy's floor alone, {100 * ms[0]['floor']:.1f} points, for every class list (no clean copies measured)"
+            else:
+                text = "; ".join(
+                    f"K = {n['n_tests']}: margin {100 * n['margin']:.1f} points ({n['source']}; copies' largest lifts "
+                    + ", ".join(f"{100 * v:+.1f}" for v in n["copy_max_lifts"]) + ")" for n in ms
+                )
+            lines += ["", f"Null margin of `{name}` (derived without zoo labels): {text}."]
     lines += ["", "![ROC](detection-roc.png)", "", "## Per attack (flagged / n; target named)", ""]
     names = list(results["detectors"])
     attacks = sorted({a for d in results["detectors"].values() for a in d["per_attack"]})
@@ -630,9 +636,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--only", nargs="+", metavar="DETECTOR", help="benchmark only these detector variants")
     ap.add_argument("--json", type=Path, help="also write the compact summary here (e.g. benchmarks/results/detection.json)")
     ap.add_argument("--shard", help="i/n: compute only every n-th model into the cache (run n processes, then once without)")
+    ap.add_argument("--null-copies", type=int, default=2,
+                    help="lift variant: clean copies per class list for the null margin (default 2; 0: the policy's floor alone)")
     args = ap.parse_args(argv)
     if args.restarts < 1:
         raise UsageError(f"--restarts {args.restarts}: must be at least 1", "use --restarts 1 to compare no restarts")
+    if not 0 <= args.null_copies <= 32:
+        raise UsageError(f"--null-copies {args.null_copies}: must be in 0..32", "use 0 for the floor alone, or 2 as shipped")
     known = {v.name for v in variants(args.restarts)}
     if args.only and not set(args.only) <= known:
         raise UsageError(f"unknown detector variants {sorted(set(args.only) - known)}", f"choose from {sorted(known)}")
@@ -641,6 +651,7 @@ def main(argv: list[str]) -> int:
     results = run_benchmark(
         args.zoo, args.out, load_policy(args.policy), args.restarts, set(args.only) if args.only else None,
         parse_shard(args.shard) if args.shard else (1, 1), log=lambda s: print(s, file=sys.stderr, flush=True),
+        null_copies=args.null_copies,
     )
     if results is None:
         print(f"shard {args.shard} done; run again without --shard to write the reports", file=sys.stderr)
