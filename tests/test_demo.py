@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gatekeeper.cli import main
 from tests.conftest import DEMO_ZOO, light_tiny_world_policy
@@ -42,7 +43,6 @@ def test_zoo_table_remeasures_the_demo_zoo(capsys):
 @pytest.mark.slow
 def test_a_freshly_planted_backdoor_is_caught_and_its_clean_twin_passes(tmp_path):
     """Trains the demo pair from scratch (BadCLIP and clean, same task and seed), then scans both."""
-    import hashlib
 
     from gatekeeper.redteam.zoo import build
 
@@ -58,8 +58,14 @@ def test_a_freshly_planted_backdoor_is_caught_and_its_clean_twin_passes(tmp_path
         verdicts[name] = (code, json.loads((out / "result.json").read_text()))
     assert verdicts["backdoored"][0] == 1 and verdicts["backdoored"][1]["suspect_class"] == truth["target_class"]
     assert verdicts["clean"][0] == 0, verdicts["clean"][1]["reason"]
-    # the build is reproducible: the same prompt learners as the committed demo zoo
+    # the build is reproducible: the committed demo zoo's prompt learners, to within one or two fp16
+    # rounding steps (measured: torch 2.14.1 rebuilds the clean one with a largest difference of
+    # 4.9e-4 at values up to 1.08, i.e. one fp16 ulp; bytes differ across torch builds)
+    from safetensors.torch import load_file
+
     for name in ("clean", "backdoored"):
-        fresh = hashlib.sha256((tmp_path / "zoo" / name / "prompt_learner.safetensors").read_bytes()).hexdigest()
-        committed = hashlib.sha256((DEMO_ZOO / name / "prompt_learner.safetensors").read_bytes()).hexdigest()
-        assert fresh == committed, name
+        fresh = load_file(str(tmp_path / "zoo" / name / "prompt_learner.safetensors"))
+        committed = load_file(str(DEMO_ZOO / name / "prompt_learner.safetensors"))
+        assert fresh.keys() == committed.keys(), name
+        for key in committed:
+            torch.testing.assert_close(fresh[key].float(), committed[key].float(), atol=2e-3, rtol=0, msg=f"{name}: {key}")
