@@ -125,8 +125,7 @@ def null_for(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: 
         return None
     from gatekeeper.null import measure_null
 
-    reference = [replace(i.metrics, asr=i.metrics.reference_asr or 0.0, loss=i.metrics.reference_loss or 0.0) for i in inversions]
-    return measure_null(model, pool, policy, candidates, reference, progress)
+    return measure_null(model, pool, policy, candidates, [i.metrics.reference_asr or 0.0 for i in inversions], progress)
 
 
 def conclude(

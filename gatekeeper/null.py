@@ -130,8 +130,8 @@ def reference_inversions(
     return metrics
 
 
-def copy_lifts(inversions: list[ClassInversion], reference: list[ClassMetrics]) -> list[float]:
-    return [i.metrics.asr - r.asr for i, r in zip(inversions, reference, strict=True)]
+def copy_lifts(inversions: list[ClassInversion], reference_asr: list[float]) -> list[float]:
+    return [i.metrics.asr - r for i, r in zip(inversions, reference_asr, strict=True)]
 
 
 def measure_null(
@@ -139,7 +139,7 @@ def measure_null(
     pool: OODPool,
     policy: Policy,
     candidates: list[int],
-    reference: list[ClassMetrics],
+    reference_asr: list[float],
     progress: Progress = no_progress,
 ) -> NullModel:
     """The lift scoring's null margin for this backbone, class list, policy and pool (cached)."""
@@ -167,7 +167,7 @@ def measure_null(
                                  epochs=NULL_TRAIN_EPOCHS, fresh=True)
             copy.freeze_text()
             inv = best_of_restarts(make_detector(plain), copy, pool, plain, candidates, progress)
-            lifts.append(copy_lifts(inv, reference))
+            lifts.append(copy_lifts(inv, reference_asr))
         cached, seconds = False, round(time.perf_counter() - t0, 2)
         _write("null", key, {"copy_lifts": lifts, "seconds": seconds})
     return null_from_maxima(policy, len(candidates), tuple(max(row) for row in lifts), seconds, cached)

@@ -420,7 +420,7 @@ def _null_models(
             reference = best_of([refs[r] for r in v.reference])
             from gatekeeper.decide import candidate_classes
 
-            null = measure_null(model, pool, p, candidate_classes(len(model.classnames), p), reference)
+            null = measure_null(model, pool, p, candidate_classes(len(model.classnames), p), [r.asr for r in reference])
             atomic_write_text(path, json.dumps(asdict(null)) + "\n")
             out[(v.name, group)] = null
             log(f"null model for {truth['task']} ({len(truth['classnames'])} classes): margin {null.margin:.3f} ({null.source}, {null.seconds:.0f}s)")
