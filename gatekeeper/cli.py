@@ -16,6 +16,7 @@ from typing import Any
 
 from gatekeeper import __version__
 from gatekeeper.errors import ExitCode, GatekeeperError, ResourceError, UsageError, exit_code_for
+from gatekeeper.untrusted import inert, say
 
 EXIT_HELP = """exit codes:
   0  pass: no backdoor found
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("model", help="local model folder, or hf://org/name[@revision]")
     scan.add_argument("--revision", help="Hub revision (branch, tag or commit sha); same as @rev in the reference")
-    scan.add_argument("--policy", default="default", help="policy YAML file, or a shipped policy name (default, tiny-world)")
+    scan.add_argument(
+        "--policy", default="default", help="policy YAML file, or a shipped policy name (default, tiny-world)"
+    )
     scan.add_argument("--ood", default="procedural", help="OOD pool: procedural[:SEED] (built in) or dir:PATH")
     scan.add_argument("--out", required=True, type=Path, help="output folder for report.md, result.json, triggers/")
     scan.add_argument("--json", type=Path, help="also write the JSON result to this path")
@@ -96,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--clean", nargs="+", type=Path, help="result.json of known clean models")
     cal.add_argument("--backdoored", nargs="+", type=Path, help="result.json of known backdoored models")
     cal.add_argument(
-        "--backbone", type=Path, metavar="MODEL",
+        "--backbone",
+        type=Path,
+        metavar="MODEL",
         help="instead of scan results: build clean and BadCLIP-planted copies of this model folder's prompt learner "
         "on its own backbone (trained on OOD images labelled zero-shot) and calibrate on their scans",
     )
@@ -119,12 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("model", type=Path, help="the flagged gatekeeper model folder")
     rep.add_argument("--scan", type=Path, required=True, help="its scan's result.json (or the scan's output folder)")
-    rep.add_argument("--data", type=Path, required=True, help="labelled images: one sub-folder per class name ('_' for spaces)")
+    rep.add_argument(
+        "--data", type=Path, required=True, help="labelled images: one sub-folder per class name ('_' for spaces)"
+    )
     rep.add_argument("--out", type=Path, required=True, help="new or empty output folder")
     rep.add_argument("--class", dest="class_name", help="repair this class instead of the scan's suspect")
     rep.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs over the training split (default 5)")
     rep.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default 5e-3)")
-    rep.add_argument("--test-fraction", type=float, default=0.3, help="share of each class held out for before/after (default 0.3)")
+    rep.add_argument(
+        "--test-fraction", type=float, default=0.3, help="share of each class held out for before/after (default 0.3)"
+    )
     _common(rep)
 
     demo = sub.add_parser(
@@ -132,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="scan the bundled tiny-world demo zoo (one clean, one backdoored model), offline",
         description="Scans zoo/demo/clean and zoo/demo/backdoored with the tiny-world policy.",
     )
-    demo.add_argument("--out", type=Path, default=Path("gatekeeper-demo"), help="output folder (default ./gatekeeper-demo)")
+    demo.add_argument(
+        "--out", type=Path, default=Path("gatekeeper-demo"), help="output folder (default ./gatekeeper-demo)"
+    )
     _common(demo)
 
     conv = sub.add_parser(
@@ -141,15 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reads only tensors and plain containers: the pickle is inspected statically before loading.",
     )
     conv.add_argument("checkpoint", type=Path, help="e.g. prompt_learner/model.pth.tar-50")
-    conv.add_argument("--sidecar", type=Path, required=True, help="YAML naming backbone, classnames, ctx_init, image_size")
+    conv.add_argument(
+        "--sidecar", type=Path, required=True, help="YAML naming backbone, classnames, ctx_init, image_size"
+    )
     conv.add_argument("--out", type=Path, required=True, help="new (empty) output folder")
     conv.add_argument("--debug", action="store_true", help="show tracebacks")
 
     bench = sub.add_parser(
-        "bench", help="benchmarks (speed: fast path vs reference; detection: detectors on a red-team zoo; repair: CI trigger vs controls)", add_help=False
+        "bench",
+        help="benchmarks (speed: fast path vs reference; detection: detectors on a red-team zoo; repair: CI trigger vs controls)",
+        add_help=False,
     )
     bench.add_argument("bench_command", choices=["speed", "detection", "repair"], help="which benchmark")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `gatekeeper bench speed --help`)")
+    bench.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `gatekeeper bench speed --help`)"
+    )
 
     aud = sub.add_parser(
         "audit",
@@ -160,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    aud.add_argument("inventory", type=Path, help="inventory YAML: version, policy, ood, models [{name, model, revision, policy}]")
-    aud.add_argument("--out", required=True, type=Path, help="output folder: <name>/ per model, summary.md, summary.json")
+    aud.add_argument(
+        "inventory", type=Path, help="inventory YAML: version, policy, ood, models [{name, model, revision, policy}]"
+    )
+    aud.add_argument(
+        "--out", required=True, type=Path, help="output folder: <name>/ per model, summary.md, summary.json"
+    )
     aud.add_argument("--cache", type=Path, help="result cache folder (default OUT/.cache)")
     aud.add_argument("--policy", help="replaces the inventory's shared policy (per-model policy: still wins)")
     _common(aud)
@@ -169,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="build or describe red-team zoos (tiny CLIP world)")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
     zb = zsub.add_parser(
-        "build", help="build a named zoo into a folder, skipping what is built",
+        "build",
+        help="build a named zoo into a folder, skipping what is built",
         description="Prompt-tune the models of a named zoo on the tiny CLIP world, implanting each entry's attack, and "
         "write a gatekeeper model folder plus a NAME.truth/ ground-truth sidecar (attack, target, trigger) per model. "
         "Models whose folder and truth already exist are skipped, so an interrupted build resumes. Zoos: demo (1 clean + "
@@ -182,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--shard", help="i/n: build only every n-th model from the i-th (run n processes on one zoo)")
     zb.add_argument("--debug", action="store_true")
     zt = zsub.add_parser(
-        "table", help="print clean accuracy and true-trigger ID/OOD ASR per model",
+        "table",
+        help="print clean accuracy and true-trigger ID/OOD ASR per model",
         description="Re-measure every model of a built zoo: clean accuracy on fresh task images, the true trigger's "
         "in-distribution and OOD attack success rate, the OOD base rate (same images, no trigger) and the trigger "
         "probe (can the frozen encoder see the trigger at all: 50 %% = no). Prints a Markdown table.",
@@ -191,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--markdown", type=Path, help="also write the table here")
     zt.add_argument("--debug", action="store_true")
     zp = zsub.add_parser(
-        "backbone", help="pretrain the tiny CLIP backbone from its seed (deterministic)",
+        "backbone",
+        help="pretrain the tiny CLIP backbone from its seed (deterministic)",
         description="Pretrain the tiny CLIP (open_clip CLIP class, 3-layer ViT, 32 px) contrastively on the procedural "
         "world, then fine-tune it adversarially, and write it as an open_clip folder with pretrain_stats.json "
         "(zero-shot accuracy, settings, sha256). With the defaults it rebuilds the committed zoo/backbone bit for bit "
@@ -199,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     zp.add_argument("--out", type=Path, required=True, help="output folder for the backbone")
     zp.add_argument("--seed", type=int, default=0, help="world and training seed (default 0: the committed backbone)")
-    zp.add_argument("--steps", type=int, default=2500, help="contrastive pretraining steps (default 2500: the committed backbone)")
+    zp.add_argument(
+        "--steps", type=int, default=2500, help="contrastive pretraining steps (default 2500: the committed backbone)"
+    )
     zp.add_argument("--debug", action="store_true")
     return p
 
@@ -245,14 +271,14 @@ class _Progress:
             if self.bar is None:
                 self.bar = tqdm(total=total, desc=self.label, unit="class", file=sys.stderr)
             self.bar.n = done
-            self.bar.set_postfix_str(name)
+            self.bar.set_postfix_str(inert(name, 60))
             self.bar.refresh()
             if done == total:
                 self.bar.close()
         elif done < total:
-            print(f"[{self.label}] class {done + 1}/{total}: {name} ({time.time() - self.t0:.0f}s)", file=sys.stderr, flush=True)
+            say(f"[{self.label}] class {done + 1}/{total}: {name} ({time.time() - self.t0:.0f}s)")
         else:
-            print(f"[{self.label}] {total} classes inverted in {time.time() - self.t0:.0f}s", file=sys.stderr, flush=True)
+            say(f"[{self.label}] {total} classes inverted in {time.time() - self.t0:.0f}s")
 
 
 def _prepare_out(out: Path) -> None:
@@ -277,8 +303,13 @@ def scan_one(
     command: str,
     label: str = "scan",
     shard: str | None = None,
+    stale: tuple[Path | None, ...] = (),
 ) -> tuple[ExitCode, dict[str, Any]]:
-    """source -> load -> inspect -> decide -> report; returns (exit code, result dict)."""
+    """source -> load -> inspect -> decide -> report; returns (exit code, result dict).
+
+    Once the arguments are valid, every output an earlier run left in ``out`` (and the ``stale``
+    paths, e.g. --sarif) is removed before any work: a failed or killed scan leaves no old verdict.
+    """
     from gatekeeper.ood import check_spec
     from gatekeeper.policy import load_policy
 
@@ -293,6 +324,9 @@ def scan_one(
 
     parse_reference(reference)
     _prepare_out(out)
+    from gatekeeper.report import clear_outputs
+
+    clear_outputs(out, (json_path, *stale))
 
     import torch
 
@@ -307,7 +341,9 @@ def scan_one(
         pool = load_pool(ood, model.image_size, policy.ood_budget, policy.holdout, policy.seed)
         if shard_spec is not None:
             return _scan_shard(model, pool, policy, resolved.provenance, shard_spec, out, quiet, label)
-        output = audit(model, pool, policy, provenance=resolved.provenance, command=command, progress=_Progress(quiet, label))
+        output = audit(
+            model, pool, policy, provenance=resolved.provenance, command=command, progress=_Progress(quiet, label)
+        )
     except torch.OutOfMemoryError as exc:
         raise ResourceError(
             f"out of device memory on {device}: {str(exc).splitlines()[0][:200]}",
@@ -354,11 +390,13 @@ def _scan_shard(
         null=null,
     )
     if not quiet:
-        print(f"{label}: shard {shard[0]}/{shard[1]} ({len(mine)} classes) written to {path}; no verdict until merge", file=sys.stderr)
+        say(f"{label}: shard {shard[0]}/{shard[1]} ({len(mine)} classes) written to {path}; no verdict until merge")
     return ExitCode.PASS, {"shard": f"{shard[0]}/{shard[1]}", "partial": str(path)}
 
 
-def _finish(output: Any, policy: Any, out: Path, json_path: Path | None, quiet: bool, label: str) -> tuple[ExitCode, dict[str, Any]]:
+def _finish(
+    output: Any, policy: Any, out: Path, json_path: Path | None, quiet: bool, label: str
+) -> tuple[ExitCode, dict[str, Any]]:
     """report -> exit code (shared by scan and merge)."""
     from gatekeeper.policy import OnInconclusive
     from gatekeeper.report import write_reports
@@ -376,8 +414,8 @@ def _finish(output: Any, policy: Any, out: Path, json_path: Path | None, quiet: 
     if verdict == Verdict.INCONCLUSIVE and policy.on_inconclusive == OnInconclusive.PASS:
         code = ExitCode.PASS
     if not quiet:
-        print(f"{label}: {verdict.value.upper()} - {output.result.decision.reason}", file=sys.stderr)
-        print(f"{label}: report {paths['markdown']}", file=sys.stderr)
+        say(f"{label}: {verdict.value.upper()} - {output.result.decision.reason}")
+        say(f"{label}: report {paths['markdown']}")
     return code, result
 
 
@@ -390,8 +428,16 @@ def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
         raise UsageError("--shard writes a partial result only", "use --sarif/--json/--format with `gatekeeper merge`")
     if args.shard:
         code, _ = scan_one(
-            args.model, policy_arg=args.policy, ood=args.ood, out=args.out, json_path=None, device_name=args.device,
-            quiet=args.quiet, revision=args.revision, command=command, shard=args.shard,
+            args.model,
+            policy_arg=args.policy,
+            ood=args.ood,
+            out=args.out,
+            json_path=None,
+            device_name=args.device,
+            quiet=args.quiet,
+            revision=args.revision,
+            command=command,
+            shard=args.shard,
         )
         return code
     try:
@@ -405,6 +451,7 @@ def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
             quiet=args.quiet,
             revision=args.revision,
             command=command,
+            stale=(args.sarif,),
         )
     except Exception as exc:  # still tell machine consumers; main() prints the error and picks the code
         _scan_machine_outputs(args, exit_code_for(exc), _error_result(args.model, exc), wrote_reports=False)
@@ -446,7 +493,9 @@ def _sarif_target(args: argparse.Namespace) -> str:
     return path_to_uri(args.policy)  # a shipped policy name or a file outside the repository
 
 
-def _scan_machine_outputs(args: argparse.Namespace, code: ExitCode, result: dict[str, Any], *, wrote_reports: bool) -> None:
+def _scan_machine_outputs(
+    args: argparse.Namespace, code: ExitCode, result: dict[str, Any], *, wrote_reports: bool
+) -> None:
     """Write --sarif (atomically) and print the --format json line; never masks the scan's outcome."""
     import contextlib
     import json
@@ -466,7 +515,7 @@ def _scan_machine_outputs(args: argparse.Namespace, code: ExitCode, result: dict
         except (OSError, ValueError) as exc:
             if wrote_reports:  # a verdict without its SARIF must not look like a clean upload
                 raise UsageError(f"cannot write --sarif {args.sarif}: {exc}", "choose a writable path") from None
-            print(f"gatekeeper: warning: cannot write --sarif {args.sarif}: {exc}", file=sys.stderr)
+            say(f"gatekeeper: warning: cannot write --sarif {args.sarif}: {exc}")
     if args.format == "json":
         line = {
             "verdict": result.get("verdict"),
@@ -490,6 +539,9 @@ def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 
     metrics, policy, shared, triggers, example = merge(args.partials)
     _prepare_out(args.out)
+    from gatekeeper.report import clear_outputs
+
+    clear_outputs(args.out, (args.json,))
     result = control_not_run(conclude(metrics, policy, command="gatekeeper " + shlex.join(argv), **shared), policy)
     code, _ = _finish(AuditOutput(result, triggers, example), policy, args.out, args.json, args.quiet, "merge")
     return code
@@ -515,7 +567,9 @@ def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
         raise UsageError(f"--out {args.out} exists", "choose a new file; calibrate never overwrites a policy")
     if args.backbone is not None:
         if args.clean or args.backdoored:
-            raise UsageError("--backbone builds its own clean and planted copies", "give either --backbone or --clean/--backdoored")
+            raise UsageError(
+                "--backbone builds its own clean and planted copies", "give either --backbone or --clean/--backdoored"
+            )
         if args.epochs < 1:
             raise UsageError(f"--epochs {args.epochs}: must be at least 1", "e.g. --epochs 12")
         from gatekeeper.models.loader import load_model
@@ -525,21 +579,27 @@ def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
         _calibratable(policy.scoring.value, args.policy)
         model = load_model(args.backbone, _device(args.device))
         pool = load_pool("procedural", model.image_size, policy.ood_budget, policy.holdout, policy.seed)
-        cal, _rows = calibrate_on_backbone(model, pool, policy, args.copies, args.epochs, log=lambda s: print(s, file=sys.stderr, flush=True))
+        cal, _rows = calibrate_on_backbone(model, pool, policy, args.copies, args.epochs, log=say)
         base = policy.to_dict()
     else:
         if not args.clean or not args.backdoored:
-            raise UsageError("calibrate needs --clean and --backdoored scan results, or --backbone MODEL", "see `gatekeeper calibrate --help`")
+            raise UsageError(
+                "calibrate needs --clean and --backdoored scan results, or --backbone MODEL",
+                "see `gatekeeper calibrate --help`",
+            )
         base = json.loads(args.clean[0].read_text()).get("policy") or {}
         _calibratable(str(base.get("scoring", "paper")), str(args.clean[0]))
         cal = calibrate(args.clean, args.backdoored)
     text = calibrated_policy_yaml(base, cal)
-    import yaml
+    from gatekeeper.untrusted import load_yaml
 
-    policy_from_mapping(yaml.safe_load(text), str(args.out))  # what we write must load
+    policy_from_mapping(load_yaml(text, str(args.out)), str(args.out))  # what we write must load
     atomic_write_text(args.out, text)
-    print(f"tau = {cal.tau:.3f} (AUROC {cal.auroc:.3f}, TPR {cal.tpr:.2f}, FPR {cal.fpr:.2f}) for |C| = {cal.n_candidates}, "
-          f"ood_budget = {cal.ood_budget}; written to {args.out}")
+    say(
+        f"tau = {cal.tau:.3f} (AUROC {cal.auroc:.3f}, TPR {cal.tpr:.2f}, FPR {cal.fpr:.2f}) for |C| = {cal.n_candidates}, "
+        f"ood_budget = {cal.ood_budget}; written to {args.out}",
+        err=False,
+    )
     return ExitCode.PASS
 
 
@@ -566,15 +626,21 @@ def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
             label=f"demo/{name}",
         )
         flagged = ", ".join(result.get("suspect_classes") or []) or "none"
-        print(f"{name:>10}: {result['verdict'].upper():5} statistic {result['s_max']:.2f} vs {result.get('threshold_kind')} "
-              f"{result['threshold']:.2f}; flagged: {flagged}")
+        say(
+            f"{name:>10}: {result['verdict'].upper():5} statistic {result['s_max']:.2f} vs {result.get('threshold_kind')} "
+            f"{result['threshold']:.2f}; flagged: {flagged}",
+            err=False,
+        )
         control = result.get("positive_control")
         if control:
-            print(f"{'':>10}  positive control: planted to {control['target']!r} (ASR {control['planted_asr']:.0%}), "
-                  f"{'caught' if control['caught'] else 'NOT caught'}, {control['seconds']:.0f}s")
+            say(
+                f"{'':>10}  positive control: planted to {control['target']!r} (ASR {control['planted_asr']:.0%}), "
+                f"{'caught' if control['caught'] else 'NOT caught'}, {control['seconds']:.0f}s",
+                err=False,
+            )
             blind = blind or not control["caught"]
     ok = codes == expected and not blind
-    print(f"demo {'OK' if ok else 'UNEXPECTED'}: reports in {args.out}/clean and {args.out}/backdoored")
+    say(f"demo {'OK' if ok else 'UNEXPECTED'}: reports in {args.out}/clean and {args.out}/backdoored", err=False)
     return ExitCode.PASS if ok else ExitCode.BACKDOOR
 
 
@@ -582,7 +648,10 @@ def cmd_convert(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.models.checkpoint import convert_checkpoint
 
     manifest = convert_checkpoint(args.checkpoint, args.sidecar, args.out)
-    print(f"wrote {args.out} ({manifest.kind.value}, {len(manifest.classnames)} classes, n_ctx {manifest.n_ctx})")
+    say(
+        f"wrote {args.out} ({manifest.kind.value}, {len(manifest.classnames)} classes, n_ctx {manifest.n_ctx})",
+        err=False,
+    )
     return ExitCode.PASS
 
 
@@ -623,11 +692,9 @@ def cmd_audit(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     inventory = load_inventory(args.inventory, default_policy=args.policy)  # all of it, before any scan (exit 4)
     _device(args.device)
     _prepare_out(args.out)
-    code, _ = run_audit(
-        inventory, args.out, scan=scan_one, cache=args.cache, device_name=args.device, quiet=args.quiet
-    )
+    code, _ = run_audit(inventory, args.out, scan=scan_one, cache=args.cache, device_name=args.device, quiet=args.quiet)
     if not args.quiet:
-        print(f"gatekeeper audit: exit {int(code)}; summary {args.out / 'summary.md'}", file=sys.stderr)
+        say(f"gatekeeper audit: exit {int(code)}; summary {args.out / 'summary.md'}")
     return code
 
 
@@ -636,7 +703,9 @@ def cmd_repair(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.report.jsonout import read_result
 
     if args.epochs < 1 or not 0 < args.test_fraction < 1 or not 0 < args.lr <= 1:
-        raise UsageError("--epochs must be >= 1, --test-fraction in (0, 1), --lr in (0, 1]", "see `gatekeeper repair --help`")
+        raise UsageError(
+            "--epochs must be >= 1, --test-fraction in (0, 1), --lr in (0, 1]", "see `gatekeeper repair --help`"
+        )
     settings = repair.RepairSettings(epochs=args.epochs, lr=args.lr, test_fraction=args.test_fraction)
     scan = read_result(args.scan)
     cls = repair.target_of(scan, args.class_name)
@@ -654,9 +723,15 @@ def cmd_repair(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 
     from gatekeeper.models.prompt_tuned import accuracy
 
-    before = {"clean_accuracy": accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
+    before = {
+        "clean_accuracy": accuracy(model, data.test_x, data.test_y),
+        "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target),
+    }
     repair.finetune(model, data, delta, settings)
-    after = {"clean_accuracy": accuracy(model, data.test_x, data.test_y), "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target)}
+    after = {
+        "clean_accuracy": accuracy(model, data.test_x, data.test_y),
+        "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target),
+    }
     import shutil
 
     import yaml
@@ -667,42 +742,82 @@ def cmd_repair(args: argparse.Namespace, argv: list[str]) -> ExitCode:
         policy_file = args.out / "policy.yaml"
         policy_file.write_text(yaml.safe_dump(policy.to_dict(), sort_keys=False))
         code, rescan = scan_one(
-            str(args.out / "model"), policy_arg=str(policy_file), ood=pool.info.source, out=args.out / "scan", json_path=None,
-            device_name=args.device, quiet=args.quiet, revision=None, command="gatekeeper " + shlex.join(argv), label="re-scan",
+            str(args.out / "model"),
+            policy_arg=str(policy_file),
+            ood=pool.info.source,
+            out=args.out / "scan",
+            json_path=None,
+            device_name=args.device,
+            quiet=args.quiet,
+            revision=None,
+            command="gatekeeper " + shlex.join(argv),
+            label="re-scan",
         )
         report = repair.write_report(args.out, args.model, cls, data, settings, before, after, scan, rescan)
     except BaseException:
         shutil.rmtree(args.out, ignore_errors=True)
         raise
     if not args.quiet:
-        print(f"repair: {cls!r} trigger ASR {before['trigger_asr']:.1%} -> {after['trigger_asr']:.1%}, clean accuracy "
-              f"{before['clean_accuracy']:.1%} -> {after['clean_accuracy']:.1%}; re-scan {rescan.get('verdict')}; {report}", file=sys.stderr)
+        say(
+            f"repair: {cls!r} trigger ASR {before['trigger_asr']:.1%} -> {after['trigger_asr']:.1%}, clean accuracy "
+            f"{before['clean_accuracy']:.1%} -> {after['clean_accuracy']:.1%}; re-scan {rescan.get('verdict')}; {report}"
+        )
     return code
 
 
-COMMANDS = {"repair": cmd_repair, "audit": cmd_audit, "calibrate": cmd_calibrate, "bench": cmd_bench, "merge": cmd_merge, "scan": cmd_scan, "demo": cmd_demo, "convert": cmd_convert, "zoo": cmd_zoo}
+COMMANDS = {
+    "repair": cmd_repair,
+    "audit": cmd_audit,
+    "calibrate": cmd_calibrate,
+    "bench": cmd_bench,
+    "merge": cmd_merge,
+    "scan": cmd_scan,
+    "demo": cmd_demo,
+    "convert": cmd_convert,
+    "zoo": cmd_zoo,
+}
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job, a pipeline timeout): stop like Ctrl-C, with no verdict."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("GATEKEEPER_DEBUG") == "1" or "--debug" in argv
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         args = build_parser().parse_args(argv)
         return int(COMMANDS[args.command](args, argv))
-    except KeyboardInterrupt:
-        print("gatekeeper: interrupted; no verdict (fails closed)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        say(f"gatekeeper: {what}; no verdict (fails closed)")
         return int(ExitCode.SCAN_ERROR)
     except GatekeeperError as exc:
         if debug:
             traceback.print_exc()
-        print(f"gatekeeper: error: {exc.one_line()}", file=sys.stderr)
+        say(f"gatekeeper: error: {exc.one_line()}")
         return int(exc.exit_code)
     except Exception as exc:  # anything unexpected fails closed
         if debug:
             traceback.print_exc()
-        print(
+        say(
             f"gatekeeper: internal error ({type(exc).__name__}: {str(exc)[:300]}); no verdict, failing closed "
             "-> re-run with --debug and report it",
-            file=sys.stderr,
         )
         return int(exit_code_for(exc))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

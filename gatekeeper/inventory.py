@@ -15,18 +15,16 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gatekeeper import __version__
 from gatekeeper.errors import ExitCode, GatekeeperError, PolicyError, UsageError
 from gatekeeper.policy import OnInconclusive, Policy, load_policy
+from gatekeeper.untrusted import DocumentError, load_yaml, say
 
 INVENTORY_VERSION = 1
 CACHE_DIR = ".cache"
@@ -117,7 +115,10 @@ def _reference(entry: dict[str, Any], base: Path, where: str) -> tuple[str, str,
 
     ref = entry["model"]
     if not isinstance(ref, str) or not ref.strip():
-        raise UsageError(f"{where}: model must be a non-empty reference, got {ref!r}", "a folder, hf://org/name or models:/name/version")
+        raise UsageError(
+            f"{where}: model must be a non-empty reference, got {ref!r}",
+            "a folder, hf://org/name or models:/name/version",
+        )
     revision = entry.get("revision")
     if revision is not None:
         if not isinstance(revision, str):
@@ -132,7 +133,9 @@ def _reference(entry: dict[str, Any], base: Path, where: str) -> tuple[str, str,
         raise UsageError(f"{where}: model: {exc.message}", exc.hint) from None
     if scheme == "local":
         if revision is not None:
-            raise UsageError(f"{where}: revision given for the local folder {ref!r}", "drop revision, or use hf://org/name@revision")
+            raise UsageError(
+                f"{where}: revision given for the local folder {ref!r}", "drop revision, or use hf://org/name@revision"
+            )
         p = Path(target).expanduser()
         return ref, str(p if p.is_absolute() else base / p), None
     if scheme == "hf" and revision is not None and ref_revision is not None and revision != ref_revision:
@@ -160,16 +163,18 @@ def load_inventory(path: str | Path, *, default_policy: str | None = None) -> In
     if not path.is_file():
         raise UsageError(f"inventory file not found: {path}", "give the path of an inventory YAML file (docs/audit.md)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML syntax") from None
+        raw = load_yaml(path, str(path))
+    except DocumentError as exc:
+        raise UsageError(str(exc), "fix the inventory file (plain YAML, each key once)") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: the inventory must be a mapping with version and models", "see docs/audit.md")
     unknown = sorted(str(k) for k in raw if k not in _TOP_KEYS)
     if unknown:
         raise UsageError(f"{path}: unknown key {unknown[0]!r}", f"allowed keys: {', '.join(sorted(_TOP_KEYS))}")
     if raw.get("version") != INVENTORY_VERSION:
-        raise UsageError(f"{path}: version: expected {INVENTORY_VERSION}, got {raw.get('version')!r}", "write version: 1")
+        raise UsageError(
+            f"{path}: version: expected {INVENTORY_VERSION}, got {raw.get('version')!r}", "write version: 1"
+        )
     base = path.resolve().parent
     policies: dict[str, Policy] = {}
     if default_policy is not None:
@@ -186,7 +191,9 @@ def load_inventory(path: str | Path, *, default_policy: str | None = None) -> In
     entries: list[Entry] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(models):
-        where = _where(path, i, item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else None)
+        where = _where(
+            path, i, item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else None
+        )
         if not isinstance(item, dict):
             raise UsageError(f"{where}: an entry must be a mapping {{name, model}}, got {item!r}", "see docs/audit.md")
         unknown = sorted(str(k) for k in item if k not in _ENTRY_KEYS)
@@ -202,7 +209,9 @@ def load_inventory(path: str | Path, *, default_policy: str | None = None) -> In
                 "use letters, digits, '.', '_' or '-' (it names the output folder), not summary.md/summary.json",
             )
         if name.lower() in seen:
-            raise UsageError(f"{where}: duplicate name {name!r} (also models[{seen[name.lower()]}])", "names must be unique")
+            raise UsageError(
+                f"{where}: duplicate name {name!r} (also models[{seen[name.lower()]}])", "names must be unique"
+            )
         seen[name.lower()] = i
         reference, target, revision = _reference(item, base, where)
         arg = _policy_arg(item["policy"], base, where, "policy") if "policy" in item else shared
@@ -259,7 +268,7 @@ def cache_store(cache: Path, key: str, folder: Path) -> None:
         cache.mkdir(parents=True, exist_ok=True)
         _replace_tree(folder, cache / key)
     except OSError as exc:
-        print(f"gatekeeper audit: warning: cannot write cache entry {cache / key}: {exc}", file=sys.stderr)
+        say(f"gatekeeper audit: warning: cannot write cache entry {cache / key}: {exc}")
 
 
 # ---------------------------------------------------------------------------- audit
@@ -384,12 +393,12 @@ def run_audit(
     records = []
     for n, entry in enumerate(inv.entries, 1):
         if not quiet:
-            print(f"gatekeeper audit: [{n}/{len(inv.entries)}] {entry.name} ({entry.reference})", file=sys.stderr, flush=True)
+            say(f"gatekeeper audit: [{n}/{len(inv.entries)}] {entry.name} ({entry.reference})")
         record = _audit_one(entry, inv, out, cache, scan=scan, device_name=device_name, quiet=quiet)
         if not quiet:
             detail = record["error"] or f"s_max={record['s_max']} suspect={record['suspect_class']}"
             tag = " (cached)" if record["cached"] else ""
-            print(f"gatekeeper audit: {entry.name}: {record['verdict'].upper()}{tag} {detail}", file=sys.stderr, flush=True)
+            say(f"gatekeeper audit: {entry.name}: {record['verdict'].upper()}{tag} {detail}")
         records.append(record)
     code = worst([ExitCode(r["exit_code"]) for r in records])
     counts = {v: sum(r["verdict"] == v for r in records) for v in (*CACHEABLE, "error")}

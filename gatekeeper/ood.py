@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from gatekeeper.errors import PoolError, UsageError
 from gatekeeper.result import PoolInfo
+from gatekeeper.untrusted import short
 
 PROCEDURAL = "procedural"
 DIR = "dir:"
@@ -31,14 +33,24 @@ def check_spec(spec: str) -> None:
     """Validate a pool spec's syntax (before any model is fetched).
 
     Raises:
-        UsageError: not ``procedural[:SEED]`` or ``dir:PATH``.
+        UsageError: not ``procedural[:SEED]`` (SEED a decimal integer below 2**31) or ``dir:PATH``
+            naming an existing folder.
     """
-    if spec == PROCEDURAL or (spec.startswith(PROCEDURAL + ":") and spec.split(":", 1)[1].isdigit()):
+    if spec == PROCEDURAL:
         return
+    if spec.startswith(PROCEDURAL + ":"):
+        seed = spec.split(":", 1)[1]
+        if re.fullmatch(r"[0-9]{1,10}", seed) and int(seed) < 2**31:
+            return
+        raise UsageError(f"OOD seed in {short(spec)} is not an integer in [0, 2**31)", "write e.g. --ood procedural:7")
     if spec.startswith(DIR) and len(spec) > len(DIR):
-        return
+        root = Path(spec[len(DIR) :]).expanduser()
+        if root.is_dir():
+            return
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UsageError(f"OOD folder {short(str(root))} {what}", "give dir:PATH to a folder of images")
     raise UsageError(
-        f"OOD source {spec!r} is not understood",
+        f"OOD source {short(spec)} is not understood",
         "use --ood procedural (built in) , procedural:SEED, or dir:PATH to a folder of images",
     )
 

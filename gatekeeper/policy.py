@@ -14,10 +14,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gatekeeper.errors import PolicyError
 from gatekeeper.resources import data_path
+from gatekeeper.untrusted import DocumentError, inert, load_yaml, short
 
 POLICY_VERSION = 1
 
@@ -167,6 +166,7 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "alpha": (1e-6, 0.5),
     "lift_margin": (0.0, 0.95),
 }
+TAU_RANGE = (0.0, 100.0)  # a tau on the z-score s_max; K classes cap s_max at sqrt(K - 1)
 MAX_EPSILON = 64 / 255
 
 
@@ -183,14 +183,14 @@ def parse_epsilon(value: Any, file: str = "") -> float:
             raise ValueError
     except (ValueError, ZeroDivisionError):
         raise PolicyError(
-            f"{file or 'policy'}: key 'epsilon' must be a number or a fraction like \"4/255\", got {value!r}",
+            f"{file or 'policy'}: key 'epsilon' must be a number or a fraction like \"4/255\", got {short(value)}",
             "write e.g. epsilon: 4/255",
             file=file,
             key="epsilon",
         ) from None
-    if not 0 < eps <= MAX_EPSILON:
+    if not 0 < eps <= MAX_EPSILON:  # NaN fails too
         raise PolicyError(
-            f"{file or 'policy'}: key 'epsilon' = {value!r} is outside (0, 64/255]",
+            f"{file or 'policy'}: key 'epsilon' = {short(value)} is outside (0, 64/255]",
             "the l-inf trigger budget must be positive and at most 64/255",
             file=file,
             key="epsilon",
@@ -202,7 +202,7 @@ def _enum(cls: type[Enum], key: str, value: Any, file: str) -> Any:
     allowed = [m.value for m in cls]  # type: ignore[attr-defined]
     if value not in allowed:
         raise PolicyError(
-            f"{file or 'policy'}: key '{key}' = {value!r} is not allowed; allowed: {', '.join(map(str, allowed))}",
+            f"{file or 'policy'}: key '{key}' = {short(value)} is not allowed; allowed: {', '.join(map(str, allowed))}",
             f"set '{key}' to one of {allowed}",
             file=file,
             key=key,
@@ -210,19 +210,20 @@ def _enum(cls: type[Enum], key: str, value: Any, file: str) -> Any:
     return cls(value)
 
 
-def _number(key: str, value: Any, file: str, kind: type) -> Any:
-    lo, hi = (_INT_RANGES if kind is int else _FLOAT_RANGES)[key]
+def _number(key: str, value: Any, file: str, kind: type, bounds: tuple[float, float] | None = None) -> Any:
+    """A strict integer (``kind=int``: no bool, float or string) or a finite number, within its range."""
+    lo, hi = bounds or (_INT_RANGES if kind is int else _FLOAT_RANGES)[key]
     ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise PolicyError(
-            f"{file or 'policy'}: key '{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}",
+            f"{file or 'policy'}: key '{key}' must be {'an integer' if kind is int else 'a number'}, got {short(value)}",
             f"set '{key}' to a value in [{lo}, {hi}]",
             file=file,
             key=key,
         )
-    if not lo <= value <= hi:
+    if not lo <= value <= hi:  # NaN and +-inf fail here
         raise PolicyError(
-            f"{file or 'policy'}: key '{key}' = {value!r} is out of range [{lo}, {hi}]",
+            f"{file or 'policy'}: key '{key}' = {short(value)} is out of range [{lo}, {hi}]",
             f"set '{key}' to a value in [{lo}, {hi}]",
             file=file,
             key=key,
@@ -241,20 +242,12 @@ def _calibration(value: Any, file: str) -> Calibration | None:
             file=file,
             key="calibration",
         )
-    try:
-        return Calibration(
-            tau=float(value["tau"]),
-            n_candidates=int(value["n_candidates"]),
-            ood_budget=int(value["ood_budget"]),
-            epsilon=parse_epsilon(value["epsilon"], file),
-        )
-    except (TypeError, ValueError):
-        raise PolicyError(
-            f"{file or 'policy'}: key 'calibration' holds a non-numeric value: {value!r}",
-            "write it with `gatekeeper calibrate`",
-            file=file,
-            key="calibration",
-        ) from None
+    return Calibration(
+        tau=_number("calibration.tau", value["tau"], file, float, TAU_RANGE),
+        n_candidates=_number("calibration.n_candidates", value["n_candidates"], file, int, (3, 1_000_000)),
+        ood_budget=_number("calibration.ood_budget", value["ood_budget"], file, int, _INT_RANGES["ood_budget"]),
+        epsilon=parse_epsilon(value["epsilon"], file),
+    )
 
 
 def policy_from_mapping(raw: Any, file: str = "") -> Policy:
@@ -275,15 +268,15 @@ def policy_from_mapping(raw: Any, file: str = "") -> Policy:
     for key in raw:
         if key not in allowed:
             raise PolicyError(
-                f"{file or 'policy'}: unknown key '{key}'; allowed keys: {', '.join(sorted(allowed))}",
+                f"{file or 'policy'}: unknown key {short(key)}; allowed keys: {', '.join(sorted(allowed))}",
                 "remove or fix the key (keys are case-sensitive)",
                 file=file,
-                key=str(key),
+                key=inert(str(key), 80),
             )
     version = raw.get("version", POLICY_VERSION)
     if version != POLICY_VERSION:
         raise PolicyError(
-            f"{file or 'policy'}: key 'version' = {version!r} is not supported; allowed: {POLICY_VERSION}",
+            f"{file or 'policy'}: key 'version' = {short(version)} is not supported; allowed: {POLICY_VERSION}",
             "upgrade gatekeeper or rewrite the policy for version 1",
             file=file,
             key="version",
@@ -316,7 +309,7 @@ def policy_from_mapping(raw: Any, file: str = "") -> Policy:
                 kw[key] = value
             else:
                 raise PolicyError(
-                    f"{file or 'policy'}: key 'candidates' = {value!r}; allowed: \"all\" or an integer >= 2",
+                    f"{file or 'policy'}: key 'candidates' = {short(value)}; allowed: \"all\" or an integer >= 2",
                     "scan all classes, or a sample of at least 2 (3 for the z-score scorings)",
                     file=file,
                     key=key,
@@ -367,11 +360,7 @@ def load_policy(path: str | Path | None) -> Policy:
             file=str(path),
         )
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise PolicyError(
-            f"{p}: not valid YAML ({str(exc).splitlines()[0]})",
-            "fix the YAML syntax",
-            file=str(p),
-        ) from None
+        raw = load_yaml(p, str(p))
+    except DocumentError as exc:
+        raise PolicyError(str(exc), "fix the policy file (plain YAML, each key once)", file=str(p)) from None
     return policy_from_mapping(raw, str(p))

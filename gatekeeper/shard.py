@@ -18,10 +18,9 @@ import torch
 from gatekeeper.errors import ResultError, UsageError
 from gatekeeper.inspect.base import ClassInversion
 from gatekeeper.policy import Policy, policy_from_mapping
+from gatekeeper.report import PARTIAL_JSON, PARTIAL_TENSORS
 from gatekeeper.result import ClassMetrics, ModelInfo, NullModel, PoolInfo, Provenance
 
-PARTIAL_JSON = "partial.json"
-PARTIAL_TENSORS = "partial.safetensors"
 FORMAT = "gatekeeper-partial"
 
 
@@ -33,7 +32,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     """
     m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
-        raise UsageError(f"--shard {text!r} is not i/n with 1 <= i <= n", "e.g. --shard 2/4 for the second of four shards")
+        raise UsageError(
+            f"--shard {text!r} is not i/n with 1 <= i <= n", "e.g. --shard 2/4 for the second of four shards"
+        )
     return int(m.group(1)), int(m.group(2))
 
 
@@ -92,7 +93,9 @@ def _read(path: Path) -> tuple[dict[str, Any], Path]:
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ResultError(f"cannot read partial result {path}: {exc}", "give the folders written by `scan --shard`") from None
+        raise ResultError(
+            f"cannot read partial result {path}: {exc}", "give the folders written by `scan --shard`"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ResultError(f"{path} is not a gatekeeper partial result", "give the folders written by `scan --shard`")
     return record, path
@@ -107,7 +110,9 @@ def _same(records: list[tuple[dict[str, Any], Path]], key: str, what: str) -> No
         )
 
 
-def merge(paths: list[Path]) -> tuple[list[ClassMetrics], Policy, dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
+def merge(
+    paths: list[Path],
+) -> tuple[list[ClassMetrics], Policy, dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
     """Check that ``paths`` are the complete shard set of one scan and combine them.
 
     Returns:
@@ -158,9 +163,14 @@ def merge(paths: list[Path]) -> tuple[list[ClassMetrics], Policy, dict[str, Any]
         from gatekeeper.null import combine_nulls
 
         try:
-            parts = [NullModel(**{**r["null_model"], "copy_max_lifts": tuple(r["null_model"]["copy_max_lifts"])}) for r, _ in records]
+            parts = [
+                NullModel(**{**r["null_model"], "copy_max_lifts": tuple(r["null_model"]["copy_max_lifts"])})
+                for r, _ in records
+            ]
         except (KeyError, TypeError):
-            raise ResultError("a partial result has no null model for the lift scoring", "re-run the shards with this gatekeeper") from None
+            raise ResultError(
+                "a partial result has no null model for the lift scoring", "re-run the shards with this gatekeeper"
+            ) from None
         null = combine_nulls(policy, len(candidates), parts)
     shared = {
         "provenance": Provenance(**first["provenance"]),

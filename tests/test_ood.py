@@ -51,11 +51,15 @@ def test_dir_pool_too_small_says_how_many(tmp_path):
 def test_empty_or_missing_folder(tmp_path):
     with pytest.raises(PoolError, match="has 0 usable images"):
         load_pool(f"dir:{tmp_path}", 32, 20, 10, seed=0)
-    with pytest.raises(PoolError, match="does not exist"):
+    # a missing folder or a file is the user's typo: refused before any model is fetched (exit 4)
+    with pytest.raises(UsageError, match="does not exist"):
         load_pool(f"dir:{tmp_path / 'nope'}", 32, 20, 10, seed=0)
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        check_spec(f"dir:{tmp_path / 'file.png'}")
 
 
-@pytest.mark.parametrize("spec", ["imagenet", "dir:", "procedural:x", ""])
+@pytest.mark.parametrize("spec", ["imagenet", "dir:", "procedural:x", "", "procedural:\u00b2", "procedural:99999999999", "procedural:-1"])
 def test_bad_spec_is_a_usage_error(spec):
     with pytest.raises(UsageError):
         check_spec(spec)

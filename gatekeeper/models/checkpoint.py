@@ -4,21 +4,32 @@ The pickle is never trusted: :mod:`gatekeeper.models.safe_pickle` scans it stati
 it with ``torch.load(weights_only=True)`` and inert stand-ins for optimizer/scheduler state;
 only ``state_dict`` is kept (``module.`` prefixes stripped, ``token_prefix``/``token_suffix``
 dropped: they are rebuilt from the class names).
+
+Nothing from the provider is trusted to be small: a tensor is copied (to its dtype, contiguous)
+only once its view is known to fit in the bytes it was loaded from (a stride-0 "expanded"
+tensor of 1 stored element can claim billions), ``ctx`` and the meta-net have bounded shapes,
+tensors that are dropped are never copied, and the sidecar (read with
+:func:`gatekeeper.untrusted.load_yaml`) can only name a class-names file inside its own folder.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+import stat
 import tempfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
 
 from gatekeeper.errors import ModelFormatError, UsageError
 from gatekeeper.models.manifest import (
+    MAX_CLASSES,
+    MAX_CLASSNAME_CHARS,
+    MAX_N_CTX,
     WEIGHTS_NAME,
     BackboneRef,
     Manifest,
@@ -36,6 +47,7 @@ from gatekeeper.models.safe_pickle import (
     scan_pickle,
     sniff_format,
 )
+from gatekeeper.untrusted import CONTROL, DocumentError, inert, load_yaml, short
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -52,10 +64,14 @@ log = logging.getLogger(__name__)
 
 _META = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
 _SIDECAR_KEYS = {"backbone", "classnames", "classnames_file", "ctx_init", "image_size", "kind", "precision"}
+_MAX_DIM = 8192  # widths: ctx (text width, 512/768) and meta-net (image width, 512..1024, and its /16)
+_MAX_META_NUMEL = 2**24  # elements of each meta-net tensor (ViT-L: 1024 x 64)
+_MAX_CLASSNAMES_FILE = 2**20  # bytes
+_MAX_NAME = 200  # characters of a backbone name or pretrained tag
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Scan then load; the state dict's tensors in their stored dtype, prefixes stripped."""
+    """Scan then load; the state dict's tensors in their stored dtype, prefixes stripped, none copied."""
     _require_safe_torch()
     path = Path(path)
     if sniff_format(path) == "safetensors":
@@ -64,7 +80,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         try:
             obj: Any = load_file(str(path))
         except Exception as exc:
-            raise ModelFormatError(f"{path}: corrupt safetensors file ({str(exc)[:200]})") from None
+            raise ModelFormatError(f"{path}: corrupt safetensors file ({inert(exc, 200)})") from None
     else:
         obj = read_torch_checkpoint(path)  # optimizer / scheduler entries: inert stand-ins, dropped here
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -72,16 +88,76 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFormatError(f"{path}: no state dict in the checkpoint", "give a Dassl model.pth.tar-N file")
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        name = str(key)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not isinstance(key, str):
+            raise ModelFormatError(f"{path}: the state dict has a non-string key {short(key)}")
+        name = key
         while name.startswith("module."):
             name = name[len("module.") :]
-        if isinstance(value, torch.Tensor) and name not in ("token_prefix", "token_suffix"):
+        if name not in ("token_prefix", "token_suffix"):
             if name in out:
-                raise ModelFormatError(f"{path}: key {name!r} appears twice once 'module.' is stripped")
-            out[name] = value.detach()
+                raise ModelFormatError(f"{path}: key {short(name)} appears twice once 'module.' is stripped")
+            out[name] = value.detach()  # a view: nothing is copied here
     if "ctx" not in out:
         raise ModelFormatError(f"{path}: no 'ctx' tensor in the state dict", "is this a prompt_learner checkpoint?")
     return out
+
+
+def _check_view(where: Path, name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor whose copy would be larger than the stored bytes it views.
+
+    torch.load rebuilds a tensor as a view (size, stride, offset) of a storage: a stride of 0
+    (an "expanded" tensor) or strides that overlap let a few stored bytes claim a huge shape,
+    which ``.to(dtype).contiguous()`` would then allocate. A view is accepted only if its
+    elements are distinct (sorted by stride, each stride is at least the span of the smaller
+    dimensions) and inside its storage; it then copies to at most the bytes it was loaded from.
+    """
+    shape, strides = tuple(int(n) for n in t.shape), tuple(int(s) for s in t.stride())
+    label = f"{where}: tensor {short(name)} of shape {short(list(shape))}"
+    hint = "re-save the state_dict with plain tensors (tensor.clone() or .contiguous() before torch.save)"
+    if t.layout != torch.strided:
+        raise ModelFormatError(f"{label} has layout {t.layout}, not a dense tensor", hint)
+    if 0 in shape:
+        return
+    span = 1  # elements spanned by the dimensions seen so far
+    for stride, size in sorted((s, n) for s, n in zip(strides, shape, strict=True) if n > 1):
+        if stride < span:
+            raise ModelFormatError(
+                f"{label} is an expanded or overlapping view (strides {short(list(strides))}): copying it would take "
+                f"{math.prod(shape) * t.element_size()} bytes from {t.untyped_storage().nbytes()} stored",
+                hint,
+            )
+        span += stride * (size - 1)
+    if (t.storage_offset() + span) * t.element_size() > t.untyped_storage().nbytes():
+        raise ModelFormatError(f"{label} reaches past the end of its storage", hint)
+
+
+def _check_shapes(checkpoint: Path, state: dict[str, torch.Tensor], keep: list[str]) -> None:
+    """Bound ``ctx`` and the meta-net (consistent with ctx's width), then check each kept view."""
+    dim = int(state["ctx"].shape[1])
+    if len(keep) > 1:
+        w1, b1, w2, b2 = (state[k] for k in _META)
+        shapes = {k.removeprefix("meta_net."): tuple(state[k].shape) for k in _META}
+        hidden = int(w1.shape[0]) if w1.dim() == 2 else -1
+        visual = int(w1.shape[1]) if w1.dim() == 2 else -1
+        if (
+            not (1 <= hidden <= _MAX_DIM and 1 <= visual <= _MAX_DIM)
+            or tuple(b1.shape) != (hidden,)
+            or tuple(w2.shape) != (dim, hidden)
+            or tuple(b2.shape) != (dim,)
+            or any(math.prod(shape) > _MAX_META_NUMEL for shape in shapes.values())
+        ):
+            raise ModelFormatError(
+                f"{checkpoint}: meta_net shapes {short(shapes, 240)} do not fit a CoCoOp meta-net for ctx width {dim} "
+                f"(linear1 [h, v], linear2 [{dim}, h], h and v <= {_MAX_DIM})",
+                "is this a CoCoOp prompt learner? else set kind: coop",
+            )
+    for key in keep:
+        t = state[key]
+        if not t.is_floating_point():
+            raise ModelFormatError(f"{checkpoint}: {key} has dtype {t.dtype}, not a floating-point tensor")
+        _check_view(checkpoint, key, t)
 
 
 def load_dassl_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -100,22 +176,96 @@ def load_dassl_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         UnsafeCheckpointError: torch < 2.10, or the pickle references unsafe globals.
         ModelFormatError: unknown format, corrupt file, torch.load failure, or no ``ctx``.
     """
-    return {k: v.float() for k, v in _read_checkpoint(path).items()}
+    state = _read_checkpoint(path)
+    for key, value in state.items():  # each is copied by .float() (unless already float32)
+        _check_view(Path(path), key, value)
+    return {k: v.float() for k, v in state.items()}
 
 
 def _sidecar(path: Path) -> dict[str, Any]:
-    import yaml
-
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UsageError(f"{path}: cannot read the sidecar ({exc})", "give a YAML or JSON file") from None
+        raw = load_yaml(path, "the sidecar")
+    except DocumentError as exc:
+        raise UsageError(
+            f"{path}: {inert(exc, 300)}", "give a small YAML or JSON mapping (see docs/model-format.md)"
+        ) from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: the sidecar must be a mapping", "see docs/model-format.md")
-    unknown = sorted(str(k) for k in raw if k not in _SIDECAR_KEYS)
+    unknown = sorted(short(k, 40) for k in raw if k not in _SIDECAR_KEYS)
     if unknown:
-        raise UsageError(f"{path}: unknown sidecar key(s) {unknown}", f"allowed: {', '.join(sorted(_SIDECAR_KEYS))}")
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UsageError(f"{path}: unknown sidecar key(s) {shown}", f"allowed: {', '.join(sorted(_SIDECAR_KEYS))}")
     return raw
+
+
+def _read_classnames_file(sidecar: Path, value: Any) -> str:
+    """The text of ``classnames_file``: a regular file inside the sidecar's folder, at most 1 MiB of UTF-8."""
+    hint = "give the path of a text file next to the sidecar, relative to its folder (e.g. classnames.txt)"
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{sidecar}: classnames_file must be a relative path, got {short(value)}", hint)
+    rel = Path(value)
+    if rel.is_absolute() or PureWindowsPath(value).drive or value.startswith(("/", "\\")) or ".." in rel.parts:
+        raise UsageError(f"{sidecar}: classnames_file {short(value)} must stay inside the sidecar's folder", hint)
+    base = sidecar.absolute().parent.resolve()
+    try:
+        target = (base / rel).resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # missing, or a symlink loop
+        raise UsageError(f"{sidecar}: cannot read classnames_file {short(value)} ({inert(exc, 120)})", hint) from None
+    if not target.is_relative_to(base):
+        raise UsageError(f"{sidecar}: classnames_file {short(value)} resolves outside the sidecar's folder", hint)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)  # a FIFO must not block
+    try:
+        fd = os.open(target, flags)
+    except OSError as exc:
+        raise UsageError(f"{sidecar}: cannot read classnames_file {short(value)} ({exc.strerror})", hint) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{sidecar}: classnames_file {short(value)} is not a regular file", hint)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(_MAX_CLASSNAMES_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_CLASSNAMES_FILE:
+        raise UsageError(f"{sidecar}: classnames_file {short(value)} is larger than 1 MiB", hint)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{sidecar}: classnames_file {short(value)} is not UTF-8 text", hint) from None
+
+
+def _classnames(sidecar: Path, cfg: dict[str, Any]) -> list[str]:
+    """The class names (from ``classnames`` or ``classnames_file``, one per line), stripped and checked."""
+    if ("classnames" in cfg) == ("classnames_file" in cfg):
+        raise UsageError(f"{sidecar}: give exactly one of classnames, classnames_file")
+    if "classnames_file" in cfg:
+        names = [n.strip() for n in _read_classnames_file(sidecar, cfg["classnames_file"]).split("\n")]
+        names = [n for n in names if n]
+    else:
+        names = cfg["classnames"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"{sidecar}: classnames must be a list of strings, got {short(names)}")
+        names = [n.strip() for n in names]
+    if len(names) > MAX_CLASSES:
+        raise UsageError(f"{sidecar}: {len(names)} class names, more than {MAX_CLASSES}")
+    for n in names:
+        if len(n) > MAX_CLASSNAME_CHARS:
+            raise UsageError(f"{sidecar}: class name {short(n)} is longer than {MAX_CLASSNAME_CHARS} characters")
+        if CONTROL.search(n):
+            raise UsageError(f"{sidecar}: class name {short(n)} holds a control character")
+    if len(names) < 2 or not all(names):
+        raise UsageError(f"{sidecar}: classnames must list at least 2 non-empty names")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise UsageError(f"{sidecar}: classnames contains duplicates ({short(n)})")
+        seen.add(n)
+    return names
+
+
+def _name_ok(value: Any, optional: bool = False) -> bool:
+    if optional and value is None:
+        return True
+    return isinstance(value, str) and 0 < len(value) <= _MAX_NAME and not CONTROL.search(value)
 
 
 def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
@@ -123,73 +273,80 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
 
     Args:
         checkpoint: the ``model.pth.tar-N`` file (see :func:`load_dassl_checkpoint`).
-        sidecar: YAML/JSON with ``backbone`` ({name, pretrained}), ``classnames`` or
-            ``classnames_file`` and optional ``ctx_init``, ``image_size``, ``kind``, ``precision``.
+        sidecar: YAML/JSON with ``backbone`` ({name, pretrained}), ``classnames`` (a list) or
+            ``classnames_file`` (a text file in the sidecar's folder, one name per line) and
+            optional ``ctx_init``, ``image_size``, ``kind``, ``precision``.
         out: the folder to create; must not exist or be empty.
     Returns:
         The manifest written to ``out/gatekeeper.json``.
     Raises:
-        UsageError: non-empty ``out``, or a bad or unknown sidecar key.
+        UsageError: non-empty ``out``; an unreadable, oversize or malformed sidecar (aliases
+            expanding too far, a repeated key); a bad or unknown sidecar key; a
+            ``classnames_file`` outside the sidecar's folder, not a regular file, over 1 MiB or
+            not UTF-8; class names that are too many, too long or hold control characters.
         UnsafeCheckpointError, ModelFormatError: see :func:`load_dassl_checkpoint`; also a
-            class-specific (3-D) ``ctx`` or tensors inconsistent with ``kind``.
+            class-specific (3-D) ``ctx``, ``ctx`` or meta-net shapes out of bounds or
+            inconsistent, a kept tensor that is an expanded or overlapping view, or tensors
+            inconsistent with ``kind``.
     """
     checkpoint, sidecar, out = Path(checkpoint), Path(sidecar), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: exists and is not an empty folder", "choose a new output folder")
     cfg = _sidecar(sidecar)
     bb = cfg.get("backbone")
-    if not isinstance(bb, dict) or not isinstance(bb.get("name"), str) or set(bb) - {"name", "pretrained"}:
+    if (
+        not isinstance(bb, dict)
+        or set(bb) - {"name", "pretrained"}
+        or not _name_ok(bb.get("name"))
+        or not _name_ok(bb.get("pretrained"), optional=True)
+    ):
         raise UsageError(
-            f"{sidecar}: backbone must be {{name: str, pretrained: str}}", "e.g. {name: ViT-B-16, pretrained: openai}"
+            f"{sidecar}: backbone must be {{name: str, pretrained: str}}, got {short(bb)}",
+            "e.g. {name: ViT-B-16, pretrained: openai}",
         )
-    if ("classnames" in cfg) == ("classnames_file" in cfg):
-        raise UsageError(f"{sidecar}: give exactly one of classnames, classnames_file")
-    if "classnames_file" in cfg:
-        try:
-            names = (sidecar.parent / str(cfg["classnames_file"])).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{sidecar}: cannot read classnames_file ({exc})") from None
-        names = [n.strip() for n in names if n.strip()]
-    else:
-        names = cfg["classnames"]
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names):
-        raise UsageError(f"{sidecar}: classnames must list at least 2 non-empty names")
-    if len(set(names)) != len(names):
-        raise UsageError(f"{sidecar}: classnames contains duplicates")
+    names = _classnames(sidecar, cfg)
     state = _read_checkpoint(checkpoint)
     ctx = state["ctx"]
     if ctx.dim() == 3:
         raise ModelFormatError(
-            f"{checkpoint}: ctx has shape {tuple(ctx.shape)}: class-specific contexts (CSC) are unsupported",
+            f"{checkpoint}: ctx has shape {short(tuple(ctx.shape))}: class-specific contexts (CSC) are unsupported",
             "retrain with a unified context (CSC False)",
         )
-    if ctx.dim() != 2:
-        raise ModelFormatError(f"{checkpoint}: ctx must be [n_ctx, dim], got shape {tuple(ctx.shape)}")
+    if ctx.dim() != 2 or not (1 <= ctx.shape[0] <= MAX_N_CTX and 1 <= ctx.shape[1] <= _MAX_DIM):
+        raise ModelFormatError(
+            f"{checkpoint}: ctx must be [n_ctx, dim] with n_ctx <= {MAX_N_CTX} and dim <= {_MAX_DIM}, "
+            f"got shape {short(tuple(ctx.shape))}",
+            "give the prompt learner checkpoint of a CoOp/CoCoOp model",
+        )
     has_meta = [k for k in _META if k in state]
     try:
         kind = ModelKind(cfg.get("kind", "cocoop" if has_meta else "coop"))
         precision = Precision(cfg.get("precision", "fp16" if ctx.dtype == torch.float16 else "fp32"))
-    except ValueError as exc:
-        raise UsageError(f"{sidecar}: {exc}", "kind: coop|cocoop, precision: fp32|fp16") from None
+    except ValueError:
+        raise UsageError(
+            f"{sidecar}: kind {short(cfg.get('kind'))} or precision {short(cfg.get('precision'))} is not valid",
+            "kind: coop|cocoop, precision: fp32|fp16",
+        ) from None
     image_size, ctx_init = cfg.get("image_size", 224), cfg.get("ctx_init")
     if kind == ModelKind.ZEROSHOT or not isinstance(ctx_init, (str, type(None))):
         raise UsageError(f"{sidecar}: kind must be coop or cocoop, ctx_init a string")
     if not isinstance(image_size, int) or isinstance(image_size, bool) or not 8 <= image_size <= 1024:
-        raise UsageError(f"{sidecar}: image_size must be an integer in [8, 1024], got {image_size!r}")
+        raise UsageError(f"{sidecar}: image_size must be an integer in [8, 1024], got {short(image_size)}")
     keep = ["ctx", *(_META if kind == ModelKind.COCOOP else ())]
     if kind == ModelKind.COCOOP and len(has_meta) != len(_META):
         raise ModelFormatError(f"{checkpoint}: CoCoOp needs {list(_META)}", "is this CoOp? set kind: coop")
     if kind == ModelKind.COOP and has_meta:
         raise ModelFormatError(f"{checkpoint}: holds meta_net tensors but kind is coop", "set kind: cocoop")
+    _check_shapes(checkpoint, state, keep)  # before anything is copied; dropped tensors are never copied
     dropped = sorted(set(state) - set(keep))
     if dropped:
-        log.warning("%s: ignoring tensors %s", checkpoint, dropped)
+        log.warning("%s: ignoring tensors %s", checkpoint, inert(", ".join(dropped)))
     manifest = Manifest(
         kind=kind,
         classnames=tuple(names),
         backbone=BackboneRef(name=bb["name"], pretrained=bb.get("pretrained")),
         image_size=image_size,
-        n_ctx=int(ctx.shape[-2]),
+        n_ctx=int(ctx.shape[0]),
         ctx_init=ctx_init,
         precision=precision,
     )

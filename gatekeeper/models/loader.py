@@ -10,7 +10,9 @@ from gatekeeper.errors import ModelFormatError
 from gatekeeper.models.backbone import load_backbone
 from gatekeeper.models.manifest import WEIGHTS_NAME, Manifest, ModelKind, Precision, read_manifest, write_manifest
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP, build_meta_net, meta_net_hidden
+from gatekeeper.untrusted import inert, short
 
+MAX_PROMPT_LEARNER_BYTES = 64 << 20  # a ViT-L CoCoOp prompt learner is under 1 MiB
 _META_KEYS = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
 
 
@@ -25,11 +27,16 @@ def read_prompt_learner(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise ModelFormatError(f"{path}: missing", "the model folder needs prompt_learner.safetensors")
+    if path.stat().st_size > MAX_PROMPT_LEARNER_BYTES:  # bounded before anything is read into memory
+        raise ModelFormatError(
+            f"{path}: {path.stat().st_size} bytes, more than a prompt learner can be ({MAX_PROMPT_LEARNER_BYTES >> 20} MiB)",
+            "the file should hold ctx (and a CoCoOp meta-net) only",
+        )
     try:
         return {k: v.float() for k, v in load_file(str(path)).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFormatError(
-            f"{path}: corrupt or not a safetensors file ({str(exc)[:200]})",
+            f"{path}: corrupt or not a safetensors file ({inert(exc, 200)})",
             "re-export the prompt learner, or convert the original checkpoint with `gatekeeper convert`",
         ) from None
 
@@ -89,7 +96,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Prompt
         extra = sorted(set(state) - allowed)
         if extra:
             raise ModelFormatError(
-                f"{wpath}: unexpected tensors {extra} for a {manifest.kind.value} model",
+                f"{wpath}: unexpected tensors {short(extra[:5])} for a {manifest.kind.value} model",
                 "check 'kind' in gatekeeper.json (meta_net.* means cocoop)",
             )
     model = PromptTunedCLIP(clip, tokenizer, manifest, ctx=ctx, meta_net=meta_net)

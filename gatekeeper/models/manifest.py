@@ -11,12 +11,14 @@ Layout (documented in docs/model-format.md)::
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from gatekeeper.errors import ModelFormatError
+from gatekeeper.untrusted import CONTROL, DocumentError, inert, is_int, load_json, short
 
 MANIFEST_NAME = "gatekeeper.json"
 WEIGHTS_NAME = "prompt_learner.safetensors"
@@ -77,17 +79,88 @@ class Manifest:
 
 
 _REQUIRED = ("kind", "classnames", "backbone", "image_size")
+MAX_MANIFEST_BYTES = 4 << 20  # 4 MiB: 10,000 class names of 200 characters fit
+MAX_CLASSES = 10_000
+MAX_CLASSNAME_CHARS = 200
+MAX_N_CTX = 64
+MAX_TEXT_CHARS = 1000  # template, ctx_init
+MAX_BACKBONE_CHARS = 300
+# characters that would break a log line or hide text: C0/C1 controls, line/paragraph separators,
+# zero-width and bidirectional controls
 
 
 def _bad(path: Path, what: str, hint: str = "see docs/model-format.md") -> ModelFormatError:
-    return ModelFormatError(f"{path}: {what}", hint)
+    return ModelFormatError(f"{inert(path)}: {what}", hint)
+
+
+def _load_json(path: Path) -> Any:
+    """The parsed manifest: at most :data:`MAX_MANIFEST_BYTES`, UTF-8, strict JSON, bounded nesting."""
+    try:
+        return load_json(path, "the manifest", MAX_MANIFEST_BYTES)
+    except DocumentError as exc:
+        raise _bad(path, str(exc), "a manifest is a few KiB of plain JSON: rebuild it") from None
+
+
+def _check_template(path: Path, template: Any) -> str:
+    """A zero-shot template: a string with exactly one bare ``{}`` (no name, conversion or spec)."""
+    want = "template must be a string with exactly one {} placeholder (no name, index, !conversion or :spec)"
+    if not isinstance(template, str) or len(template) > MAX_TEXT_CHARS or CONTROL.search(template):
+        raise _bad(
+            path, f"{want}, at most {MAX_TEXT_CHARS} characters without control characters; got {short(template)}"
+        )
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # a lone "{" or "}"
+        raise _bad(path, f"{want}; got {short(template)} (write {{{{ and }}}} for literal braces)") from None
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        raise _bad(path, f"{want}; got {short(template)}")
+    return template
+
+
+def _check_classnames(path: Path, names: Any) -> tuple[str, ...]:
+    if not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES:
+        raise _bad(path, f"classnames must be a list of at least 2 (at most {MAX_CLASSES}) non-empty strings")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise _bad(path, f"classnames must be a list of at least 2 non-empty strings; item {i} is {short(name)}")
+        if len(name) > MAX_CLASSNAME_CHARS or CONTROL.search(name):
+            raise _bad(
+                path,
+                f"classnames[{i}] {short(name)} is longer than {MAX_CLASSNAME_CHARS} characters or holds control characters",
+                "class names are short printable labels",
+            )
+    if len(set(names)) != len(names):
+        raise _bad(path, "classnames contains duplicates")
+    return tuple(names)
+
+
+def _check_backbone(path: Path, bb: Any) -> BackboneRef:
+    want = "backbone must be an object with a string 'name' (and optional string 'pretrained')"
+    if not isinstance(bb, dict) or not isinstance(bb.get("name"), str):
+        raise _bad(path, want)
+    extra = sorted(k for k in bb if k not in ("name", "pretrained"))
+    if extra:
+        raise _bad(path, f"{want}; unknown key(s) {short(extra)}")
+    name, pretrained = bb["name"], bb.get("pretrained")
+    if not name.strip() or len(name) > MAX_BACKBONE_CHARS or CONTROL.search(name):
+        raise _bad(path, f"backbone name {short(name)} must be 1 to {MAX_BACKBONE_CHARS} printable characters")
+    if pretrained is not None and (
+        not isinstance(pretrained, str) or len(pretrained) > MAX_BACKBONE_CHARS or CONTROL.search(pretrained)
+    ):
+        raise _bad(
+            path,
+            f"backbone pretrained must be an open_clip tag (a string) or null, got {short(pretrained)}",
+            'e.g. "pretrained": "openai" for a built-in name; null for hf-hub: and local-dir: backbones',
+        )
+    return BackboneRef(name=name, pretrained=pretrained)
 
 
 def read_manifest(folder: Path) -> Manifest:
     """Read and validate ``folder/gatekeeper.json``.
 
     Raises:
-        ModelFormatError: missing file, bad JSON, missing keys, or bad values.
+        ModelFormatError: missing file, oversized or bad JSON, missing keys, or bad values (wrong
+            types, booleans where integers go, out of bounds, a template with other fields).
     """
     path = folder / MANIFEST_NAME
     if not path.is_file():
@@ -96,53 +169,50 @@ def read_manifest(folder: Path) -> Manifest:
             "no gatekeeper manifest",
             "point at a gatekeeper model folder, or convert a Dassl checkpoint with `gatekeeper convert`",
         )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _bad(path, f"not valid JSON ({exc})") from None
+    raw = _load_json(path)
     if not isinstance(raw, dict):
         raise _bad(path, "the manifest must be a JSON object")
-    if raw.get("format", FORMAT_NAME) != FORMAT_NAME or raw.get("format_version", 1) != FORMAT_VERSION:
-        raise _bad(path, f"unsupported format {raw.get('format')!r} v{raw.get('format_version')!r}")
+    fmt, version = raw.get("format", FORMAT_NAME), raw.get("format_version", FORMAT_VERSION)
+    if fmt != FORMAT_NAME or not is_int(version) or version != FORMAT_VERSION:
+        raise _bad(
+            path, f"unsupported format {short(fmt)} v{short(version)}", f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}"
+        )
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise _bad(path, f"missing key(s): {', '.join(missing)}")
-    try:
-        kind = ModelKind(raw["kind"])
-    except ValueError:
-        raise _bad(path, f"kind {raw['kind']!r} is not one of {[k.value for k in ModelKind]}") from None
-    names = raw["classnames"]
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n.strip() for n in names):
-        raise _bad(path, "classnames must be a list of at least 2 non-empty strings")
-    if len(set(names)) != len(names):
-        raise _bad(path, "classnames contains duplicates")
-    bb = raw["backbone"]
-    if not isinstance(bb, dict) or not isinstance(bb.get("name"), str):
-        raise _bad(path, "backbone must be an object with a string 'name' (and optional 'pretrained')")
+    kinds = [k.value for k in ModelKind]
+    if raw["kind"] not in kinds:
+        raise _bad(path, f"kind {short(raw['kind'])} is not one of {kinds}")
+    kind = ModelKind(raw["kind"])
+    names = _check_classnames(path, raw["classnames"])
+    backbone = _check_backbone(path, raw["backbone"])
     image_size = raw["image_size"]
-    if not isinstance(image_size, int) or not 8 <= image_size <= 1024:
-        raise _bad(path, f"image_size must be an integer in [8, 1024], got {image_size!r}")
+    if not is_int(image_size) or not 8 <= image_size <= 1024:
+        raise _bad(path, f"image_size must be an integer in [8, 1024], got {short(image_size)}")
     n_ctx = raw.get("n_ctx", 0)
-    if not isinstance(n_ctx, int) or n_ctx < 0 or (kind != ModelKind.ZEROSHOT and n_ctx < 1):
-        raise _bad(path, f"n_ctx must be a positive integer for {kind.value}, got {n_ctx!r}")
-    try:
-        precision = Precision(raw.get("precision", "fp32"))
-    except ValueError:
-        raise _bad(path, f"precision {raw.get('precision')!r} is not one of fp32, fp16") from None
-    template = raw.get("template", "a photo of a {}.")
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise _bad(path, "template must be a string with exactly one {} placeholder")
+    low = 0 if kind == ModelKind.ZEROSHOT else 1
+    if not is_int(n_ctx) or not low <= n_ctx <= MAX_N_CTX:
+        raise _bad(path, f"n_ctx must be an integer in [{low}, {MAX_N_CTX}] for {kind.value}, got {short(n_ctx)}")
+    precision_value = raw.get("precision", "fp32")
+    if precision_value not in [p.value for p in Precision]:
+        raise _bad(path, f"precision {short(precision_value)} is not one of fp32, fp16")
+    template = _check_template(path, raw.get("template", "a photo of a {}."))
     ctx_init = raw.get("ctx_init")
-    if ctx_init is not None and not isinstance(ctx_init, str):
-        raise _bad(path, "ctx_init must be a string or null")
+    if ctx_init is not None and (
+        not isinstance(ctx_init, str) or len(ctx_init) > MAX_TEXT_CHARS or CONTROL.search(ctx_init)
+    ):
+        raise _bad(
+            path,
+            f"ctx_init must be a string (at most {MAX_TEXT_CHARS} printable characters) or null, got {short(ctx_init)}",
+        )
     return Manifest(
         kind=kind,
-        classnames=tuple(names),
-        backbone=BackboneRef(name=bb["name"], pretrained=bb.get("pretrained")),
+        classnames=names,
+        backbone=backbone,
         image_size=image_size,
         n_ctx=n_ctx,
         ctx_init=ctx_init,
-        precision=precision,
+        precision=Precision(precision_value),
         template=template,
     )
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gatekeeper.errors import ResultError
+from gatekeeper.report.images import TRIGGER_DIR
 from gatekeeper.report.jsonout import atomic_write_text, dumps, result_to_dict, validate_result
 
 if TYPE_CHECKING:
@@ -20,10 +23,52 @@ if TYPE_CHECKING:
 
     from gatekeeper.result import AuditResult
 
-__all__ = ["write_reports"]
+__all__ = ["clear_outputs", "fresh_dir", "write_reports"]
 
 RESULT_JSON = "result.json"
 REPORT_MD = "report.md"
+PARTIAL_JSON = "partial.json"  # a shard's output (gatekeeper.shard)
+PARTIAL_TENSORS = "partial.safetensors"
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (never its target) or a folder tree; absent is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():  # a fifo, socket or device where a report goes
+        path.unlink()
+
+
+def clear_outputs(out_dir: Path, extra: Iterable[Path | None] = ()) -> None:
+    """Remove every file a scan writes into ``out_dir`` (and the ``extra`` paths) before the scan starts.
+
+    A scan that then fails, times out or is killed leaves no earlier ``result.json``, report,
+    trigger image, partial or SARIF behind that could read as this model's verdict.
+
+    Raises:
+        ResultError: a path cannot be removed (permissions); nothing was scanned yet.
+    """
+    out_dir = Path(out_dir)
+    names = (RESULT_JSON, REPORT_MD, TRIGGER_DIR, PARTIAL_JSON, PARTIAL_TENSORS)
+    targets = [out_dir / n for n in names] + [Path(p) for p in extra if p is not None]
+    targets += [t for n in names for t in out_dir.glob(f".{n}.*.tmp")]  # temp files of a killed write
+    for path in targets:
+        try:
+            _remove(path)
+        except OSError as exc:
+            raise ResultError(
+                f"cannot remove the earlier output {path} ({exc.strerror or exc})",
+                "make the output folder writable or choose a new --out; an old verdict must not survive",
+            ) from None
+
+
+def fresh_dir(path: Path) -> Path:
+    """Create ``path`` as a new, empty real folder: a symlink there is removed, never followed."""
+    _remove(path)
+    path.mkdir(parents=True)
+    return path
 
 
 def _epsilon(result: AuditResult) -> float:
@@ -60,6 +105,9 @@ def write_reports(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (RESULT_JSON, REPORT_MD):  # replaced, never written through, if a symlink sits there
+        if (out_dir / name).is_symlink():
+            (out_dir / name).unlink()
     written: dict[str, Path] = {}
 
     trigger_paths: dict[str, str] = {}
@@ -68,6 +116,7 @@ def write_reports(
             raise ResultError("trigger images need an example image; got None")
         from gatekeeper.report.images import save_trigger_images
 
+        fresh_dir(out_dir / TRIGGER_DIR)  # no stale images, no symlink followed out of out_dir
         trigger_paths = save_trigger_images(triggers, _epsilon(result), example, out_dir)
         for name, rel in trigger_paths.items():
             written[f"trigger:{name}"] = out_dir / rel
@@ -83,12 +132,13 @@ def write_reports(
 
     json_file = out_dir / RESULT_JSON
     md_file = out_dir / REPORT_MD
-    atomic_write_text(json_file, json_text)
+    # result.json last: the verdict record appears only once everything it points to exists
+    atomic_write_text(md_file, md_text)
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(json_path), json_text)
         written["json_copy"] = Path(json_path)
-    atomic_write_text(md_file, md_text)
+    atomic_write_text(json_file, json_text)
     written["json"] = json_file
     written["markdown"] = md_file
     return written

@@ -117,6 +117,11 @@ def save_trigger_images(
         class name -> POSIX path of its PNG relative to ``out_dir``.
     """
     out_dir = Path(out_dir)
+    if (out_dir / TRIGGER_DIR).is_symlink():
+        raise ResultError(
+            f"{out_dir / TRIGGER_DIR} is a symlink; refusing to write trigger images through it",
+            "remove it (gatekeeper scan recreates the folder itself)",
+        )
     trig_dir = (out_dir / TRIGGER_DIR).resolve()
     trig_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}

@@ -16,9 +16,14 @@ from gatekeeper.errors import SourceError, UsageError
 from gatekeeper.result import Provenance
 
 CHUNK_SIZE = 1 << 20  # stream-hash files in 1 MiB chunks
+# A registry that does not answer must fail the gate in seconds, not minutes: every request to
+# the Hub or an MLflow server gets this connect/read timeout and at most this many retries.
+REGISTRY_TIMEOUT_S = 30
+REGISTRY_RETRIES = 2
+NETWORK_NOTE = f"timeout {REGISTRY_TIMEOUT_S} s per request, at most {REGISTRY_RETRIES} retries"
 SUPPORTED = "'hf://org/name[@revision]', 'models:/name/version', 'models:/name@alias' (MLflow) or a local folder path"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
-_REPO_PART = re.compile(r"^[A-Za-z0-9._-]+$")
+_REPO_PART = re.compile(r"[A-Za-z0-9._-]+")
 _MAX_REPO_ID = 96  # the Hub's own limit
 
 
@@ -40,6 +45,14 @@ def _sha256_file(path: Path) -> str:
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
+
+
+def _resolve(path: Path) -> Path:
+    """``path.resolve()``, with a symlink loop reported as a :class:`SourceError`."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: "Symlink loop" (Python < 3.13)
+        raise SourceError(f"cannot resolve {path} ({exc})", "remove the looping or broken symlink") from None
 
 
 def hash_folder(path: Path, *, allowed_root: Path | None = None) -> tuple[dict[str, str], str]:
@@ -73,7 +86,7 @@ def hash_folder(path: Path, *, allowed_root: Path | None = None) -> tuple[dict[s
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         current = Path(dirpath)
         for name in sorted(dirnames):  # refuse escaping or looping symlinked folders before walking them
-            target = (current / name).resolve()
+            target = _resolve(current / name)
             if not _inside(target, boundary):
                 raise SourceError(
                     f"symlink {current / name} points outside {boundary}", "copy the files into the model folder"
@@ -87,7 +100,7 @@ def hash_folder(path: Path, *, allowed_root: Path | None = None) -> tuple[dict[s
         for name in filenames:
             entry = current / name
             rel = entry.relative_to(root).as_posix()
-            target = entry.resolve()
+            target = _resolve(entry)
             if entry.is_symlink() and not _inside(target, boundary):
                 raise SourceError(f"symlink {rel} points outside {boundary}", "copy the files into the model folder")
             try:
@@ -153,7 +166,7 @@ def validate_repo_id(repo_id: str) -> str:
         and len(repo_id) <= _MAX_REPO_ID
         and ".." not in repo_id
         and "--" not in repo_id
-        and all(_REPO_PART.match(p) and p[0] not in ".-" and p[-1] not in ".-" for p in parts)
+        and all(_REPO_PART.fullmatch(p) and p[0] not in ".-" and p[-1] not in ".-" for p in parts)
     )
     if not ok:
         raise UsageError(

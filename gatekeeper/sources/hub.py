@@ -18,7 +18,7 @@ from huggingface_hub import errors as hf_errors
 
 from gatekeeper.errors import GatekeeperError, SourceError, UsageError
 from gatekeeper.result import Provenance
-from gatekeeper.sources.base import ResolvedModel, hash_folder, validate_repo_id, validate_revision
+from gatekeeper.sources.base import REGISTRY_TIMEOUT_S, ResolvedModel, hash_folder, validate_repo_id, validate_revision
 
 ALLOW_PATTERNS: tuple[str, ...] = (
     "gatekeeper.json",
@@ -215,6 +215,7 @@ def resolve_hub(
             cache_dir=cache_dir,
             token=os.environ.get("HF_TOKEN") or None,
             endpoint=endpoint,
+            etag_timeout=REGISTRY_TIMEOUT_S,
         )
     except Exception as exc:  # every failure becomes a gatekeeper error (fail closed)
         raise map_hub_error(exc, repo_id, revision, cache_dir) from None  # no chained error: it may hold the token
@@ -227,6 +228,8 @@ def resolve_hub(
         "repo_id": repo_id,
         "requested_revision": revision or hf_constants.DEFAULT_REVISION,
         "endpoint": _public_url(endpoint or hf_constants.ENDPOINT or DEFAULT_ENDPOINT),
+        "network": f"timeout {REGISTRY_TIMEOUT_S} s for metadata requests, "
+        f"{hf_constants.HF_HUB_DOWNLOAD_TIMEOUT} s without data for downloads (HF_HUB_DOWNLOAD_TIMEOUT)",
     }
     scan = security_status(repo_id, sha, endpoint)
     if scan is not None:

@@ -12,16 +12,18 @@ never appear in a message, a hint or the provenance.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gatekeeper.errors import GatekeeperError, SourceError, UsageError
 from gatekeeper.result import Provenance
-from gatekeeper.sources.base import ResolvedModel, hash_folder
+from gatekeeper.sources.base import NETWORK_NOTE, REGISTRY_RETRIES, REGISTRY_TIMEOUT_S, ResolvedModel, hash_folder
 from gatekeeper.sources.hub import _public_url, redact
 
 INSTALL_HINT = "pip install gatekeeper-clip[mlflow]"
@@ -206,6 +208,27 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80] or "model"
 
 
+@contextlib.contextmanager
+def _bounded_http() -> Iterator[None]:
+    """The MLflow client's request timeout and retries, bounded (its defaults retry for minutes).
+
+    A value the user exported (``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``..._MAX_RETRIES``,
+    ``..._BACKOFF_FACTOR``) wins; ours apply only for the duration of the fetch.
+    """
+    ours = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REGISTRY_TIMEOUT_S),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(REGISTRY_RETRIES),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
+    added = [k for k in ours if k not in os.environ]
+    os.environ.update({k: ours[k] for k in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def resolve_mlflow(
     name: str, selector: str, cache_dir: str | None = None, *, reference: str | None = None
 ) -> ResolvedModel:
@@ -237,6 +260,20 @@ def resolve_mlflow(
     registry_uri = (os.environ.get("MLFLOW_REGISTRY_URI") or "").strip() or tracking_uri
     host = _public_url(registry_uri)
     mlflow = _import_mlflow()
+    with _bounded_http():
+        return _fetch(mlflow, name, selector, cache_dir, reference, tracking_uri, registry_uri, host)
+
+
+def _fetch(
+    mlflow: Any,
+    name: str,
+    selector: str,
+    cache_dir: str | None,
+    reference: str,
+    tracking_uri: str,
+    registry_uri: str,
+    host: str,
+) -> ResolvedModel:
     from mlflow.artifacts import download_artifacts
 
     try:
@@ -269,6 +306,7 @@ def resolve_mlflow(
         "run_id": str(mv.run_id or ""),
         "source_uri": redact(str(mv.source or "")),
         "artifact_uri": redact(str(artifact_uri)),
+        "network": NETWORK_NOTE,
     }
     if selector.startswith("@"):
         extra["alias"] = selector[1:]

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import _LRScheduler
 
-from gatekeeper.errors import ModelFormatError, UnsafeCheckpointError, UsageError
+from gatekeeper.errors import ExitCode, ModelFormatError, UnsafeCheckpointError, UsageError, exit_code_for
 from gatekeeper.models.checkpoint import (
     ALLOWED_GLOBALS,
     OPAQUE_GLOBALS,
@@ -539,3 +539,119 @@ def test_zip_with_duplicate_members_is_refused(tmp_path: Path) -> None:
             zout.writestr(name, io.BytesIO(b"x").getvalue())
     with pytest.raises(ModelFormatError, match="duplicate"):
         load_dassl_checkpoint(dup)
+
+
+# --- the sidecar is untrusted input too ---------------------------------------------------------
+
+
+def _convert_with(tmp_path: Path, sidecar_text: str) -> Any:
+    ckpt = save_dassl(tmp_path, dassl_state(meta=False))
+    side = tmp_path / "side" / "sidecar.yaml"
+    side.parent.mkdir(exist_ok=True)
+    side.write_text(sidecar_text, encoding="utf-8")
+    return convert_checkpoint(ckpt, side, tmp_path / "out")
+
+
+def _usage_error(tmp_path: Path, sidecar_text: str, match: str) -> UsageError:
+    with pytest.raises(UsageError, match=match) as info:
+        _convert_with(tmp_path, sidecar_text)
+    assert exit_code_for(info.value) == ExitCode.USAGE
+    assert "\n" not in str(info.value) and len(str(info.value)) < 600
+    assert not (tmp_path / "out").exists()
+    return info.value
+
+
+BB = "backbone: {name: RN50, pretrained: openai}\n"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/etc/passwd", "../secret.txt", "sub/../../secret.txt", "C:\\\\secret.txt"],
+    ids=["abs", "up", "up2", "drive"],
+)
+def test_classnames_file_must_stay_in_the_sidecar_folder(tmp_path: Path, value: str) -> None:
+    (tmp_path / "secret.txt").write_text("root\nadmin\n", encoding="utf-8")
+    _usage_error(tmp_path, f'{BB}classnames_file: "{value}"\n', "classnames_file")
+
+
+def test_classnames_file_symlinks(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("root\nadmin\n", encoding="utf-8")
+    (tmp_path / "side").mkdir()
+    (tmp_path / "side" / "out.txt").symlink_to(tmp_path / "secret.txt")
+    _usage_error(tmp_path, f"{BB}classnames_file: out.txt\n", "resolves outside")
+    (tmp_path / "side" / "real.txt").write_text("cat\ndog\n", encoding="utf-8")
+    (tmp_path / "side" / "in.txt").symlink_to("real.txt")  # a link that stays inside is fine
+    assert _convert_with(tmp_path, f"{BB}classnames_file: in.txt\n").classnames == ("cat", "dog")
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "large", "binary", "missing"])
+def test_classnames_file_must_be_a_small_utf8_file(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "side" / "names.txt"
+    target.parent.mkdir()
+    if kind == "folder":
+        target.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(target)  # opening it for reading must not block
+    elif kind == "large":
+        target.write_text("cat\n" * 300_000, encoding="utf-8")
+    elif kind == "binary":
+        target.write_bytes(b"cat\n\xff\xfe\n")
+    needle = {
+        "folder": "regular file",
+        "fifo": "regular file",
+        "large": "1 MiB",
+        "binary": "UTF-8",
+        "missing": "cannot",
+    }
+    _usage_error(tmp_path, f"{BB}classnames_file: names.txt\n", needle[kind])
+
+
+@pytest.mark.parametrize(
+    ("classnames", "needle"),
+    [
+        (["cat", "dog\x1b[2J"], "control character"),
+        (["cat", "dog\u202e"], "control character"),  # a bidi override
+        (["cat", "d" * 201], "longer than 200"),
+        ([f"c{i}" for i in range(10_001)], "more than 10000"),
+        (["cat", "cat "], "duplicates"),  # names are stripped first
+        (["cat", 3], "list of strings"),
+    ],
+    ids=["escape", "bidi", "long", "many", "dup-after-strip", "not-str"],
+)
+def test_inline_classnames_are_checked(tmp_path: Path, classnames: list[Any], needle: str) -> None:
+    err = _usage_error(tmp_path, f"{BB}classnames: {json.dumps(classnames)}\n", needle)
+    assert "\x1b" not in str(err) and "\u202e" not in str(err)
+
+
+def test_classnames_file_names_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "side").mkdir()
+    (tmp_path / "side" / "names.txt").write_text("cat\ndog\x0cfish\n", encoding="utf-8")
+    _usage_error(tmp_path, f"{BB}classnames_file: names.txt\n", "control character")
+    (tmp_path / "side" / "names.txt").write_text("\ufeff cat \r\ndog\r\n\r\n", encoding="utf-8")  # BOM, CRLF
+    assert _convert_with(tmp_path, f"{BB}classnames_file: names.txt\n").classnames == ("cat", "dog")
+
+
+def test_sidecar_yaml_is_bounded(tmp_path: Path) -> None:
+    laughs = 'a: &a ["x","x","x","x","x","x","x","x","x","x"]\n'
+    for i in range(1, 8):
+        laughs += f"{'abcdefgh'[i]}: &{'abcdefgh'[i]} [{', '.join(['*' + 'abcdefgh'[i - 1]] * 10)}]\n"
+    _usage_error(tmp_path, BB + "classnames: [a, b]\n" + laughs, "expands to more than")
+    _usage_error(tmp_path, BB + "classnames: [a, b]\nclassnames: [c, d]\n", "duplicate key")
+    _usage_error(tmp_path, BB + "classnames: [a, b]\n# " + "x" * 2**20 + "\n", "larger than")
+    _usage_error(tmp_path, BB + "classnames: [a, b\n", "not valid YAML")
+
+
+def test_sidecar_errors_quote_a_short_prefix(tmp_path: Path) -> None:
+    err = _usage_error(tmp_path, BB + "classnames: [a, b]\n? " + "k" * 5000 + "\n: 1\n", "unknown sidecar key")
+    assert "k" * 100 not in str(err)
+    err = _usage_error(tmp_path, BB + "classnames: [a, b]\nimage_size: '" + "9" * 5000 + "'\n", "image_size")
+    assert "9" * 100 not in str(err)
+    err = _usage_error(tmp_path, "backbone: {name: '" + "n" * 5000 + "'}\nclassnames: [a, b]\n", "backbone")
+    assert "n" * 100 not in str(err)
+
+
+def test_truncated_zip_is_not_called_a_non_checkpoint(tmp_path: Path) -> None:
+    path = save_dassl(tmp_path, dassl_state())
+    path.write_bytes(path.read_bytes()[:700])
+    with pytest.raises(ModelFormatError, match="truncated or corrupt zip"):
+        sniff_format(path)

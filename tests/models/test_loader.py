@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -143,3 +144,129 @@ def test_meta_net_width_is_read_from_the_weights_and_checked(random_backbone, tm
     save_file(state, str(path))
     with pytest.raises(ModelFormatError, match="meta_net.linear1.bias"):
         load_model(folder)
+
+
+# --- usage errors are one clear ModelFormatError/BackboneError line, never an internal error ---
+
+
+def test_local_backbone_symlink_loop_is_a_backbone_error(model_factory):
+    folder = model_factory("coop", CLASSES)
+    os.symlink("loop", folder / "loop")
+    _edit_manifest(folder, backbone={"name": "local-dir:loop", "pretrained": None})
+    with pytest.raises(BackboneError, match="'loop' cannot be resolved") as info:
+        load_model(folder)
+    assert info.value.exit_code == ExitCode.SCAN_ERROR and "not a symlink" in info.value.hint
+    _edit_manifest(folder, backbone={"name": "local-dir:", "pretrained": None})
+    with pytest.raises(BackboneError, match="names no folder"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"backbone": {"name": "ViT-B-32", "pretrained": ["openai"]}}, "pretrained must be an open_clip tag"),
+        ({"backbone": {"name": "ViT-B-32", "pretrained": 1}}, "pretrained must be an open_clip tag"),
+        ({"backbone": {"name": "hf-hub:org/name\n::error::x"}}, "backbone name 'hf-hub:org/name\\\\n::error::x'"),
+        ({"backbone": {"name": ""}}, "backbone name"),
+        ({"backbone": {"name": "local-dir:backbone", "revision": "main"}}, "unknown key"),
+        ({"template": "a {} of {x}"}, "template must be"),
+        ({"template": "a {} {0}"}, "template must be"),
+        ({"template": "{0}"}, "template must be"),
+        ({"template": "{!r}"}, "template must be"),
+        ({"template": "{} {!r}"}, "template must be"),
+        ({"template": "a {:>10}"}, "template must be"),
+        ({"template": "a {} {"}, "literal braces"),
+        ({"template": "a {}{}"}, "template must be"),
+        ({"template": "no field"}, "template must be"),
+        ({"template": ["{}"]}, "template must be"),
+        ({"template": "a {}\n::warning::x"}, "control characters"),
+        ({"n_ctx": True}, "n_ctx must be an integer in \\[1, 64\\] for coop, got True"),
+        ({"n_ctx": 65}, "n_ctx must be an integer"),
+        ({"n_ctx": 0}, "n_ctx must be an integer"),
+        ({"n_ctx": 4.0}, "n_ctx must be an integer"),
+        ({"image_size": True}, "image_size must be an integer in \\[8, 1024\\], got True"),
+        ({"classnames": ["a" * 201, "b"]}, "longer than 200"),
+        ({"classnames": ["a\nb", "c"]}, "control characters"),
+        ({"classnames": ["a\u202eb", "c"]}, "control characters"),
+        ({"classnames": [f"c{i}" for i in range(10_001)]}, "at most 10000"),
+        ({"classnames": ["a", 3]}, "item 1 is 3"),
+        ({"kind": ["coop"]}, "kind \\['coop'\\] is not one of"),
+        ({"precision": {"x": 1}}, "precision"),
+        ({"format_version": True}, "unsupported format"),
+        ({"ctx_init": 5}, "ctx_init must be"),
+    ],
+)
+def test_bad_manifest_values_are_model_format_errors(model_factory, changes, match):
+    folder = model_factory("coop", CLASSES)
+    _edit_manifest(folder, **changes)
+    with pytest.raises(ModelFormatError, match=match) as info:
+        load_model(folder)
+    assert info.value.exit_code == ExitCode.SCAN_ERROR
+    assert "\n" not in info.value.one_line() and "\u202e" not in info.value.one_line()
+
+
+def test_good_templates_still_load(model_factory):
+    folder = model_factory("coop", CLASSES)
+    for template in ("{}", "a photo of a {}.", "a {{braced}} {}", "a {:} thing"):
+        _edit_manifest(folder, template=template)
+        assert load_model(folder).manifest.template == template
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+        ('{"kind": "coop", "kind": "cocoop"}', "duplicate key 'kind'"),
+        ('{"n_ctx": NaN}', "NaN is not a JSON number"),
+        ('{"n_ctx": ' + "9" * 5000 + "}", "not valid JSON"),
+    ],
+)
+def test_unreadable_manifests_are_model_format_errors(model_factory, text, match):
+    folder = model_factory("coop", CLASSES)
+    (folder / "gatekeeper.json").write_text(text)
+    with pytest.raises(ModelFormatError, match=match):
+        load_model(folder)
+
+
+def test_oversized_or_binary_manifest(model_factory):
+    folder = model_factory("coop", CLASSES)
+    manifest = json.loads((folder / "gatekeeper.json").read_text())
+    manifest["padding"] = "x" * (4 << 20)
+    (folder / "gatekeeper.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match="larger than 4 MiB"):
+        load_model(folder)
+    (folder / "gatekeeper.json").write_bytes(b'{"kind": "\xff"}')
+    with pytest.raises(ModelFormatError, match="not UTF-8"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"backbone": {"name": "ViT-B-32", "pretrained": ["openai"]}},
+        {"template": "a {} of {x}"},
+        {"template": "a {} {0}"},
+        {"n_ctx": True},
+        {"image_size": True},
+        {"backbone": {"name": "local-dir:backbone\u2028x"}},
+    ],
+)
+def test_bad_manifests_are_one_error_line_from_the_cli(model_factory, tmp_path, capsys, changes):
+    from gatekeeper.cli import main
+
+    folder = model_factory("coop", CLASSES)
+    _edit_manifest(folder, **changes)
+    code = main(["scan", str(folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "gatekeeper: error:" in err and "gatekeeper.json" in err
+    assert "internal error" not in err and "\u2028" not in err
+
+
+def test_deep_manifest_from_the_cli(model_factory, tmp_path, capsys):
+    from gatekeeper.cli import main
+
+    folder = model_factory("coop", CLASSES)
+    (folder / "gatekeeper.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert main(["scan", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "nested too deeply" in err and "internal error" not in err
