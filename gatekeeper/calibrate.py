@@ -155,3 +155,71 @@ def calibrate_on_backbone(model: Any, pool: Any, policy: Any, copies: int, epoch
 
     n_c = len(candidate_classes(len(model.classnames), plain))
     return Calibrated(tau, j, tpr, fpr, auroc(lab, sc), copies, copies, n_c, policy.ood_budget, policy.epsilon), rows
+
+
+def _calibratable(scoring: str, where: str) -> None:
+    """τ is a threshold on the z-score s_max; the lift rule's threshold is its null margin."""
+    if scoring not in ("paper", "differential"):
+        raise UsageError(
+            f"{where}: scoring '{scoring}' is not calibrated with a tau (its threshold is the null margin: lift_margin, null_copies)",
+            "calibrate a policy with scoring: differential or paper, or tune lift_margin/null_copies instead",
+        )
+
+
+def run_calibrate(
+    out: Path,
+    *,
+    clean: list[Path] | None = None,
+    backdoored: list[Path] | None = None,
+    backbone: Path | None = None,
+    policy: str = "default",
+    copies: int = 4,
+    epochs: int = 12,
+    device: str = "auto",
+    log: Any = print,
+) -> Calibrated:
+    """Choose tau from scans of known models (``clean``/``backdoored`` result.json files), or from
+    clean and planted copies built on ``backbone``'s own prompt learner, and write the calibrated
+    policy to ``out`` (which must not exist), atomically.
+
+    Raises:
+        UsageError: ``out`` exists, a bad combination of arguments, or a lift policy (no tau).
+    """
+    import json
+
+    from gatekeeper.policy import load_policy, policy_from_mapping
+    from gatekeeper.report.jsonout import atomic_write_text
+    from gatekeeper.untrusted import load_yaml
+
+    if out.exists():
+        raise UsageError(f"--out {out} exists", "choose a new file; calibrate never overwrites a policy")
+    if backbone is not None:
+        if clean or backdoored:
+            raise UsageError(
+                "--backbone builds its own clean and planted copies", "give either --backbone or --clean/--backdoored"
+            )
+        if epochs < 1:
+            raise UsageError(f"--epochs {epochs}: must be at least 1", "e.g. --epochs 12")
+        from gatekeeper.models.loader import load_model
+        from gatekeeper.ood import load_pool
+        from gatekeeper.scan import resolve_device
+
+        chosen = load_policy(policy)
+        _calibratable(chosen.scoring.value, policy)
+        model = load_model(backbone, resolve_device(device))
+        pool = load_pool("procedural", model.image_size, chosen.ood_budget, chosen.holdout, chosen.seed)
+        cal, _rows = calibrate_on_backbone(model, pool, chosen, copies, epochs, log=log)
+        base = chosen.to_dict()
+    else:
+        if not clean or not backdoored:
+            raise UsageError(
+                "calibrate needs --clean and --backdoored scan results, or --backbone MODEL",
+                "see `gatekeeper calibrate --help`",
+            )
+        base = json.loads(clean[0].read_text()).get("policy") or {}
+        _calibratable(str(base.get("scoring", "paper")), str(clean[0]))
+        cal = calibrate(clean, backdoored)
+    text = calibrated_policy_yaml(base, cal)
+    policy_from_mapping(load_yaml(text, str(out)), str(out))  # what we write must load
+    atomic_write_text(out, text)
+    return cal

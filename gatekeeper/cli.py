@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gatekeeper import __version__
-from gatekeeper.errors import ExitCode, GatekeeperError, ResourceError, UsageError, exit_code_for
+from gatekeeper.errors import ExitCode, GatekeeperError, UsageError, exit_code_for
 from gatekeeper.untrusted import inert, say
 
 EXIT_HELP = """exit codes:
@@ -239,20 +239,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} requested but CUDA is not available", "use --device cpu or auto")
-    return dev
-
-
 class _Progress:
     """A tqdm bar on a terminal, plain lines otherwise, nothing when quiet."""
 
@@ -281,183 +267,49 @@ class _Progress:
             say(f"[{self.label}] {total} classes inverted in {time.time() - self.t0:.0f}s")
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder", "give a folder path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out}: {exc.strerror}", "choose a writable path") from None
-
-
-def scan_one(
-    reference: str,
-    *,
-    policy_arg: str,
-    ood: str,
-    out: Path,
-    json_path: Path | None,
-    device_name: str,
-    quiet: bool,
-    revision: str | None,
-    command: str,
-    label: str = "scan",
-    shard: str | None = None,
-    stale: tuple[Path | None, ...] = (),
-) -> tuple[ExitCode, dict[str, Any]]:
-    """source -> load -> inspect -> decide -> report; returns (exit code, result dict).
-
-    Once the arguments are valid, every output an earlier run left in ``out`` (and the ``stale``
-    paths, e.g. --sarif) is removed before any work: a failed or killed scan leaves no old verdict.
-    """
-    from gatekeeper.ood import check_spec
-    from gatekeeper.policy import load_policy
-
-    # Everything the user typed is validated before any model is fetched (exit 4).
-    policy = load_policy(policy_arg)
-    from gatekeeper.shard import parse_shard
-
-    shard_spec = parse_shard(shard) if shard else None
-    check_spec(ood)
-    device = _device(device_name)
-    from gatekeeper.sources import parse_reference
-
-    parse_reference(reference)
-    _prepare_out(out)
-    from gatekeeper.report import clear_outputs
-
-    clear_outputs(out, (json_path, *stale))
-
-    import torch
-
-    from gatekeeper.audit import audit
-    from gatekeeper.models.loader import load_model
-    from gatekeeper.ood import load_pool
-    from gatekeeper.sources import resolve
-
-    resolved = resolve(reference, revision=revision)
-    try:
-        model = load_model(resolved.path, device)
-        pool = load_pool(ood, model.image_size, policy.ood_budget, policy.holdout, policy.seed)
-        if shard_spec is not None:
-            return _scan_shard(model, pool, policy, resolved.provenance, shard_spec, out, quiet, label)
-        output = audit(
-            model, pool, policy, provenance=resolved.provenance, command=command, progress=_Progress(quiet, label)
-        )
-    except torch.OutOfMemoryError as exc:
-        raise ResourceError(
-            f"out of device memory on {device}: {str(exc).splitlines()[0][:200]}",
-            "lower batch_size in the policy, or use a larger device / --device cpu",
-        ) from None
-    except MemoryError:
-        raise ResourceError("out of host memory", "lower ood_budget/batch_size or use a larger machine") from None
-    except RuntimeError as exc:  # the CPU allocator reports exhaustion as a RuntimeError
-        if "allocate" not in str(exc) and "out of memory" not in str(exc):
-            raise
-        raise ResourceError(
-            f"the scan does not fit in memory on {device}: {str(exc).splitlines()[0][:200]}",
-            "lower batch_size in the policy, or use a machine with more memory",
-        ) from None
-    return _finish(output, policy, out, json_path, quiet, label)
-
-
-def _scan_shard(
-    model: Any, pool: Any, policy: Any, provenance: Any, shard: tuple[int, int], out: Path, quiet: bool, label: str
-) -> tuple[ExitCode, dict[str, Any]]:
-    from gatekeeper.audit import environment, invert_candidates, model_info, null_for
-    from gatekeeper.decide import candidate_classes
-    from gatekeeper.shard import shard_candidates, write_partial
-
-    candidates = candidate_classes(len(model.classnames), policy)
-    if policy.scoring.standardised:
-        policy.threshold(len(candidates))
-    mine = shard_candidates(candidates, *shard)
-    progress = _Progress(quiet, f"{label} {shard[0]}/{shard[1]}")
-    inversions, seconds = invert_candidates(model, pool, policy, mine, progress)
-    null = null_for(model, pool, policy, mine, inversions, progress)
-    path = write_partial(
-        out,
-        shard=shard,
-        candidates=candidates,
-        inversions=inversions,
-        policy=policy,
-        provenance=provenance,
-        pool=pool.info,
-        model=model_info(model),
-        seconds=seconds,
-        environment=environment(next(iter(model.buffers())).device),
-        example=pool.holdout[0],
-        null=null,
-    )
+def _announce(outcome: Any, label: str, quiet: bool) -> None:
+    """The verdict line and where the report is (the library prints nothing)."""
     if not quiet:
-        say(f"{label}: shard {shard[0]}/{shard[1]} ({len(mine)} classes) written to {path}; no verdict until merge")
-    return ExitCode.PASS, {"shard": f"{shard[0]}/{shard[1]}", "partial": str(path)}
-
-
-def _finish(
-    output: Any, policy: Any, out: Path, json_path: Path | None, quiet: bool, label: str
-) -> tuple[ExitCode, dict[str, Any]]:
-    """report -> exit code (shared by scan and merge)."""
-    from gatekeeper.policy import OnInconclusive
-    from gatekeeper.report import write_reports
-    from gatekeeper.result import Verdict
-
-    paths = write_reports(output.result, output.triggers, output.example, out, json_path)
-    result = output.result.to_dict()
-    verdict = output.result.decision.verdict
-    code = {
-        Verdict.PASS: ExitCode.PASS,
-        Verdict.FAIL: ExitCode.BACKDOOR,
-        Verdict.INCONCLUSIVE: ExitCode.INCONCLUSIVE,
-        Verdict.ERROR: ExitCode.SCAN_ERROR,
-    }[verdict]
-    if verdict == Verdict.INCONCLUSIVE and policy.on_inconclusive == OnInconclusive.PASS:
-        code = ExitCode.PASS
-    if not quiet:
-        say(f"{label}: {verdict.value.upper()} - {output.result.decision.reason}")
-        say(f"{label}: report {paths['markdown']}")
-    return code, result
+        say(f"{label}: {outcome.verdict.upper()} - {outcome.result.get('reason', '')}")
+        say(f"{label}: report {outcome.paths['markdown']}")
 
 
 # ---------------------------------------------------------------------------- commands
 
 
 def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
-    command = "gatekeeper " + shlex.join(argv)
+    from gatekeeper.scan import ScanRequest, run_scan
+
     if args.shard and (args.sarif or args.json or args.format == "json"):
         raise UsageError("--shard writes a partial result only", "use --sarif/--json/--format with `gatekeeper merge`")
+    request = ScanRequest(
+        args.model,
+        args.out,
+        policy=args.policy,
+        ood=args.ood,
+        json_path=args.json,
+        stale=(args.sarif,) if args.sarif else (),
+        device=args.device,
+        revision=args.revision,
+        command="gatekeeper " + shlex.join(argv),
+        shard=args.shard,
+    )
     if args.shard:
-        code, _ = scan_one(
-            args.model,
-            policy_arg=args.policy,
-            ood=args.ood,
-            out=args.out,
-            json_path=None,
-            device_name=args.device,
-            quiet=args.quiet,
-            revision=args.revision,
-            command=command,
-            shard=args.shard,
-        )
-        return code
+        outcome = run_scan(request, _Progress(args.quiet, f"scan {args.shard}"))
+        if not args.quiet:
+            say(
+                f"scan: shard {args.shard} ({outcome.result['classes']} classes) written to "
+                f"{outcome.paths['partial']}; no verdict until merge"
+            )
+        return outcome.exit_code
     try:
-        code, result = scan_one(
-            args.model,
-            policy_arg=args.policy,
-            ood=args.ood,
-            out=args.out,
-            json_path=args.json,
-            device_name=args.device,
-            quiet=args.quiet,
-            revision=args.revision,
-            command=command,
-            stale=(args.sarif,),
-        )
+        outcome = run_scan(request, _Progress(args.quiet, "scan"))
     except Exception as exc:  # still tell machine consumers; main() prints the error and picks the code
         _scan_machine_outputs(args, exit_code_for(exc), _error_result(args.model, exc), wrote_reports=False)
         raise
-    _scan_machine_outputs(args, code, result, wrote_reports=True)
-    return code
+    _announce(outcome, "scan", args.quiet)
+    _scan_machine_outputs(args, outcome.exit_code, outcome.result, wrote_reports=True)
+    return outcome.exit_code
 
 
 # --- machine outputs (SARIF, --format json) ---
@@ -497,14 +349,10 @@ def _scan_machine_outputs(
     args: argparse.Namespace, code: ExitCode, result: dict[str, Any], *, wrote_reports: bool
 ) -> None:
     """Write --sarif (atomically) and print the --format json line; never masks the scan's outcome."""
-    import contextlib
     import json
 
     from gatekeeper.report import REPORT_MD, RESULT_JSON
 
-    if wrote_reports:  # the file as written: non-finite numbers of an inconclusive scan are null there
-        with contextlib.suppress(OSError, ValueError):
-            result = json.loads((args.out / RESULT_JSON).read_text(encoding="utf-8"))
     if args.sarif is not None:
         from gatekeeper.report.jsonout import atomic_write_text
         from gatekeeper.report.sarif import to_sarif
@@ -534,67 +382,20 @@ def _scan_machine_outputs(
 
 
 def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
-    from gatekeeper.audit import AuditOutput, conclude, control_not_run
-    from gatekeeper.shard import merge
+    from gatekeeper.scan import merge_scan
 
-    metrics, policy, shared, triggers, example = merge(args.partials)
-    _prepare_out(args.out)
-    from gatekeeper.report import clear_outputs
-
-    clear_outputs(args.out, (args.json,))
-    result = control_not_run(conclude(metrics, policy, command="gatekeeper " + shlex.join(argv), **shared), policy)
-    code, _ = _finish(AuditOutput(result, triggers, example), policy, args.out, args.json, args.quiet, "merge")
-    return code
-
-
-def _calibratable(scoring: str, where: str) -> None:
-    """τ is a threshold on the z-score s_max; the lift rule's threshold is its null margin."""
-    if scoring not in ("paper", "differential"):
-        raise UsageError(
-            f"{where}: scoring '{scoring}' is not calibrated with a tau (its threshold is the null margin: lift_margin, null_copies)",
-            "calibrate a policy with scoring: differential or paper, or tune lift_margin/null_copies instead",
-        )
+    outcome = merge_scan(args.partials, args.out, args.json, "gatekeeper " + shlex.join(argv))
+    _announce(outcome, "merge", args.quiet)
+    return outcome.exit_code
 
 
 def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
-    import json
+    from gatekeeper.calibrate import run_calibrate
 
-    from gatekeeper.calibrate import calibrate, calibrate_on_backbone, calibrated_policy_yaml
-    from gatekeeper.policy import load_policy, policy_from_mapping
-    from gatekeeper.report.jsonout import atomic_write_text
-
-    if args.out.exists():
-        raise UsageError(f"--out {args.out} exists", "choose a new file; calibrate never overwrites a policy")
-    if args.backbone is not None:
-        if args.clean or args.backdoored:
-            raise UsageError(
-                "--backbone builds its own clean and planted copies", "give either --backbone or --clean/--backdoored"
-            )
-        if args.epochs < 1:
-            raise UsageError(f"--epochs {args.epochs}: must be at least 1", "e.g. --epochs 12")
-        from gatekeeper.models.loader import load_model
-        from gatekeeper.ood import load_pool
-
-        policy = load_policy(args.policy)
-        _calibratable(policy.scoring.value, args.policy)
-        model = load_model(args.backbone, _device(args.device))
-        pool = load_pool("procedural", model.image_size, policy.ood_budget, policy.holdout, policy.seed)
-        cal, _rows = calibrate_on_backbone(model, pool, policy, args.copies, args.epochs, log=say)
-        base = policy.to_dict()
-    else:
-        if not args.clean or not args.backdoored:
-            raise UsageError(
-                "calibrate needs --clean and --backdoored scan results, or --backbone MODEL",
-                "see `gatekeeper calibrate --help`",
-            )
-        base = json.loads(args.clean[0].read_text()).get("policy") or {}
-        _calibratable(str(base.get("scoring", "paper")), str(args.clean[0]))
-        cal = calibrate(args.clean, args.backdoored)
-    text = calibrated_policy_yaml(base, cal)
-    from gatekeeper.untrusted import load_yaml
-
-    policy_from_mapping(load_yaml(text, str(args.out)), str(args.out))  # what we write must load
-    atomic_write_text(args.out, text)
+    cal = run_calibrate(
+        args.out, clean=args.clean, backdoored=args.backdoored, backbone=args.backbone, policy=args.policy,
+        copies=args.copies, epochs=args.epochs, device=args.device, log=say,
+    )
     say(
         f"tau = {cal.tau:.3f} (AUROC {cal.auroc:.3f}, TPR {cal.tpr:.2f}, FPR {cal.fpr:.2f}) for |C| = {cal.n_candidates}, "
         f"ood_budget = {cal.ood_budget}; written to {args.out}",
@@ -605,6 +406,7 @@ def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 
 def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.resources import data_path
+    from gatekeeper.scan import ScanRequest, run_scan
 
     zoo = data_path("zoo") / "demo"
     expected = {"clean": ExitCode.PASS, "backdoored": ExitCode.BACKDOOR}
@@ -613,18 +415,12 @@ def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     for name in expected:
         ref = str(zoo / name)
         command = shlex.join(["gatekeeper", "scan", ref, "--policy", "tiny-world", "--out", str(args.out / name)])
-        codes[name], result = scan_one(
-            ref,
-            policy_arg="tiny-world",
-            ood="procedural",
-            out=args.out / name,
-            json_path=None,
-            device_name=args.device,
-            quiet=args.quiet,
-            revision=None,
-            command=command,
-            label=f"demo/{name}",
+        outcome = run_scan(
+            ScanRequest(ref, args.out / name, policy="tiny-world", device=args.device, command=command),
+            _Progress(args.quiet, f"demo/{name}"),
         )
+        _announce(outcome, f"demo/{name}", args.quiet)
+        codes[name], result = outcome.exit_code, outcome.result
         flagged = ", ".join(result.get("suspect_classes") or []) or "none"
         say(
             f"{name:>10}: {result['verdict'].upper():5} statistic {result['s_max']:.2f} vs {result.get('threshold_kind')} "
@@ -688,81 +484,35 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 
 def cmd_audit(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.inventory import load_inventory, run_audit
+    from gatekeeper.scan import prepare_out, resolve_device
 
     inventory = load_inventory(args.inventory, default_policy=args.policy)  # all of it, before any scan (exit 4)
-    _device(args.device)
-    _prepare_out(args.out)
-    code, _ = run_audit(inventory, args.out, scan=scan_one, cache=args.cache, device_name=args.device, quiet=args.quiet)
+    resolve_device(args.device)
+    prepare_out(args.out)
+    code, _ = run_audit(
+        inventory, args.out, cache=args.cache, device_name=args.device, quiet=args.quiet,
+        progress_for=lambda label: _Progress(args.quiet, label),
+    )
     if not args.quiet:
         say(f"gatekeeper audit: exit {int(code)}; summary {args.out / 'summary.md'}")
     return code
 
 
 def cmd_repair(args: argparse.Namespace, argv: list[str]) -> ExitCode:
-    from gatekeeper import repair
-    from gatekeeper.report.jsonout import read_result
+    from gatekeeper.repair import RepairSettings, run_repair
 
-    if args.epochs < 1 or not 0 < args.test_fraction < 1 or not 0 < args.lr <= 1:
-        raise UsageError(
-            "--epochs must be >= 1, --test-fraction in (0, 1), --lr in (0, 1]", "see `gatekeeper repair --help`"
-        )
-    settings = repair.RepairSettings(epochs=args.epochs, lr=args.lr, test_fraction=args.test_fraction)
-    scan = read_result(args.scan)
-    cls = repair.target_of(scan, args.class_name)
-    repair.check_out(args.out, args.model)
-    from gatekeeper.models.loader import load_model
-
-    device = _device(args.device)
-    model = load_model(args.model, device)
-    data = repair.load_labelled(args.data, model.classnames, model.image_size, settings)
-    delta, policy, pool = repair.reconstruct_trigger(model, scan, cls)
-    target = model.classnames.index(cls)
-
-    def stamp(x: Any) -> Any:
-        return (x + delta).clamp(0, 1)
-
-    from gatekeeper.models.prompt_tuned import accuracy
-
-    before = {
-        "clean_accuracy": accuracy(model, data.test_x, data.test_y),
-        "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target),
-    }
-    repair.finetune(model, data, delta, settings)
-    after = {
-        "clean_accuracy": accuracy(model, data.test_x, data.test_y),
-        "trigger_asr": repair.trigger_asr(model, data.test_x, data.test_y, stamp, target),
-    }
-    import shutil
-
-    import yaml
-
-    args.out.mkdir(parents=True, exist_ok=True)  # check_out: new or empty, so on failure it is removed whole
-    try:
-        repair.write_repaired(model, args.model, args.out / "model")
-        policy_file = args.out / "policy.yaml"
-        policy_file.write_text(yaml.safe_dump(policy.to_dict(), sort_keys=False))
-        code, rescan = scan_one(
-            str(args.out / "model"),
-            policy_arg=str(policy_file),
-            ood=pool.info.source,
-            out=args.out / "scan",
-            json_path=None,
-            device_name=args.device,
-            quiet=args.quiet,
-            revision=None,
-            command="gatekeeper " + shlex.join(argv),
-            label="re-scan",
-        )
-        report = repair.write_report(args.out, args.model, cls, data, settings, before, after, scan, rescan)
-    except BaseException:
-        shutil.rmtree(args.out, ignore_errors=True)
-        raise
+    settings = RepairSettings(epochs=args.epochs, lr=args.lr, test_fraction=args.test_fraction)
+    done = run_repair(
+        args.model, args.scan, args.data, args.out, settings=settings, class_name=args.class_name,
+        device=args.device, command="gatekeeper " + shlex.join(argv), progress=_Progress(args.quiet, "re-scan"),
+    )
     if not args.quiet:
+        b, a = done.before, done.after
         say(
-            f"repair: {cls!r} trigger ASR {before['trigger_asr']:.1%} -> {after['trigger_asr']:.1%}, clean accuracy "
-            f"{before['clean_accuracy']:.1%} -> {after['clean_accuracy']:.1%}; re-scan {rescan.get('verdict')}; {report}"
+            f"repair: {done.cls!r} trigger ASR {b['trigger_asr']:.1%} -> {a['trigger_asr']:.1%}, clean accuracy "
+            f"{b['clean_accuracy']:.1%} -> {a['clean_accuracy']:.1%}; re-scan {done.rescan.get('verdict')}; {done.report}"
         )
-    return code
+    return ExitCode(done.exit_code)
 
 
 COMMANDS = {

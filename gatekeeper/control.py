@@ -95,8 +95,7 @@ def train_copy(
 ) -> tuple[PromptTunedCLIP, Any]:
     """A copy of ``model`` (or a fresh prompt learner of its shape) trained on procedural OOD images
     labelled by ``labeller``; with ``target``, a BadCLIP backdoor to it is planted (else clean)."""
-    from gatekeeper.redteam.attacks import BadCLIP
-    from gatekeeper.redteam.tuning import TuneConfig, train_on
+    from gatekeeper.models.tuning import BadCLIP, TuneConfig, train_on
 
     x = procedural_images(N_PLANT, model.image_size, CONTROL_POOL_SEED + seed)
     y = pseudo_labels(labeller, x)

@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from gatekeeper import __version__
+from gatekeeper import scan as scanning
 from gatekeeper.errors import ExitCode, GatekeeperError, PolicyError, UsageError
-from gatekeeper.policy import OnInconclusive, Policy, load_policy
+from gatekeeper.inspect.base import Progress, no_progress
+from gatekeeper.policy import Policy, load_policy
+from gatekeeper.result import Verdict
+from gatekeeper.scan import ScanRequest
 from gatekeeper.untrusted import DocumentError, load_yaml, say
 
 INVENTORY_VERSION = 1
@@ -38,7 +42,7 @@ _ENTRY_KEYS = frozenset({"name", "model", "revision", "policy"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _RESERVED = {SUMMARY_MD.lower(), SUMMARY_JSON.lower()}
 
-ScanFn = Callable[..., tuple[ExitCode, dict[str, Any]]]
+ProgressFor = Callable[[str], Progress]  # a progress display for the scan of one entry, by label
 
 
 @dataclass(frozen=True)
@@ -275,14 +279,9 @@ def cache_store(cache: Path, key: str, folder: Path) -> None:
 
 
 def code_for(verdict: str, policy: Policy) -> ExitCode:
-    """The exit code of one complete result, as ``gatekeeper scan`` would return it."""
-    if verdict == "pass":
-        return ExitCode.PASS
-    if verdict == "fail":
-        return ExitCode.BACKDOOR
-    if verdict == "inconclusive":
-        return ExitCode.PASS if policy.on_inconclusive == OnInconclusive.PASS else ExitCode.INCONCLUSIVE
-    return ExitCode.SCAN_ERROR
+    """The exit code of one result, as ``gatekeeper scan`` would return it (an unknown verdict: error)."""
+    known = {v.value: v for v in Verdict}
+    return known.get(verdict, Verdict.ERROR).exit_code(policy.on_inconclusive)
 
 
 def worst(codes: list[ExitCode]) -> ExitCode:
@@ -297,7 +296,7 @@ def _error_message(exc: BaseException) -> str:
 
 
 def _audit_one(
-    entry: Entry, inv: Inventory, out: Path, cache: Path, *, scan: ScanFn, device_name: str, quiet: bool
+    entry: Entry, inv: Inventory, out: Path, cache: Path, *, progress_for: ProgressFor, device_name: str
 ) -> dict[str, Any]:
     from gatekeeper.report import REPORT_MD, RESULT_JSON
     from gatekeeper.sources import resolve
@@ -335,24 +334,15 @@ def _audit_one(
             record["cached"] = True
         else:
             command = f"gatekeeper audit {inv.path} (entry {entry.name})"
-            _, result = scan(
-                entry.target,
-                policy_arg=entry.policy_arg,
-                ood=inv.ood,
-                out=folder,
-                json_path=None,
-                device_name=device_name,
-                quiet=quiet,
-                revision=entry.revision,
-                command=command,
-                label=f"audit/{entry.name}",
+            request = ScanRequest(
+                entry.target, folder, policy=entry.policy_arg, ood=inv.ood, device=device_name,
+                revision=entry.revision, command=command,
             )
-            written = _read_result(folder)  # as written: non-finite numbers are null there
-            result = written if written is not None else result
+            result = scanning.run_scan(request, progress_for(f"audit/{entry.name}")).result
             scanned_hash = (result.get("provenance") or {}).get("content_hash") or content_hash
             key = cache_key(scanned_hash, entry.policy.digest(), inv.ood)  # the bytes actually scanned
             record["content_hash"] = scanned_hash
-            if result.get("verdict") in CACHEABLE and written is not None:
+            if result.get("verdict") in CACHEABLE:
                 cache_store(cache, key, folder)
         record["cache_key"] = key
         verdict = str(result.get("verdict"))
@@ -379,12 +369,13 @@ def run_audit(
     inv: Inventory,
     out: Path,
     *,
-    scan: ScanFn,
     cache: Path | None = None,
     device_name: str = "auto",
     quiet: bool = False,
+    progress_for: ProgressFor = lambda label: no_progress,
 ) -> tuple[ExitCode, dict[str, Any]]:
-    """Audit every entry (cache or ``scan``), write summary.md/summary.json; returns (worst code, summary)."""
+    """Audit every entry (from the cache, or with :func:`gatekeeper.scan.run_scan`), write
+    summary.md/summary.json; returns (worst code, summary). ``quiet`` silences the per-model lines."""
     from gatekeeper.report.jsonout import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
@@ -394,7 +385,7 @@ def run_audit(
     for n, entry in enumerate(inv.entries, 1):
         if not quiet:
             say(f"gatekeeper audit: [{n}/{len(inv.entries)}] {entry.name} ({entry.reference})")
-        record = _audit_one(entry, inv, out, cache, scan=scan, device_name=device_name, quiet=quiet)
+        record = _audit_one(entry, inv, out, cache, progress_for=progress_for, device_name=device_name)
         if not quiet:
             detail = record["error"] or f"s_max={record['s_max']} suspect={record['suspect_class']}"
             tag = " (cached)" if record["cached"] else ""

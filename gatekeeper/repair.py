@@ -123,7 +123,7 @@ def trigger_asr(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, stamp:
 
 def finetune(model: PromptTunedCLIP, data: LabelledSet, delta: torch.Tensor | None, settings: RepairSettings) -> None:
     """Fine-tune the prompt learner in place on (x, y) and, with ``delta``, (clamp(x + delta), y)."""
-    from gatekeeper.redteam.tuning import prompt_parameters
+    from gatekeeper.models.tuning import prompt_parameters
 
     device = next(iter(model.buffers())).device
     model.thaw_text()  # a scan cached CoOp text features; training must reach the context again
@@ -260,3 +260,82 @@ def write_report(
     path = out / "repair.md"
     path.write_text("\n".join(lines))
     return path
+
+
+@dataclass(frozen=True)
+class RepairOutcome:
+    """A finished repair: the re-scan's exit code and result, the class, before/after, the report."""
+
+    exit_code: Any  # gatekeeper.errors.ExitCode of the re-scan
+    cls: str
+    before: dict[str, float]
+    after: dict[str, float]
+    rescan: dict[str, Any]
+    report: Path
+
+
+def run_repair(
+    model_folder: Path,
+    scan_result: Path,
+    data_folder: Path,
+    out: Path,
+    *,
+    settings: RepairSettings,
+    class_name: str | None = None,
+    device: str = "auto",
+    command: str = "",
+    progress: Any = None,
+) -> RepairOutcome:
+    """Repair a flagged model and re-scan it: OUT/model, OUT/scan, OUT/repair.md, OUT/repair.json.
+
+    The input is never touched; on any failure ``out`` is removed whole (it was new or empty).
+
+    Raises:
+        UsageError: bad settings, an ``out`` that overlaps the model or is not empty, an unknown class.
+        ResultError: the scan result does not belong to this model and pool.
+    """
+    import yaml
+
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.models.prompt_tuned import accuracy
+    from gatekeeper.report.jsonout import read_result
+    from gatekeeper.scan import ScanRequest, resolve_device, run_scan
+
+    if settings.epochs < 1 or not 0 < settings.test_fraction < 1 or not 0 < settings.lr <= 1:
+        raise UsageError(
+            "--epochs must be >= 1, --test-fraction in (0, 1), --lr in (0, 1]", "see `gatekeeper repair --help`"
+        )
+    scan = read_result(scan_result)
+    cls = target_of(scan, class_name)
+    check_out(out, model_folder)
+    model = load_model(model_folder, resolve_device(device))
+    data = load_labelled(data_folder, model.classnames, model.image_size, settings)
+    delta, policy, pool = reconstruct_trigger(model, scan, cls)
+    target = model.classnames.index(cls)
+
+    def stamp(x: torch.Tensor) -> torch.Tensor:
+        return (x + delta).clamp(0, 1)
+
+    def measure() -> dict[str, float]:
+        return {
+            "clean_accuracy": accuracy(model, data.test_x, data.test_y),
+            "trigger_asr": trigger_asr(model, data.test_x, data.test_y, stamp, target),
+        }
+
+    before = measure()
+    finetune(model, data, delta, settings)
+    after = measure()
+    out.mkdir(parents=True, exist_ok=True)  # check_out: new or empty, so on failure it is removed whole
+    try:
+        write_repaired(model, model_folder, out / "model")
+        policy_file = out / "policy.yaml"
+        policy_file.write_text(yaml.safe_dump(policy.to_dict(), sort_keys=False))
+        request = ScanRequest(
+            str(out / "model"), out / "scan", policy=str(policy_file), ood=pool.info.source, device=device, command=command
+        )
+        rescan = run_scan(request, progress) if progress is not None else run_scan(request)
+        report = write_report(out, model_folder, cls, data, settings, before, after, scan, rescan.result)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return RepairOutcome(rescan.exit_code, cls, before, after, rescan.result, report)

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from gatekeeper.errors import ExitCode
+
 SCHEMA_VERSION = "1.0"
 
 
@@ -17,6 +19,20 @@ class Verdict(str, Enum):
     FAIL = "fail"
     INCONCLUSIVE = "inconclusive"
     ERROR = "error"
+
+    def exit_code(self, on_inconclusive: Any = "fail") -> ExitCode:
+        """The gate's exit code for this verdict (the one table; ``on_inconclusive: pass`` makes 3 a 0)."""
+        if self is Verdict.INCONCLUSIVE and getattr(on_inconclusive, "value", on_inconclusive) == "pass":
+            return ExitCode.PASS
+        return _EXIT_CODES[self]
+
+
+_EXIT_CODES = {
+    Verdict.PASS: ExitCode.PASS,
+    Verdict.FAIL: ExitCode.BACKDOOR,
+    Verdict.INCONCLUSIVE: ExitCode.INCONCLUSIVE,
+    Verdict.ERROR: ExitCode.SCAN_ERROR,
+}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import gatekeeper.cli as cli
+import gatekeeper.scan as scanning
 from gatekeeper.cli import main
 from gatekeeper.errors import ExitCode, PolicyError, UsageError
 from gatekeeper.inventory import cache_key, load_inventory, worst
@@ -22,13 +22,13 @@ FAST = "version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\nnull_copies: 0\
 def scans(monkeypatch):
     """Count the real scans (cache misses) the audit runs."""
     calls: list[str] = []
-    real = cli.scan_one
+    real = scanning.run_scan
 
-    def counting(reference, **kw):
-        calls.append(reference)
-        return real(reference, **kw)
+    def counting(request, *args, **kw):
+        calls.append(request.reference)
+        return real(request, *args, **kw)
 
-    monkeypatch.setattr(cli, "scan_one", counting)
+    monkeypatch.setattr(scanning, "run_scan", counting)
     return calls
 
 

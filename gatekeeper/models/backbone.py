@@ -431,7 +431,7 @@ def _hub_file(repo: str, filename: str, where: str) -> Path:
     """``filename`` of ``repo`` from the Hub or the Hub cache (``HF_HUB_OFFLINE`` honoured)."""
     from huggingface_hub import hf_hub_download
 
-    from gatekeeper.sources.hub import redact
+    from gatekeeper.sources._redact import redact
 
     try:
         path = Path(hf_hub_download(repo_id=repo, filename=filename)).resolve(strict=True)
@@ -555,7 +555,7 @@ def load_backbone(folder: Path, ref: BackboneRef) -> tuple[Any, Any]:
             model = open_clip.create_model(name, pretrained=pretrained, load_weights=True)
             tokenizer = open_clip.get_tokenizer(name)
         except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/HF errors
-            from gatekeeper.sources.hub import redact
+            from gatekeeper.sources._redact import redact
 
             first = _first_line(exc)
             if stage:

@@ -8,6 +8,7 @@ are drawn), so ``gatekeeper.report.markdown`` can re-render a report from ``resu
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
     from gatekeeper.result import AuditResult
 
-__all__ = ["clear_outputs", "fresh_dir", "write_reports"]
+__all__ = ["Written", "clear_outputs", "fresh_dir", "write_reports"]
 
 RESULT_JSON = "result.json"
 REPORT_MD = "report.md"
@@ -81,13 +82,22 @@ def _epsilon(result: AuditResult) -> float:
     return float(eps)
 
 
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """What :func:`write_reports` wrote: the paths, and the result dict exactly as in ``result.json``
+    (non-finite numbers as null), so nobody reads the file back."""
+
+    paths: dict[str, Path]
+    result: dict[str, Any]
+
+
 def write_reports(
     result: AuditResult,
     triggers: dict[str, torch.Tensor],
     example: torch.Tensor | None,
     out_dir: Path,
     json_path: Path | None = None,
-) -> dict[str, Path]:
+) -> Written:
     """Write the trigger PNGs, the JSON result and the Markdown report into ``out_dir``.
 
     Args:
@@ -98,7 +108,8 @@ def write_reports(
         json_path: an extra copy of the JSON result (``out_dir/result.json`` is always written).
 
     Returns:
-        ``{"json": ..., "markdown": ..., "trigger:<class name>": ...}`` absolute-or-as-given paths.
+        The paths (``{"json": ..., "markdown": ..., "trigger:<class name>": ...}``, absolute or as
+        given) and the result dict as written.
 
     Raises:
         ResultError: the result holds NaN/Infinity, does not match the schema, or cannot be drawn.
@@ -141,4 +152,4 @@ def write_reports(
     atomic_write_text(json_file, json_text)
     written["json"] = json_file
     written["markdown"] = md_file
-    return written
+    return Written(written, json.loads(json_text))

@@ -1,4 +1,5 @@
-"""What every source returns, how a model reference is parsed, and how a folder is hashed.
+"""What every source returns, how a model reference (``hf://``, ``models:/``, a path) is parsed,
+and how a folder is hashed.
 
 Pure standard library: nothing here touches a network.
 """
@@ -25,6 +26,9 @@ SUPPORTED = "'hf://org/name[@revision]', 'models:/name/version', 'models:/name@a
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
 _REPO_PART = re.compile(r"[A-Za-z0-9._-]+")
 _MAX_REPO_ID = 96  # the Hub's own limit
+_MLFLOW_VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
+_MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_MLFLOW_NAME_BAD = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,41 @@ def validate_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def parse_model_uri(rest: str, ref: str) -> tuple[str, str]:
+    """Split the part after ``models:/`` into ``(name, version)`` or ``(name, "@alias")``.
+
+    Args:
+        rest: ``name/version`` or ``name@alias``.
+        ref: the whole reference, for messages.
+
+    Returns:
+        ``(name, "3")`` or ``(name, "@champion")``.
+
+    Raises:
+        UsageError: no version or alias, a non-numeric version (stages are not supported), a
+            bad alias, or a name with control characters.
+    """
+    usage = "write models:/name/version (e.g. models:/clf/3) or models:/name@alias (e.g. models:/clf@champion)"
+    if "@" in rest:
+        name, _, alias = rest.rpartition("@")
+        if not _MLFLOW_ALIAS.match(alias):
+            raise UsageError(f"invalid MLflow alias {alias!r} in {ref!r}", usage)
+        selector = "@" + alias
+    else:
+        name, sep, version = rest.rpartition("/")
+        if not sep or not version:
+            raise UsageError(f"MLflow reference {ref!r} names no version or alias", usage)
+        if not _MLFLOW_VERSION.match(version):
+            raise UsageError(
+                f"invalid MLflow model version {version!r} in {ref!r}",
+                "give a version number, or an alias as models:/name@alias (stages are not supported)",
+            )
+        selector = version
+    if not name or not name.strip() or name != name.strip() or _MLFLOW_NAME_BAD.search(name) or "/" in name:
+        raise UsageError(f"invalid MLflow model name {name!r} in {ref!r}", usage)
+    return name, selector
+
+
 def parse_reference(ref: str) -> tuple[str, str, str | None]:
     """Split a model reference into ``(scheme, target, revision)``.
 
@@ -198,8 +237,6 @@ def parse_reference(ref: str) -> tuple[str, str, str | None]:
         return "local", ref, None
     scheme = match.group(1).lower()
     if scheme == "models":
-        from gatekeeper.sources.mlflow_source import parse_model_uri  # no mlflow import: pure parsing
-
         name, selector = parse_model_uri(ref[match.end() :], ref)
         return "mlflow", name, selector
     if scheme != "hf":

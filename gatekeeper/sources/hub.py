@@ -6,11 +6,9 @@ from ``HF_TOKEN`` and never appears in a message, a hint or the provenance.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
@@ -18,6 +16,7 @@ from huggingface_hub import errors as hf_errors
 
 from gatekeeper.errors import GatekeeperError, SourceError, UsageError
 from gatekeeper.result import Provenance
+from gatekeeper.sources._redact import MAX_DETAIL, public_url, redact
 from gatekeeper.sources.base import REGISTRY_TIMEOUT_S, ResolvedModel, hash_folder, validate_repo_id, validate_revision
 
 ALLOW_PATTERNS: tuple[str, ...] = (
@@ -32,54 +31,6 @@ ALLOW_PATTERNS: tuple[str, ...] = (
 DEFAULT_ENDPOINT = "https://huggingface.co"
 OFFLINE_HINT = "run once online or pre-populate HF_HOME (or pass the cache folder)"
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
-_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
-_DATABRICKS_TOKEN = re.compile(r"\bdapi[0-9a-f]{32}(-\d+)?\b")
-_SCHEME_CRED = re.compile(r"(?i)\b(bearer|basic)\s+[^\s'\",}]+")
-_AUTH_VALUE = re.compile(r"(?i)\b(authorization['\"]?\s*[:=]\s*['\"]?)(?!bearer\b|basic\b)[^\s'\",}]+")
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
-_MAX_DETAIL = 300
-SECRET_ENV = (
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "HF_OIDC_ID_TOKEN",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "DATABRICKS_TOKEN",
-)
-
-
-def _secrets() -> list[str]:
-    """Every token value huggingface_hub might send: the environment ones and the stored one (no network)."""
-    values = [os.environ.get(name) for name in SECRET_ENV]
-    with contextlib.suppress(OSError, UnicodeError):  # no stored token
-        values.append(Path(hf_constants.HF_TOKEN_PATH).read_text(encoding="utf-8"))
-    return sorted({v.strip() for v in values if v and len(v.strip()) >= 4}, key=len, reverse=True)
-
-
-def redact(text: str) -> str:
-    """Remove token values (and anything that looks like one) from ``text``.
-
-    Args:
-        text: an error string that may echo headers or URLs.
-
-    Returns:
-        ``text`` with every known token value, ``hf_...`` token, bearer/basic credential and
-        URL user:password replaced by ``***``.
-    """
-    for secret in _secrets():
-        text = text.replace(secret, "***")
-    text = _TOKEN_LIKE.sub("hf_***", text)
-    text = _DATABRICKS_TOKEN.sub("dapi***", text)
-    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}***@", text)
-    text = _SCHEME_CRED.sub(lambda m: f"{m.group(1)} ***", text)
-    return _AUTH_VALUE.sub(lambda m: f"{m.group(1)}***", text)
-
-
-def _public_url(url: str) -> str:
-    """``url`` without user:password and without a trailing slash, for the provenance."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)).rstrip("/")
 
 
 def _cached_refs(repo_id: str, cache_dir: str | None) -> list[str]:
@@ -107,7 +58,7 @@ def map_hub_error(exc: BaseException, repo_id: str, revision: str | None, cache_
         and hint never hold a token.
     """
     where = f"'{repo_id}'" + (f" at revision '{revision}'" if revision else "")
-    detail = redact(f"{type(exc).__name__}: {exc}").replace("\n", " ")[:_MAX_DETAIL]
+    detail = redact(f"{type(exc).__name__}: {exc}").replace("\n", " ")[:MAX_DETAIL]
     if isinstance(exc, hf_errors.GatedRepoError):
         return SourceError(
             f"Hub repo {where} is gated and this token has no access",
@@ -173,7 +124,7 @@ def security_status(repo_id: str, sha: str, endpoint: str | None) -> str | None:
         flagged = status.get("filesWithIssues") or []
         if flagged:
             names = sorted(str(f.get("path", f) if isinstance(f, dict) else f) for f in flagged)
-            return redact("issues: " + ", ".join(names[:10]))[:_MAX_DETAIL]
+            return redact("issues: " + ", ".join(names[:10]))[:MAX_DETAIL]
         if status.get("scansDone") is False:
             return "pending"
         return "clean" if status.get("scansDone") else None
@@ -227,7 +178,7 @@ def resolve_hub(
     extra = {
         "repo_id": repo_id,
         "requested_revision": revision or hf_constants.DEFAULT_REVISION,
-        "endpoint": _public_url(endpoint or hf_constants.ENDPOINT or DEFAULT_ENDPOINT),
+        "endpoint": public_url(endpoint or hf_constants.ENDPOINT or DEFAULT_ENDPOINT),
         "network": f"timeout {REGISTRY_TIMEOUT_S} s for metadata requests, "
         f"{hf_constants.HF_HUB_DOWNLOAD_TIMEOUT} s without data for downloads (HF_HUB_DOWNLOAD_TIMEOUT)",
     }

@@ -21,18 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gatekeeper.errors import GatekeeperError, SourceError, UsageError
+from gatekeeper.errors import GatekeeperError, SourceError
 from gatekeeper.result import Provenance
+from gatekeeper.sources._redact import MAX_DETAIL, public_url, redact
 from gatekeeper.sources.base import NETWORK_NOTE, REGISTRY_RETRIES, REGISTRY_TIMEOUT_S, ResolvedModel, hash_folder
-from gatekeeper.sources.hub import _public_url, redact
 
 INSTALL_HINT = "pip install gatekeeper-clip[mlflow]"
 DOWN_HINT = "registry is down or MLFLOW_TRACKING_URI is wrong; check the URL, the network and MLFLOW_TRACKING_TOKEN"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".cloudpickle", ".dill")
 MANIFEST = "gatekeeper.json"
-_VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
-_ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
-_NAME_BAD = re.compile(r"[\x00-\x1f\x7f]")
 _DOWN_MARKERS = (
     "max retries exceeded",
     "connection refused",
@@ -46,42 +43,6 @@ _DOWN_MARKERS = (
     "remotedisconnected",
     "connection aborted",
 )
-_MAX_DETAIL = 300
-
-
-def parse_model_uri(rest: str, ref: str) -> tuple[str, str]:
-    """Split the part after ``models:/`` into ``(name, version)`` or ``(name, "@alias")``.
-
-    Args:
-        rest: ``name/version`` or ``name@alias``.
-        ref: the whole reference, for messages.
-
-    Returns:
-        ``(name, "3")`` or ``(name, "@champion")``.
-
-    Raises:
-        UsageError: no version or alias, a non-numeric version (stages are not supported), a
-            bad alias, or a name with control characters.
-    """
-    usage = "write models:/name/version (e.g. models:/clf/3) or models:/name@alias (e.g. models:/clf@champion)"
-    if "@" in rest:
-        name, _, alias = rest.rpartition("@")
-        if not _ALIAS.match(alias):
-            raise UsageError(f"invalid MLflow alias {alias!r} in {ref!r}", usage)
-        selector = "@" + alias
-    else:
-        name, sep, version = rest.rpartition("/")
-        if not sep or not version:
-            raise UsageError(f"MLflow reference {ref!r} names no version or alias", usage)
-        if not _VERSION.match(version):
-            raise UsageError(
-                f"invalid MLflow model version {version!r} in {ref!r}",
-                "give a version number, or an alias as models:/name@alias (stages are not supported)",
-            )
-        selector = version
-    if not name or not name.strip() or name != name.strip() or _NAME_BAD.search(name) or "/" in name:
-        raise UsageError(f"invalid MLflow model name {name!r} in {ref!r}", usage)
-    return name, selector
 
 
 def _import_mlflow() -> Any:
@@ -123,7 +84,7 @@ def map_mlflow_error(exc: BaseException, name: str, selector: str, host: str, st
         A :class:`SourceError`; its message and hint never hold a credential.
     """
     what = f"'{name}' alias '{selector[1:]}'" if selector.startswith("@") else f"'{name}' version {selector}"
-    detail = redact(f"{type(exc).__name__}: {exc}").replace("\n", " ")[:_MAX_DETAIL]
+    detail = redact(f"{type(exc).__name__}: {exc}").replace("\n", " ")[:MAX_DETAIL]
     if _is_down(exc):
         return SourceError(f"cannot reach the MLflow registry at {host} to {step} model {what}: {detail}", DOWN_HINT)
     code = str(getattr(exc, "error_code", "") or "")
@@ -258,7 +219,7 @@ def resolve_mlflow(
             "set MLFLOW_TRACKING_URI to the tracking server holding the registry (e.g. https://mlflow.internal)",
         )
     registry_uri = (os.environ.get("MLFLOW_REGISTRY_URI") or "").strip() or tracking_uri
-    host = _public_url(registry_uri)
+    host = public_url(registry_uri)
     mlflow = _import_mlflow()
     with _bounded_http():
         return _fetch(mlflow, name, selector, cache_dir, reference, tracking_uri, registry_uri, host)

@@ -157,7 +157,9 @@ def test_markdown_imports_without_torch():
 def test_write_reports_json_validates_and_roundtrips(tmp_path):
     trig, example = _triggers(["cat", EVIL, "dog"])
     out = tmp_path / "report"
-    paths = write_reports(_result(Verdict.FAIL), trig, example, out)
+    written = write_reports(_result(Verdict.FAIL), trig, example, out)
+    paths = written.paths
+    assert written.result == json.loads((out / "result.json").read_text())  # no need to read it back
     assert paths["json"] == out / "result.json" and paths["markdown"] == out / "report.md"
     d = json.loads(paths["json"].read_text())
     validate_result(d)
@@ -172,7 +174,7 @@ def test_write_reports_json_validates_and_roundtrips(tmp_path):
 
 def test_json_path_override(tmp_path):
     json_path = tmp_path / "elsewhere" / "r.json"
-    paths = write_reports(_result(Verdict.PASS), {}, None, tmp_path / "out", json_path=json_path)
+    paths = write_reports(_result(Verdict.PASS), {}, None, tmp_path / "out", json_path=json_path).paths
     assert paths["json_copy"] == json_path and json_path.is_file() and paths["json"].is_file()
     validate_result(json.loads(json_path.read_text()))
 

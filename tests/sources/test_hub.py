@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
 from gatekeeper.errors import SourceError, UsageError
-from gatekeeper.sources import hub, parse_reference, resolve
+from gatekeeper.sources import _redact, hub, parse_reference, resolve
+from gatekeeper.sources._redact import public_url, redact
 
 SHA_MAIN = hashlib.sha1(b"commit main").hexdigest()
 SHA_V1 = hashlib.sha1(b"commit v1").hexdigest()
@@ -277,10 +280,60 @@ def test_hub_errors_are_mapped_and_redacted(
 
 
 def test_redact_removes_token_like_strings() -> None:
-    assert "hf_abcdefghijkl" not in hub.redact("x hf_abcdefghijkl y")
-    assert hub.redact("Authorization: Bearer abc.def") == "Authorization: Bearer ***"
-    assert hub.redact("{'authorization': 'xyz123'}") == "{'authorization': '***'}"
-    assert hub.redact("GET https://user:pw@mirror.internal/api") == "GET https://***@mirror.internal/api"
+    assert "hf_abcdefghijkl" not in redact("x hf_abcdefghijkl y")
+    assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer ***"
+    assert redact("{'authorization': 'xyz123'}") == "{'authorization': '***'}"
+    assert redact("GET https://user:pw@mirror.internal/api") == "GET https://***@mirror.internal/api"
+    assert public_url("https://user:pw@mirror.internal/") == "https://mirror.internal"
+    assert hub.redact is redact  # the Hub transport uses the shared one
+
+
+def test_redact_removes_the_stored_hub_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    stored = tmp_path / "token"
+    stored.write_text("storedSecretValue42\n")
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(stored))  # huggingface_hub loaded: its path wins
+    assert redact("got storedSecretValue42 back") == "got *** back"
+
+
+def test_stored_token_path_without_huggingface_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Before huggingface_hub is imported, redaction finds the stored token from the environment."""
+    monkeypatch.delitem(sys.modules, "huggingface_hub.constants")
+    monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert _redact._hf_token_path() == str(tmp_path / "hf" / "token")
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _redact._hf_token_path() == str(tmp_path / "xdg" / "huggingface" / "token")
+    stored = tmp_path / "elsewhere"
+    stored.write_text("storedSecretValue43")
+    monkeypatch.setenv("HF_TOKEN_PATH", str(stored))
+    assert _redact._hf_token_path() == str(stored)
+    assert redact("got storedSecretValue43 back") == "got *** back"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"HF_HOME": "~/hf-home"}, {"XDG_CACHE_HOME": "/x/cache"}, {"HF_HOME": "/h", "HF_TOKEN_PATH": "$HOME/tok"}],
+    ids=["default", "hf-home", "xdg", "token-path"],
+)
+def test_stored_token_path_matches_huggingface_hub(env: dict[str, str]) -> None:
+    """The path computed without huggingface_hub is the one it computes once imported (fresh interpreter)."""
+    clean = {k: v for k, v in os.environ.items() if k not in {"HF_HOME", "HF_TOKEN_PATH", "XDG_CACHE_HOME"}}
+    clean.pop("HUGGINGFACE_CO_STAGING", None)  # staging mode moves the token; a huggingface_hub test switch
+    code = (
+        "import sys\n"
+        "from gatekeeper.sources._redact import _hf_token_path\n"
+        "assert 'huggingface_hub' not in sys.modules\n"
+        "before = _hf_token_path()\n"
+        "from huggingface_hub import constants\n"
+        "print(before == constants.HF_TOKEN_PATH == _hf_token_path(), before, constants.HF_TOKEN_PATH)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("True "), done.stdout
 
 
 def test_download_is_restricted_to_model_files(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
