@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gatekeeper.cli import main
+from gatekeeper.lab import main as lab_main
 from tests.conftest import DEMO_ZOO, light_tiny_world_policy
 
 
@@ -35,7 +36,7 @@ def test_demo_catches_the_backdoor_and_passes_the_clean_model(tmp_path, capsys):
 
 
 def test_zoo_table_remeasures_the_demo_zoo(capsys):
-    assert main(["zoo", "table", str(DEMO_ZOO)]) == 0
+    assert lab_main(["zoo", "table", str(DEMO_ZOO)]) == 0
     out = capsys.readouterr().out
     assert "| backdoored | plain | badclip |" in out and "| clean | plain | clean |" in out
 

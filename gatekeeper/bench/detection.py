@@ -1,4 +1,4 @@
-"""``gatekeeper bench detection``: detection quality of every detector on one red-team zoo.
+"""``gatekeeper-lab bench detection``: detection quality of every detector on one red-team zoo.
 
 Runs (each cached per model under ``OUT/cache/<run>/<model>.json``, so an interrupted benchmark
 resumes where it stopped):
@@ -318,7 +318,7 @@ def run_benchmark(
     """
     truths = sorted(zoo.glob(f"*{TRUTH_SUFFIX}/truth.json"))
     if not truths:
-        raise UsageError(f"{zoo} holds no built zoo models", "build one with `gatekeeper zoo build bench --out DIR`")
+        raise UsageError(f"{zoo} holds no built zoo models", "build one with `gatekeeper-lab zoo build bench --out DIR`")
     items = [json.loads(t.read_text()) for t in truths]
     for truth in items:
         truth["backbone_sha256"], truth["model_fingerprint"] = zoo_model_identity(zoo / truth["model"])
@@ -616,20 +616,20 @@ def write_outputs(results: dict[str, Any], out: Path, compact_json: Path | None 
 
 
 def main(argv: list[str]) -> int:
-    """``gatekeeper bench detection``: argv -> benchmark -> outputs; returns the exit code."""
+    """``gatekeeper-lab bench detection``: argv -> benchmark -> outputs; returns the exit code."""
     import argparse
 
     from gatekeeper.policy import load_policy
 
     ap = argparse.ArgumentParser(
-        prog="gatekeeper bench detection",
+        prog="gatekeeper-lab bench detection",
         description=(
             "Run CLIP-Inspector (paper scoring, reference-differential scoring, restarts), Neural Cleanse and "
             "Pixel Backdoor over a red-team zoo and write detection.md, detection.json, detection-full.json and "
             "detection-roc.png. Per-model runs are cached under OUT/cache, so an interrupted run resumes."
         ),
     )
-    ap.add_argument("--zoo", type=Path, required=True, help="a built zoo (`gatekeeper zoo build bench --out DIR`)")
+    ap.add_argument("--zoo", type=Path, required=True, help="a built zoo (`gatekeeper-lab zoo build bench --out DIR`)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (cache + reports)")
     ap.add_argument("--policy", default="tiny-world", help="policy the detectors run under (default: tiny-world)")
     ap.add_argument("--restarts", type=int, default=2, help="CLIP-Inspector restarts to compare (default 2)")

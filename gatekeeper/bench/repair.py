@@ -1,4 +1,4 @@
-"""``gatekeeper bench repair``: repair with CLIP-Inspector's trigger vs three controls, on a red-team zoo.
+"""``gatekeeper-lab bench repair``: repair with CLIP-Inspector's trigger vs three controls, on a red-team zoo.
 
 For every backdoored model (its true trigger is known from the zoo's ground truth):
 1. scan it (CLIP-Inspector, the policy's settings, paper scoring) and take the most anomalous
@@ -90,7 +90,7 @@ def run(zoo: Path, out: Path, policy: Policy, epochs: int = 5, log: Callable[[st
     items = [(t, json.loads(t.read_text())) for t in truths]
     items = [(t, d) for t, d in items if d["attack"] != "clean"]
     if not items:
-        raise UsageError(f"{zoo} holds no backdoored zoo models", "build one with `gatekeeper zoo build bench --out DIR`")
+        raise UsageError(f"{zoo} holds no backdoored zoo models", "build one with `gatekeeper-lab zoo build bench --out DIR`")
     cache = out / "cache" / f"repair-{policy.digest()[:12]}-e{epochs}"
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -167,7 +167,7 @@ def main(argv: list[str]) -> int:
     from gatekeeper.policy import load_policy
 
     ap = argparse.ArgumentParser(
-        prog="gatekeeper bench repair",
+        prog="gatekeeper-lab bench repair",
         description="Repair every backdoored model of a red-team zoo with CLIP-Inspector's trigger and with three "
         "controls (clean-only fine-tuning, a random trigger, the runner-up class's trigger); report the true "
         "trigger's ASR and clean accuracy before/after as repair.md + repair.json.",

@@ -509,7 +509,7 @@ def _breakdown(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="gatekeeper bench speed", description="reference vs fast CLIP-Inspector scan speed"
+        prog="gatekeeper-lab bench speed", description="reference vs fast CLIP-Inspector scan speed"
     )
     p.add_argument("--quick", action="store_true", help="small model and pool (< 2 min on 2 CPU cores)")
     p.add_argument("--classes", type=int, default=50, help="K, classes of the model (default 50)")

@@ -200,7 +200,7 @@ def build(name: str, out: Path, backbone: Path | None = None, shard: tuple[int, 
     """
     backbone = backbone or default_backbone()
     if not (backbone / "open_clip_model.safetensors").is_file():
-        raise UsageError(f"no backbone at {backbone}", "build one with `gatekeeper zoo backbone --out DIR`")
+        raise UsageError(f"no backbone at {backbone}", "build one with `gatekeeper-lab zoo backbone --out DIR`")
     entries = zoo_entries(name)[shard[0] - 1 :: shard[1]]
     out.mkdir(parents=True, exist_ok=True)
     for i, entry in enumerate(entries):
@@ -240,7 +240,7 @@ def table(folder: Path) -> str:
     ]
     truths = sorted(folder.glob(f"*{TRUTH_SUFFIX}/truth.json"))
     if not truths:
-        raise UsageError(f"{folder} holds no built zoo models", "build one with `gatekeeper zoo build NAME --out DIR`")
+        raise UsageError(f"{folder} holds no built zoo models", "build one with `gatekeeper-lab zoo build NAME --out DIR`")
     t0 = time.time()
     for tpath in truths:
         truth = json.loads(tpath.read_text())

@@ -1,4 +1,4 @@
-"""Shared set-up for the `gatekeeper bench` end-to-end tests on the committed demo zoo."""
+"""Shared set-up for the `gatekeeper-lab bench` end-to-end tests on the committed demo zoo."""
 
 from __future__ import annotations
 

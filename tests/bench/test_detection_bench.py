@@ -1,10 +1,10 @@
-"""`gatekeeper bench detection` end to end on the committed demo zoo (fast settings): outputs, resume."""
+"""`gatekeeper-lab bench detection` end to end on the committed demo zoo (fast settings): outputs, resume."""
 
 from __future__ import annotations
 
 import json
 
-from gatekeeper.cli import main
+from gatekeeper.lab import main
 from tests.bench.conftest import demo_zoo_copy, rebuild_under_same_name
 from tests.conftest import DEMO_ZOO
 

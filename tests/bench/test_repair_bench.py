@@ -1,10 +1,10 @@
-"""`gatekeeper bench repair` end to end on the committed demo zoo (fast settings): reports, resume, rebuilt models."""
+"""`gatekeeper-lab bench repair` end to end on the committed demo zoo (fast settings): reports, resume, rebuilt models."""
 
 from __future__ import annotations
 
 import json
 
-from gatekeeper.cli import main
+from gatekeeper.lab import main
 from tests.bench.conftest import demo_zoo_copy, rebuild_under_same_name
 
 
