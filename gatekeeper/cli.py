@@ -1,4 +1,4 @@
-"""The only place that reads argv and the environment and calls sys.exit.
+"""The command line: argparse, progress display, printing, and every outcome mapped to an exit code.
 
 Exit codes: 0 pass, 1 backdoor detected, 2 scan could not complete, 3 inconclusive, 4 usage/policy.
 """
@@ -229,7 +229,7 @@ def _announce(outcome: Any, label: str, quiet: bool) -> None:
 
 
 def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
-    from gatekeeper.scan import ScanRequest, run_scan
+    from gatekeeper.scan import ScanRequest, error_result, run_scan
 
     if args.shard and (args.sarif or args.json or args.format == "json"):
         raise UsageError("--shard writes a partial result only", "use --sarif/--json/--format with `gatekeeper merge`")
@@ -256,80 +256,28 @@ def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     try:
         outcome = run_scan(request, _Progress(args.quiet, "scan"))
     except Exception as exc:  # still tell machine consumers; main() prints the error and picks the code
-        _scan_machine_outputs(args, exit_code_for(exc), _error_result(args.model, exc), wrote_reports=False)
+        _scan_machine_outputs(args, exit_code_for(exc), error_result(args.model, exc), wrote_reports=False)
         raise
     _announce(outcome, "scan", args.quiet)
     _scan_machine_outputs(args, outcome.exit_code, outcome.result, wrote_reports=True)
     return outcome.exit_code
 
 
-# --- machine outputs (SARIF, --format json) ---
-
-
-def _error_result(reference: str, exc: BaseException) -> dict[str, Any]:
-    """A minimal result dict for a scan that raised: SARIF and --format json still say 'error'."""
-    reason = exc.one_line() if isinstance(exc, GatekeeperError) else f"internal error ({type(exc).__name__})"
-    return {
-        "verdict": "error",
-        "reason": reason,
-        "s_max": None,
-        "threshold": None,
-        "suspect_class": None,
-        "provenance": {"reference": reference},
-    }
-
-
-def _sarif_target(args: argparse.Namespace) -> str:
-    """--sarif-uri, else the model's gatekeeper.json under the CWD, else the policy (file or shipped name)."""
-    from gatekeeper.report.sarif import path_to_uri
-
-    if args.sarif_uri:
-        return path_to_uri(args.sarif_uri)
-    cwd = Path.cwd().resolve()
-    for candidate in (Path(args.model) / "gatekeeper.json", Path(args.policy)):
-        if not candidate.is_file():
-            continue
-        try:
-            return path_to_uri(candidate.resolve().relative_to(cwd).as_posix())
-        except ValueError:  # outside the CWD: not a repository path
-            continue
-    return path_to_uri(args.policy)  # a shipped policy name or a file outside the repository
-
-
 def _scan_machine_outputs(
     args: argparse.Namespace, code: ExitCode, result: dict[str, Any], *, wrote_reports: bool
 ) -> None:
-    """Write --sarif (atomically) and print the --format json line; never masks the scan's outcome."""
-    import json
-
-    from gatekeeper.report import REPORT_MD, RESULT_JSON
+    """Write --sarif and print the --format json line (gatekeeper.report.machine); never masks the outcome."""
+    from gatekeeper.report.machine import summary_line, write_sarif
 
     if args.sarif is not None:
-        from gatekeeper.report.jsonout import atomic_write_text
-        from gatekeeper.report.sarif import to_sarif
-
         try:
-            sarif = to_sarif([result], _sarif_target(args))
-            atomic_write_text(args.sarif, json.dumps(sarif, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+            write_sarif(args.sarif, result, model=args.model, policy=args.policy, uri=args.sarif_uri)
         except (OSError, ValueError) as exc:
             if wrote_reports:  # a verdict without its SARIF must not look like a clean upload
                 raise UsageError(f"cannot write --sarif {args.sarif}: {exc}", "choose a writable path") from None
             say(f"gatekeeper: warning: cannot write --sarif {args.sarif}: {exc}")
     if args.format == "json":
-        line = {
-            "verdict": result.get("verdict"),
-            "s_max": result.get("s_max"),
-            "threshold": result.get("threshold"),
-            "suspect_class": result.get("suspect_class"),
-            "suspect_classes": result.get("suspect_classes") or [],
-            "report": str(args.out / REPORT_MD) if wrote_reports else None,
-            "json": str(args.out / RESULT_JSON) if wrote_reports else None,
-            "exit_code": int(code),
-        }
-        print(json.dumps(line, separators=(",", ":"), ensure_ascii=False), flush=True)
-
-
-# --- end machine outputs ---
+        print(summary_line(result, args.out if wrote_reports else None, code), flush=True)
 
 
 def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:

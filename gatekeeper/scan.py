@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gatekeeper.errors import ExitCode, ResourceError, UsageError
+from gatekeeper.errors import ExitCode, GatekeeperError, ResourceError, UsageError
 from gatekeeper.inspect.base import Progress, no_progress
 from gatekeeper.policy import Policy, load_policy
 
@@ -63,6 +63,19 @@ class ScanOutcome:
     @property
     def verdict(self) -> str:
         return str(self.result.get("verdict", "error"))
+
+
+def error_result(reference: str, exc: BaseException) -> dict[str, Any]:
+    """A minimal result dict for a scan that raised: SARIF and the JSON line still say 'error'."""
+    reason = exc.one_line() if isinstance(exc, GatekeeperError) else f"internal error ({type(exc).__name__})"
+    return {
+        "verdict": "error",
+        "reason": reason,
+        "s_max": None,
+        "threshold": None,
+        "suspect_class": None,
+        "provenance": {"reference": reference},
+    }
 
 
 def resolve_device(name: str) -> torch.device:
