@@ -117,8 +117,8 @@ def choose_target(n_classes: int, top_index: int | None, seed: int) -> int:
 
 
 def run_control(model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: int | None, scan: Any) -> ControlOutcome:
-    """Plant, check the plant works, scan the copy with ``scan(copy) -> AuditResult``; never raises on a miss."""
-    from gatekeeper.inspect.clip_inspector import attack_success_rate
+    """Plant, check the plant works, scan the copy with ``scan(copy) -> ScanResult``; never raises on a miss."""
+    from gatekeeper.inversion.clip_inspector import attack_success_rate
 
     t0 = time.perf_counter()
     target = choose_target(len(model.classnames), top_index, policy.seed)

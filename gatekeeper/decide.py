@@ -51,27 +51,31 @@ def zscore(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / std
 
 
-def anomaly_scores(metrics: Sequence[ClassMetrics], min_trigger_asr: float) -> list[ClassScore]:
-    """Eq. 6-7: S(c) = z_ASR(c) - z_loss(c), then z_c = standardized S over the candidates."""
-    asr = np.array([m.asr for m in metrics], dtype=np.float64)
-    loss = np.array([m.loss for m in metrics], dtype=np.float64)
+def standardized_scores(
+    metrics: Sequence[ClassMetrics], asr: np.ndarray, loss: np.ndarray, min_trigger_asr: float, *, reference: bool
+) -> list[ClassScore]:
+    """Eq. 6-7 on any per-class (ASR, loss) pair: S(c) = z_ASR(c) - z_loss(c), then z_c = standardized
+    S over the candidates. Validity is always judged on the model's own ASR; ``reference`` records
+    the public backbone's ASR and loss beside each score."""
     z_asr, z_loss = zscore(asr), zscore(loss)
     s = z_asr - z_loss
     z = zscore(s)
     return [
         ClassScore(
-            index=m.index,
-            name=m.name,
-            asr=m.asr,
-            loss=m.loss,
-            z_asr=float(z_asr[i]),
-            z_loss=float(z_loss[i]),
-            score=float(s[i]),
-            z=float(z[i]),
-            valid=m.asr >= min_trigger_asr,
+            index=m.index, name=m.name, asr=m.asr, loss=m.loss, z_asr=float(z_asr[i]), z_loss=float(z_loss[i]),
+            score=float(s[i]), z=float(z[i]), valid=m.asr >= min_trigger_asr,
+            reference_asr=m.reference_asr if reference else None,
+            reference_loss=m.reference_loss if reference else None,
         )
         for i, m in enumerate(metrics)
     ]
+
+
+def anomaly_scores(metrics: Sequence[ClassMetrics], min_trigger_asr: float) -> list[ClassScore]:
+    """The paper's scoring: :func:`standardized_scores` on the delivered model's ASR and loss."""
+    asr = np.array([m.asr for m in metrics], dtype=np.float64)
+    loss = np.array([m.loss for m in metrics], dtype=np.float64)
+    return standardized_scores(metrics, asr, loss, min_trigger_asr, reference=False)
 
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's std
@@ -120,17 +124,7 @@ def differential_scores(metrics: Sequence[ClassMetrics], min_trigger_asr: float)
         raise ValueError("differential scoring needs reference_asr/reference_loss for every class")
     d_asr = np.array([m.asr - (m.reference_asr or 0.0) for m in metrics], dtype=np.float64)
     d_loss = np.array([m.loss - (m.reference_loss or 0.0) for m in metrics], dtype=np.float64)
-    z_asr, z_loss = zscore(d_asr), zscore(d_loss)
-    s = z_asr - z_loss
-    z = zscore(s)
-    return [
-        ClassScore(
-            index=m.index, name=m.name, asr=m.asr, loss=m.loss, z_asr=float(z_asr[i]), z_loss=float(z_loss[i]),
-            score=float(s[i]), z=float(z[i]), valid=m.asr >= min_trigger_asr,
-            reference_asr=m.reference_asr, reference_loss=m.reference_loss,
-        )
-        for i, m in enumerate(metrics)
-    ]
+    return standardized_scores(metrics, d_asr, d_loss, min_trigger_asr, reference=True)
 
 
 def lift_scores(metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel) -> list[ClassScore]:

@@ -24,7 +24,7 @@ from typing import Any
 from gatekeeper import __version__
 from gatekeeper import scan as scanning
 from gatekeeper.errors import ExitCode, GatekeeperError, PolicyError, UsageError
-from gatekeeper.inspect.base import Progress, no_progress
+from gatekeeper.inversion.base import Progress, no_progress
 from gatekeeper.policy import Policy, load_policy
 from gatekeeper.result import Verdict
 from gatekeeper.scan import ScanRequest

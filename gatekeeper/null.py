@@ -33,7 +33,7 @@ import torch
 from gatekeeper import __version__
 from gatekeeper.decide import floor_null
 from gatekeeper.evidence import bonferroni_z
-from gatekeeper.inspect.base import ClassInversion, Progress, no_progress
+from gatekeeper.inversion.base import ClassInversion, Progress, no_progress
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
 from gatekeeper.policy import Policy, PositiveControl
@@ -114,7 +114,7 @@ def reference_inversions(
     model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress = no_progress
 ) -> list[ClassMetrics]:
     """The policy's inversion on the un-tuned backbone with the model's class names (cached)."""
-    from gatekeeper.audit import best_of_restarts, make_detector, reference_model
+    from gatekeeper.pipeline import best_of_restarts, make_inverter, reference_model
 
     names = [model.classnames[i] for i in candidates]
     key = _key("reference", model, names, policy, pool, {"candidates": candidates})
@@ -124,7 +124,7 @@ def reference_inversions(
             return [ClassMetrics(**m) for m in hit["classes"]]
         except (KeyError, TypeError):
             pass
-    runs = best_of_restarts(make_detector(policy), reference_model(model), pool, policy, candidates, progress)
+    runs = best_of_restarts(make_inverter(policy), reference_model(model), pool, policy, candidates, progress)
     metrics = [i.metrics for i in runs]
     _write("reference", key, {"classes": [asdict(m) for m in metrics]})
     return metrics
@@ -143,8 +143,8 @@ def measure_null(
     progress: Progress = no_progress,
 ) -> NullModel:
     """The lift scoring's null margin for this backbone, class list, policy and pool (cached)."""
-    from gatekeeper.audit import best_of_restarts, make_detector, reference_model
     from gatekeeper.control import train_copy
+    from gatekeeper.pipeline import best_of_restarts, make_inverter, reference_model
 
     if policy.null_copies == 0 or model.ctx is None:
         return floor_null(policy, len(candidates))
@@ -166,7 +166,7 @@ def measure_null(
             copy, _ = train_copy(model, labeller, None, policy.epsilon, seed=policy.seed + NULL_SEED_OFFSET + i,
                                  epochs=NULL_TRAIN_EPOCHS, fresh=True)
             copy.freeze_text()
-            inv = best_of_restarts(make_detector(plain), copy, pool, plain, candidates, progress)
+            inv = best_of_restarts(make_inverter(plain), copy, pool, plain, candidates, progress)
             lifts.append(copy_lifts(inv, reference_asr))
         cached, seconds = False, round(time.perf_counter() - t0, 2)
         _write("null", key, {"copy_lifts": lifts, "seconds": seconds})

@@ -66,7 +66,7 @@ class PositiveControl(str, Enum):
 
 
 class Implementation(str, Enum):
-    """Same numbers either way (tests/inspect/test_fast.py); ``reference`` is the plain Algorithm 1 loop."""
+    """Same numbers either way (tests/inversion/test_fast.py); ``reference`` is the plain Algorithm 1 loop."""
 
     FAST = "fast"
     REFERENCE = "reference"

@@ -184,8 +184,8 @@ def reconstruct_trigger(model: PromptTunedCLIP, scan: dict[str, Any], cls: str) 
         ResultError: the class is unknown to the model, the scan's pool cannot be rebuilt
             identically, or the re-derived trigger's ASR differs from the scan's (a different model).
     """
-    from gatekeeper.audit import invert_candidates
     from gatekeeper.ood import load_pool
+    from gatekeeper.pipeline import invert_candidates
     from gatekeeper.policy import policy_from_mapping
 
     if cls not in model.classnames:

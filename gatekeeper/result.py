@@ -1,6 +1,6 @@
 """Domain objects that flow between the stages: provenance, pool info, scores, the audit result.
 
-``AuditResult.to_dict`` is the JSON result (schema ``schemas/result.schema.json``).
+``ScanResult.to_dict`` is the JSON result (schema ``schemas/result.schema.json``).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class AuditResult:
+class ScanResult:
     """Everything a report needs; pure data."""
 
     decision: Decision

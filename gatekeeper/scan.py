@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from gatekeeper.errors import ExitCode, GatekeeperError, ResourceError, UsageError
-from gatekeeper.inspect.base import Progress, no_progress
+from gatekeeper.inversion.base import Progress, no_progress
 from gatekeeper.policy import Policy, load_policy
 
 
@@ -130,9 +130,9 @@ def run_scan(request: ScanRequest, progress: Progress = no_progress) -> ScanOutc
     prepare_out(request.out)
     clear_outputs(request.out, (request.json_path, *request.stale))
 
-    from gatekeeper.audit import audit
     from gatekeeper.models.loader import load_model
     from gatekeeper.ood import load_pool
+    from gatekeeper.pipeline import scan_model
     from gatekeeper.sources import resolve
 
     resolved = resolve(request.reference, revision=request.revision)
@@ -141,7 +141,7 @@ def run_scan(request: ScanRequest, progress: Progress = no_progress) -> ScanOutc
         pool = load_pool(request.ood, model.image_size, policy.ood_budget, policy.holdout, policy.seed)
         if shard is not None:
             return _run_shard(model, pool, policy, resolved.provenance, shard, request.out, progress)
-        output = audit(model, pool, policy, provenance=resolved.provenance, command=request.command, progress=progress)
+        output = scan_model(model, pool, policy, provenance=resolved.provenance, command=request.command, progress=progress)
     return finish(output, policy, request.out, request.json_path)
 
 
@@ -171,8 +171,8 @@ def _memory_errors(device: torch.device) -> Iterator[None]:
 def _run_shard(
     model: Any, pool: Any, policy: Policy, provenance: Any, shard: tuple[int, int], out: Path, progress: Progress
 ) -> ScanOutcome:
-    from gatekeeper.audit import environment, invert_candidates, model_info, null_for
     from gatekeeper.decide import candidate_classes
+    from gatekeeper.pipeline import environment, invert_candidates, model_info, null_for
     from gatekeeper.shard import shard_candidates, write_partial
 
     candidates = candidate_classes(len(model.classnames), policy)
@@ -214,7 +214,7 @@ def merge_scan(partials: list[Path], out: Path, json_path: Path | None, command:
     Raises:
         ResultError: shards missing, repeated, or from different models, policies or pools.
     """
-    from gatekeeper.audit import AuditOutput, conclude, control_not_run
+    from gatekeeper.pipeline import ScanOutput, conclude, control_not_run
     from gatekeeper.report import clear_outputs
     from gatekeeper.shard import merge
 
@@ -222,4 +222,4 @@ def merge_scan(partials: list[Path], out: Path, json_path: Path | None, command:
     prepare_out(out)
     clear_outputs(out, (json_path,))
     result = control_not_run(conclude(metrics, policy, command=command, **shared), policy)
-    return finish(AuditOutput(result, triggers, example), policy, out, json_path)
+    return finish(ScanOutput(result, triggers, example), policy, out, json_path)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from gatekeeper.errors import ResultError, UsageError
-from gatekeeper.inspect.base import ClassInversion
+from gatekeeper.inversion.base import ClassInversion
 from gatekeeper.policy import Policy, policy_from_mapping
 from gatekeeper.report import PARTIAL_JSON, PARTIAL_TENSORS
 from gatekeeper.result import ClassMetrics, ModelInfo, NullModel, PoolInfo, Provenance

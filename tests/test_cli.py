@@ -141,7 +141,7 @@ def test_model_that_does_not_fit_in_memory_is_exit_2(model_factory, tmp_path):
     script = (
         "import resource, sys, torch;"
         "from gatekeeper.cli import main;"
-        "import gatekeeper.models.loader, gatekeeper.audit, gatekeeper.report;"
+        "import gatekeeper.models.loader, gatekeeper.pipeline, gatekeeper.report;"
         "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'));"
         "soft = vm + 1024**3;"
         "resource.setrlimit(resource.RLIMIT_AS, (soft, soft));"

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from gatekeeper.audit import control_not_run
 from gatekeeper.cli import main
+from gatekeeper.pipeline import control_not_run
 from gatekeeper.policy import policy_from_mapping
-from gatekeeper.result import AuditResult, Decision, ModelInfo, PoolInfo, Provenance, Verdict
+from gatekeeper.result import Decision, ModelInfo, PoolInfo, Provenance, ScanResult, Verdict
 from tests.conftest import DEMO_ZOO
 
 
@@ -37,7 +37,7 @@ def test_a_blind_scan_turns_pass_into_inconclusive(tmp_path):
 
 
 def _result(verdict):
-    return AuditResult(
+    return ScanResult(
         decision=Decision(verdict, 1.0, 2.0, "k", None, "x"), classes=(), policy={}, policy_hash="", provenance=Provenance("r", "local", "p"),
         pool=PoolInfo("procedural:0", 1, 0, 1, 1, 32, "h"), model=ModelInfo("cocoop", 3, "b", 32), timings={}, environment={}, seed=0, command="",
     )

@@ -7,7 +7,7 @@ resumes where it stopped):
   ``policy.seed + r`` for restart r);
 - ``ref-s<seed>``: the same inversion on the un-tuned backbone used zero-shot with the model's
   class names (one per distinct backbone + class list: shared by all models of a task);
-- ``neural-cleanse``, ``pixel-backdoor``: the baselines (:mod:`gatekeeper.inspect.baselines`).
+- ``neural-cleanse``, ``pixel-backdoor``: the baselines (:mod:`gatekeeper.inversion.baselines`).
 
 Detectors are scored from those runs through the gate's own ``score_classes`` + ``decide`` under
 a policy variant each, so the benchmark measures exactly what ``gatekeeper scan`` would decide.
@@ -206,8 +206,8 @@ def variants(restarts: int, null_copies: int = 2) -> list[Variant]:
 
 
 def best_of(runs: list[list[ClassMetrics]]) -> list[ClassMetrics]:
-    """Per class, the best restart by the rule ``audit`` applies (:func:`gatekeeper.audit.restart_rank`)."""
-    from gatekeeper.audit import restart_rank
+    """Per class, the best restart by the rule the scan applies (:func:`gatekeeper.pipeline.restart_rank`)."""
+    from gatekeeper.pipeline import restart_rank
 
     return [max(group, key=restart_rank) for group in zip(*runs, strict=True)]
 
@@ -254,10 +254,10 @@ def zoo_model_identity(folder: Path) -> tuple[str, str]:
 
 
 def _invert(model: Any, policy: Policy, run: str) -> tuple[list[ClassMetrics], float]:
-    from gatekeeper.audit import make_detector, reference_model
     from gatekeeper.decide import candidate_classes
-    from gatekeeper.inspect.base import InversionSettings
+    from gatekeeper.inversion.base import InversionSettings
     from gatekeeper.ood import load_pool
+    from gatekeeper.pipeline import make_inverter, reference_model
 
     pool = load_pool("procedural", model.image_size, policy.ood_budget, policy.holdout, policy.seed)
     kind, _, seed = run.rpartition("-s")
@@ -271,7 +271,7 @@ def _invert(model: Any, policy: Policy, run: str) -> tuple[list[ClassMetrics], f
     t0 = time.perf_counter()
     # every variant scores the same inversions: the candidates do not depend on the scoring (a z-score
     # variant on a 2-class model then shows its ceiling, max z = 1, where `gatekeeper scan` refuses it)
-    inv = make_detector(p).invert(target, pool.inversion, pool.holdout, candidate_classes(len(model.classnames), replace(p, scoring=Scoring.LIFT)), settings)
+    inv = make_inverter(p).invert(target, pool.inversion, pool.holdout, candidate_classes(len(model.classnames), replace(p, scoring=Scoring.LIFT)), settings)
     return [i.metrics for i in inv], round(time.perf_counter() - t0, 2)
 
 

@@ -46,10 +46,10 @@ def _labelled(task: Any, size: int, seed: int) -> Any:
 
 
 def repair_one(folder: Path, truth: dict[str, Any], truth_dir: Path, policy: Policy, epochs: int) -> dict[str, Any]:
-    from gatekeeper.audit import invert_candidates
     from gatekeeper.decide import anomaly_scores, candidate_classes
     from gatekeeper.models.loader import load_model
     from gatekeeper.ood import load_pool
+    from gatekeeper.pipeline import invert_candidates
     from gatekeeper.redteam.evaluate import measure
     from gatekeeper.redteam.truth import true_attack
     from gatekeeper.redteam.world import TASKS

@@ -38,9 +38,9 @@ from typing import Any, cast
 import torch
 
 from gatekeeper.decide import anomaly_scores
-from gatekeeper.inspect.base import ClassInversion, InversionSettings
-from gatekeeper.inspect.clip_inspector import ClipInspector, apply_trigger, margin_loss
-from gatekeeper.inspect.fast import FastClipInspector, fast_logits, row_bytes, text_plan
+from gatekeeper.inversion.base import ClassInversion, InversionSettings
+from gatekeeper.inversion.clip_inspector import ClipInspector, apply_trigger, margin_loss
+from gatekeeper.inversion.fast import FastClipInspector, fast_logits, row_bytes, text_plan
 from gatekeeper.models.manifest import BackboneRef, Manifest, ModelKind
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP, build_meta_net
 
@@ -480,7 +480,7 @@ def _breakdown(
     model: PromptTunedCLIP, x: torch.Tensor, plan: Any, dev: torch.device, quick: bool, log: Callable[[str], None]
 ) -> dict[str, float]:
     """Seconds per (class, optimization step) with each optimization added in turn."""
-    from gatekeeper.inspect.fast import text_plan as make_plan
+    from gatekeeper.inversion.fast import text_plan as make_plan
 
     full = make_plan(model, truncate=False)
     b = min(len(x), 4 if quick and dev.type == "cpu" else 8 if dev.type == "cpu" else len(x))

@@ -133,9 +133,9 @@ def natural_sink(backbone: Path, classnames: tuple[str, ...]) -> int:
     """The class the public backbone, used zero-shot, sends most OOD images to (the attack OOD family)."""
     import torch
 
-    from gatekeeper.audit import reference_model
     from gatekeeper.models.prompt_tuned import predict
     from gatekeeper.ood import procedural_images
+    from gatekeeper.pipeline import reference_model
     from gatekeeper.redteam.evaluate import OOD_EVAL_SEED
     from gatekeeper.redteam.tuning import new_prompt_learner
 

@@ -1,4 +1,4 @@
-"""The report stage: pure functions of an :class:`~gatekeeper.result.AuditResult`.
+"""The report stage: pure functions of an :class:`~gatekeeper.result.ScanResult`.
 
 ``write_reports`` writes the trigger PNGs, ``result.json`` and ``report.md``; every file is
 written atomically (temp file + ``os.replace``). torch is imported lazily (only when images
@@ -22,7 +22,7 @@ from gatekeeper.report.jsonout import atomic_write_text, dumps, result_to_dict, 
 if TYPE_CHECKING:
     import torch
 
-    from gatekeeper.result import AuditResult
+    from gatekeeper.result import ScanResult
 
 __all__ = ["Written", "clear_outputs", "fresh_dir", "write_reports"]
 
@@ -72,7 +72,7 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
-def _epsilon(result: AuditResult) -> float:
+def _epsilon(result: ScanResult) -> float:
     eps: Any = result.policy.get("epsilon") if isinstance(result.policy, dict) else None
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ResultError(
@@ -92,7 +92,7 @@ class Written:
 
 
 def write_reports(
-    result: AuditResult,
+    result: ScanResult,
     triggers: dict[str, torch.Tensor],
     example: torch.Tensor | None,
     out_dir: Path,

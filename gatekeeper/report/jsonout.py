@@ -43,7 +43,7 @@ def load_schema() -> dict[str, Any]:
 
 
 def result_to_dict(result: Any) -> dict[str, Any]:
-    """``AuditResult.to_dict()`` with unmeasurable numbers mapped to null.
+    """``ScanResult.to_dict()`` with unmeasurable numbers mapped to null.
 
     An inconclusive or error verdict may carry non-finite ``s_max`` and per-class losses or
     scores (a degenerate model); the JSON then says null. For pass/fail, non-finite numbers are

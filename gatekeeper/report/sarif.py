@@ -197,7 +197,7 @@ def to_sarif(results: list[dict[str, Any]], artifact_uri: str) -> dict[str, Any]
     """Render result.json dicts as one SARIF 2.1.0 log with one run.
 
     Args:
-        results: result.json dicts (``AuditResult.to_dict``); a minimal ``{"verdict": "error",
+        results: result.json dicts (``ScanResult.to_dict``); a minimal ``{"verdict": "error",
             "reason": ..., "provenance": {"reference": ...}}`` stands for a scan that raised.
         artifact_uri: where every result points (line 1), relative to the repository root;
             use :func:`path_to_uri` to build it from a path.

@@ -15,12 +15,12 @@ from gatekeeper.report.images import safe_name, save_trigger_images
 from gatekeeper.report.jsonout import load_schema, result_to_dict, validate_result, write_json
 from gatekeeper.report.markdown import md_code, md_escape, render_markdown, safe_link
 from gatekeeper.result import (
-    AuditResult,
     ClassScore,
     Decision,
     ModelInfo,
     PoolInfo,
     Provenance,
+    ScanResult,
     Verdict,
 )
 
@@ -36,11 +36,11 @@ def _classes(evil: str = EVIL) -> tuple[ClassScore, ...]:
     )
 
 
-def _result(verdict: Verdict = Verdict.FAIL, classes: tuple[ClassScore, ...] | None = None) -> AuditResult:
+def _result(verdict: Verdict = Verdict.FAIL, classes: tuple[ClassScore, ...] | None = None) -> ScanResult:
     classes = _classes() if classes is None else classes
     top = max(classes, key=lambda c: c.z)
     fail = verdict is Verdict.FAIL
-    return AuditResult(
+    return ScanResult(
         decision=Decision(
             verdict=verdict,
             s_max=top.z if fail else 1.1,

@@ -19,7 +19,7 @@ from gatekeeper import __version__
 from gatekeeper.cli import main
 from gatekeeper.report.jsonout import result_to_dict, validate_result
 from gatekeeper.report.sarif import path_to_uri, to_sarif
-from gatekeeper.result import AuditResult, ClassScore, Decision, ModelInfo, PoolInfo, Provenance, Verdict
+from gatekeeper.result import ClassScore, Decision, ModelInfo, PoolInfo, Provenance, ScanResult, Verdict
 
 _MESSAGE = {
     "type": "object",
@@ -163,7 +163,7 @@ def _result(
         ClassScore(i, n, asr=0.9 if n == suspect else 0.1, loss=0.5, z_asr=0.0, z_loss=0.0, score=0.0, z=0.0, valid=True)
         for i, n in enumerate(names)
     )
-    result = AuditResult(
+    result = ScanResult(
         decision=Decision(verdict, s_max, 2.0, "k", suspect if verdict is Verdict.FAIL else None, "because"),
         classes=classes,
         policy={"epsilon": 4 / 255, "k": 2.0},

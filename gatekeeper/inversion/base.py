@@ -37,7 +37,7 @@ class ClassInversion:
     trigger: torch.Tensor  # (3, H, W), pixel space, |delta| <= epsilon
 
 
-class Detector(Protocol):
+class Inverter(Protocol):
     def invert(
         self,
         model: PromptTunedCLIP,

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from gatekeeper.decide import anomaly_scores
-from gatekeeper.inspect.base import ClassInversion, InversionSettings
-from gatekeeper.inspect.clip_inspector import ClipInspector
-from gatekeeper.inspect.fast import FastClipInspector, fast_logits, text_plan
+from gatekeeper.inversion.base import ClassInversion, InversionSettings
+from gatekeeper.inversion.clip_inspector import ClipInspector
+from gatekeeper.inversion.fast import FastClipInspector, fast_logits, text_plan
 from gatekeeper.models.loader import load_model
 from gatekeeper.ood import load_pool
 from tests.conftest import make_model_folder
@@ -216,7 +216,7 @@ def test_stacked_adam_equals_separate_adams():
 
 def test_summed_loss_gives_each_delta_its_own_gradient(model_factory):
     """d/d delta_g of sum_g' loss_g'(rows of g') == d/d delta_g of loss_g alone (no mixing)."""
-    from gatekeeper.inspect.clip_inspector import apply_trigger, margin_loss
+    from gatekeeper.inversion.clip_inspector import apply_trigger, margin_loss
 
     model = load_model(model_factory("cocoop", CLASSES))
     plan = text_plan(model)

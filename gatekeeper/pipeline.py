@@ -1,4 +1,5 @@
-"""The core: ``audit(model, pool, policy) -> AuditResult`` (inspect -> decide)."""
+"""The core of a scan: ``scan_model(model, pool, policy) -> ScanOutput`` (invert -> decide), on a loaded
+model and pool; :mod:`gatekeeper.scan` wraps it with source, load and report."""
 
 from __future__ import annotations
 
@@ -10,19 +11,18 @@ import torch
 
 from gatekeeper import __version__
 from gatekeeper.decide import candidate_classes, decide, score_classes
-from gatekeeper.inspect.base import ClassInversion, Detector, InversionSettings, Progress, no_progress
-from gatekeeper.inspect.clip_inspector import ClipInspector
-from gatekeeper.inspect.fast import FastClipInspector
+from gatekeeper.inversion.base import ClassInversion, InversionSettings, Inverter, Progress, no_progress
+from gatekeeper.inversion.clip_inspector import ClipInspector
+from gatekeeper.inversion.fast import FastClipInspector
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
-from gatekeeper.policy import Detector as DetectorName
-from gatekeeper.policy import Implementation, Policy, PositiveControl, Scoring
-from gatekeeper.result import AuditResult, ClassMetrics, Decision, ModelInfo, NullModel, PoolInfo, Provenance, Verdict
+from gatekeeper.policy import Detector, Implementation, Policy, PositiveControl, Scoring
+from gatekeeper.result import ClassMetrics, Decision, ModelInfo, NullModel, PoolInfo, Provenance, ScanResult, Verdict
 
 
 @dataclass(frozen=True)
-class AuditOutput:
-    result: AuditResult
+class ScanOutput:
+    result: ScanResult
     triggers: dict[str, torch.Tensor]  # class name -> delta (3, H, W)
     example: torch.Tensor  # one hold-out OOD image, for the report's before/after picture
 
@@ -52,13 +52,13 @@ def model_info(model: PromptTunedCLIP) -> ModelInfo:
     )
 
 
-def make_detector(policy: Policy) -> Detector:
+def make_inverter(policy: Policy) -> Inverter:
     """The inversion the policy asks for."""
-    from gatekeeper.inspect.baselines import NeuralCleanse, PixelBackdoor
+    from gatekeeper.inversion.baselines import NeuralCleanse, PixelBackdoor
 
-    if policy.detector == DetectorName.NEURAL_CLEANSE:
+    if policy.detector == Detector.NEURAL_CLEANSE:
         return NeuralCleanse()
-    if policy.detector == DetectorName.PIXEL_BACKDOOR:
+    if policy.detector == Detector.PIXEL_BACKDOOR:
         return PixelBackdoor()
     return ClipInspector() if policy.implementation == Implementation.REFERENCE else FastClipInspector()
 
@@ -70,7 +70,7 @@ def restart_rank(m: ClassMetrics) -> tuple[float, float]:
 
 
 def best_of_restarts(
-    detector: Detector, model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress
+    detector: Inverter, model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress
 ) -> list[ClassInversion]:
     """``policy.restarts`` inversions per class from seeds seed, seed+1, ...; per class the best by
     :func:`restart_rank` counts."""
@@ -107,9 +107,9 @@ def invert_candidates(
 
     t0 = time.perf_counter()
     model.freeze_text()
-    detector = make_detector(policy)
+    detector = make_inverter(policy)
     inversions = best_of_restarts(detector, model, pool, policy, candidates, progress)
-    if policy.detector == DetectorName.CLIP_INSPECTOR and policy.scoring.uses_reference:
+    if policy.detector == Detector.CLIP_INSPECTOR and policy.scoring.uses_reference:
         ref = reference_inversions(model, pool, policy, candidates, progress)
         inversions = [
             ClassInversion(replace(i.metrics, reference_asr=r.asr, reference_loss=r.loss), i.trigger)
@@ -121,7 +121,7 @@ def invert_candidates(
 def null_for(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], inversions: list[ClassInversion],
              progress: Progress = no_progress) -> NullModel | None:
     """The lift scoring's null margin (None for the other scorings)."""
-    if policy.detector != DetectorName.CLIP_INSPECTOR or policy.scoring != Scoring.LIFT:
+    if policy.detector != Detector.CLIP_INSPECTOR or policy.scoring != Scoring.LIFT:
         return None
     from gatekeeper.null import measure_null
 
@@ -139,9 +139,9 @@ def conclude(
     environment: dict[str, str],
     command: str,
     null: NullModel | None = None,
-) -> AuditResult:
+) -> ScanResult:
     """Scores and the verdict from raw per-class metrics (the decide stage)."""
-    if policy.detector == DetectorName.CLIP_INSPECTOR and policy.scoring == Scoring.LIFT and null is None:
+    if policy.detector == Detector.CLIP_INSPECTOR and policy.scoring == Scoring.LIFT and null is None:
         from gatekeeper.decide import floor_null
 
         null = floor_null(policy, len(metrics))
@@ -149,7 +149,7 @@ def conclude(
     timings = {"inversion_s": round(seconds, 3), "per_class_s": round(seconds / max(len(metrics), 1), 3)}
     if null is not None:
         timings["null_model_s"] = 0.0 if null.cached else null.seconds
-    return AuditResult(
+    return ScanResult(
         decision=decide(scores, policy, null),
         classes=tuple(scores),
         policy=policy.to_dict(),
@@ -165,7 +165,7 @@ def conclude(
     )
 
 
-def audit(
+def scan_model(
     model: PromptTunedCLIP,
     pool: OODPool,
     policy: Policy,
@@ -173,7 +173,7 @@ def audit(
     provenance: Provenance,
     command: str = "",
     progress: Progress = no_progress,
-) -> AuditOutput:
+) -> ScanOutput:
     """Run the policy's detector on ``model`` with ``pool``, decide, and (if the policy asks) run
     the positive control before a PASS is issued.
 
@@ -200,17 +200,17 @@ def audit(
         # on a FAIL too, so every report shows the scan's power on this model; only a PASS can change
         result = with_positive_control(model, pool, policy, result, provenance)
     triggers = {i.metrics.name: i.trigger for i in inversions}
-    return AuditOutput(result, triggers, pool.holdout[0])
+    return ScanOutput(result, triggers, pool.holdout[0])
 
 
-def with_positive_control(model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: AuditResult, provenance: Provenance) -> AuditResult:
+def with_positive_control(model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: ScanResult, provenance: Provenance) -> ScanResult:
     """A PASS stands only if the same scan catches a backdoor planted in a copy of the model."""
     from gatekeeper.control import run_control
 
     plain = replace(policy, positive_control=PositiveControl.OFF)
 
-    def scan(copy: PromptTunedCLIP) -> AuditResult:
-        return audit(copy, pool, plain, provenance=provenance).result
+    def scan(copy: PromptTunedCLIP) -> ScanResult:
+        return scan_model(copy, pool, plain, provenance=provenance).result
 
     top = max(result.classes, key=lambda c: c.z).index if result.classes else None
     outcome = run_control(model, pool, policy, top, scan)
@@ -221,7 +221,7 @@ def with_positive_control(model: PromptTunedCLIP, pool: OODPool, policy: Policy,
     return replace(result, decision=decision, positive_control=outcome.to_dict(), timings=timings)
 
 
-def control_not_run(result: AuditResult, policy: Policy) -> AuditResult:
+def control_not_run(result: ScanResult, policy: Policy) -> ScanResult:
     """A merged sharded scan cannot run the positive control (it needs the model): no PASS then."""
     if policy.positive_control == PositiveControl.OFF or result.decision.verdict != Verdict.PASS:
         return result

@@ -29,7 +29,7 @@ reaches the success bound gets no size (``None``) and is scored as the largest t
 
 All candidate classes of a group are optimised in one forward (their parameters are separate and
 each loss only reaches its own rows, so this equals one optimiser per class, as in
-:mod:`gatekeeper.inspect.fast`).
+:mod:`gatekeeper.inversion.fast`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gatekeeper.inspect.base import ClassInversion, InversionSettings, Progress, no_progress
-from gatekeeper.inspect.fast import DEFAULT_CPU_BUDGET, TextPlan, fast_logits, row_bytes, text_plan
+from gatekeeper.inversion.base import ClassInversion, InversionSettings, Progress, no_progress
+from gatekeeper.inversion.fast import DEFAULT_CPU_BUDGET, TextPlan, fast_logits, row_bytes, text_plan
 from gatekeeper.models.manifest import ModelKind
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.result import ClassMetrics

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gatekeeper.inspect.base import InversionSettings
-from gatekeeper.inspect.baselines import NeuralCleanse, PixelBackdoor, Schedule, _CostState
+from gatekeeper.inversion.base import InversionSettings
+from gatekeeper.inversion.baselines import NeuralCleanse, PixelBackdoor, Schedule, _CostState
 from gatekeeper.models.loader import load_model
 from gatekeeper.ood import procedural_images
 from tests.conftest import DEMO_ZOO

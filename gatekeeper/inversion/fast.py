@@ -20,7 +20,7 @@ optional bf16 autocast on CUDA, which is an approximation and is named as such.
    over the G*B triggered images, loss = sum_g margin_loss(rows of g, c_g) (each delta only
    reaches its own rows, so its gradient is exactly that of its own loss) and one Adam over the
    stacked deltas. Adam is elementwise with a step count shared by all classes, so this equals G
-   separate Adam optimizers (tests/inspect/test_fast.py checks it bit for bit). G is chosen from
+   separate Adam optimizers (tests/inversion/test_fast.py checks it bit for bit). G is chosen from
    a memory budget (``max_batch_rows`` or ``memory_budget_bytes``); see :func:`row_bytes`.
    When even one class does not fit (very large K), the mini-batch is split into micro-batches
    whose gradients are accumulated: exact in real arithmetic, not bit-identical.
@@ -30,7 +30,7 @@ optional bf16 autocast on CUDA, which is an approximation and is named as such.
    trigger, the logits and the loss stay fp32. This one is NOT exact (bf16 has 8 mantissa bits).
 
 Initialization (``init_trigger`` with the per-class seed), the per-step loss, L_avg and the ASR
-definitions are those of :mod:`gatekeeper.inspect.clip_inspector`, so each class's result does not
+definitions are those of :mod:`gatekeeper.inversion.clip_inspector`, so each class's result does not
 depend on how classes are grouped.
 """
 
@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gatekeeper.inspect.base import ClassInversion, InversionSettings, Progress, no_progress
-from gatekeeper.inspect.clip_inspector import (
+from gatekeeper.inversion.base import ClassInversion, InversionSettings, Progress, no_progress
+from gatekeeper.inversion.clip_inspector import (
     apply_trigger,
     init_trigger,
     margin_loss,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gatekeeper.inspect.base import ClassInversion, InversionSettings, Progress, no_progress
+from gatekeeper.inversion.base import ClassInversion, InversionSettings, Progress, no_progress
 from gatekeeper.result import ClassMetrics
 
 if TYPE_CHECKING:
