@@ -187,8 +187,8 @@ def run_calibrate(
     """
     import json
 
+    from gatekeeper._io import atomic_write_text
     from gatekeeper.policy import load_policy, policy_from_mapping
-    from gatekeeper.report.jsonout import atomic_write_text
     from gatekeeper.untrusted import load_yaml
 
     if out.exists():

@@ -64,7 +64,7 @@ def copy_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
     ctx = model.ctx.detach().clone() if model.ctx is not None else None
     meta = copy.deepcopy(model.meta_net) if model.meta_net is not None else None
     out = PromptTunedCLIP(model.clip, model.tokenizer, model.manifest, ctx=ctx, meta_net=meta)
-    return out.to(next(iter(model.buffers())).device)
+    return out.to(model.device)
 
 
 def pseudo_labels(model: PromptTunedCLIP, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def fresh_copy(model: PromptTunedCLIP, seed: int) -> PromptTunedCLIP:
     if model.meta_net is not None:
         meta = build_meta_net(int(model.clip.visual.output_dim), ctx_dim, int(next(iter(model.meta_net.parameters())).shape[0]))
     out = PromptTunedCLIP(model.clip, model.tokenizer, model.manifest, ctx=ctx.cpu(), meta_net=meta)
-    return out.to(next(iter(model.buffers())).device)
+    return out.to(model.device)
 
 
 def train_copy(
@@ -128,7 +128,7 @@ def run_control(model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: i
         return ControlOutcome(name, eps, 0.0, False, "not run", float("nan"), None, 0.0,
                               "a zero-shot model has no prompt learner to plant a backdoor in")
     planted, attack = plant(model, target, eps, policy.seed)
-    device = next(iter(model.buffers())).device
+    device = model.device
     planted_asr = attack_success_rate(planted, pool.holdout, attack.delta.detach().to(device), target)
     bound = max(policy.min_trigger_asr, MIN_PLANTED_ASR)
     if planted_asr < bound:

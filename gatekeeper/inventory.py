@@ -259,11 +259,10 @@ def cache_lookup(cache: Path, key: str, content_hash: str) -> dict[str, Any] | N
 
 def _replace_tree(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` through a sibling temp folder, then swap it in."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.replace(dst)
+    from gatekeeper._io import atomic_folder
+
+    with atomic_folder(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def cache_store(cache: Path, key: str, folder: Path) -> None:
@@ -376,7 +375,7 @@ def run_audit(
 ) -> tuple[ExitCode, dict[str, Any]]:
     """Audit every entry (from the cache, or with :func:`gatekeeper.scan.run_scan`), write
     summary.md/summary.json; returns (worst code, summary). ``quiet`` silences the per-model lines."""
-    from gatekeeper.report.jsonout import atomic_write_text
+    from gatekeeper._io import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     cache = out / CACHE_DIR if cache is None else cache

@@ -98,7 +98,7 @@ def _read(kind: str, key: str) -> dict[str, Any] | None:
 
 
 def _write(kind: str, key: str, payload: dict[str, Any]) -> None:
-    from gatekeeper.report.jsonout import atomic_write_text
+    from gatekeeper._io import atomic_write_text
 
     root = cache_root()
     if root is None:

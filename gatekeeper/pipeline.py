@@ -92,7 +92,7 @@ def reference_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
 
     manifest = replace(model.manifest, kind=ModelKind.ZEROSHOT)
     ref = PromptTunedCLIP(model.clip, model.tokenizer, manifest)
-    ref.to(next(iter(model.buffers())).device).eval()
+    ref.to(model.device).eval()
     ref.freeze_text()
     return ref
 
@@ -192,7 +192,7 @@ def scan_model(
         pool=pool.info,
         model=model_info(model),
         seconds=seconds,
-        environment=environment(next(iter(model.buffers())).device),
+        environment=environment(model.device),
         command=command,
         null=null,
     )

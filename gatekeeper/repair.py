@@ -125,7 +125,7 @@ def finetune(model: PromptTunedCLIP, data: LabelledSet, delta: torch.Tensor | No
     """Fine-tune the prompt learner in place on (x, y) and, with ``delta``, (clamp(x + delta), y)."""
     from gatekeeper.models.tuning import prompt_parameters
 
-    device = next(iter(model.buffers())).device
+    device = model.device
     model.thaw_text()  # a scan cached CoOp text features; training must reach the context again
     params = prompt_parameters(model)
     for p in params:
@@ -161,16 +161,12 @@ def check_out(out: Path, model_folder: Path) -> None:
 
 def write_repaired(model: PromptTunedCLIP, src: Path, dst: Path) -> None:
     """Copy the input folder (backbone and all) and replace its prompt learner; atomic via a temp folder."""
+    from gatekeeper._io import atomic_folder
     from gatekeeper.models.loader import save_model
 
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".git", ".cache"))
-    save_model(model, tmp, model.manifest)
-    if dst.exists():
-        dst.rmdir()  # check_out made sure it is empty
-    tmp.replace(dst)
+    with atomic_folder(dst) as tmp:  # dst is absent or empty (check_out)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".git", ".cache"), dirs_exist_ok=True)
+        save_model(model, tmp, model.manifest)
 
 
 def finite_or_none(v: float) -> float | None:

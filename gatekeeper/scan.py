@@ -191,7 +191,7 @@ def _run_shard(
         pool=pool.info,
         model=model_info(model),
         seconds=seconds,
-        environment=environment(next(iter(model.buffers())).device),
+        environment=environment(model.device),
         example=pool.holdout[0],
         null=null,
     )

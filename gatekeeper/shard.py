@@ -59,7 +59,9 @@ def write_partial(
     null: NullModel | None = None,
 ) -> Path:
     """Write ``partial.json`` + ``partial.safetensors`` (triggers and one OOD example) into ``out``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from gatekeeper._io import atomic_write_bytes, atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -79,12 +81,8 @@ def write_partial(
     }
     tensors = {f"trigger.{i.metrics.index}": i.trigger.contiguous() for i in inversions}
     tensors["example"] = example.contiguous()
-    tmp = out / (PARTIAL_TENSORS + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(out / PARTIAL_TENSORS)
-    tmp = out / (PARTIAL_JSON + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out / PARTIAL_JSON)
+    atomic_write_bytes(out / PARTIAL_TENSORS, save(tensors))
+    atomic_write_text(out / PARTIAL_JSON, json.dumps(record, indent=2) + "\n")
     return out / PARTIAL_JSON
 
 

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from gatekeeper._io import atomic_write_text
 from gatekeeper.calibrate import auroc, roc_points
 from gatekeeper.decide import decide, score_classes
 from gatekeeper.errors import UsageError
 from gatekeeper.policy import Detector, Policy, Scoring
-from gatekeeper.report.jsonout import atomic_write_text
 from gatekeeper.result import ClassMetrics, NullModel
 
 TRUTH_SUFFIX = ".truth"

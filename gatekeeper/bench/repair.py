@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gatekeeper._io import atomic_write_text
 from gatekeeper.bench.detection import fresh_entry, git_commit, zoo_model_identity
 from gatekeeper.errors import UsageError
 from gatekeeper.policy import Policy
-from gatekeeper.report.jsonout import atomic_write_text
 
 TRUTH_SUFFIX = ".truth"
 VARIANTS = ("ci", "clean-only", "random", "wrong-class")

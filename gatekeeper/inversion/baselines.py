@@ -139,7 +139,7 @@ class _Baseline:
         settings: InversionSettings,
         progress: Progress = no_progress,
     ) -> list[ClassInversion]:
-        device = next(iter(model.buffers())).device
+        device = model.device
         model.eval()
         if model.kind != ModelKind.COCOOP and model._cached_text is None:
             model.freeze_text()
@@ -221,7 +221,7 @@ class _Baseline:
 
 @torch.no_grad()
 def _asr(model: PromptTunedCLIP, holdout: torch.Tensor, stamp: Callable[[torch.Tensor], torch.Tensor], target: int, plan: TextPlan | None) -> float:
-    device = next(iter(model.buffers())).device
+    device = model.device
     hits = 0
     for i in range(0, len(holdout), 128):
         x = holdout[i : i + 128].to(device)

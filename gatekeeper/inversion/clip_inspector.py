@@ -86,7 +86,7 @@ class ClipInspector:
         settings: InversionSettings,
         progress: Progress = no_progress,
     ) -> list[ClassInversion]:
-        device = next(iter(model.buffers())).device
+        device = model.device
         model.eval()
         out = []
         for done, c in enumerate(candidates):

@@ -374,7 +374,7 @@ class FastClipInspector:
         settings: InversionSettings,
         progress: Progress = no_progress,
     ) -> list[ClassInversion]:
-        device = next(iter(model.buffers())).device
+        device = model.device
         model.eval()
         if model.kind != ModelKind.COCOOP and model._cached_text is None:
             model.freeze_text()

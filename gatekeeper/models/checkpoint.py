@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import stat
-import tempfile
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
 
+from gatekeeper._io import atomic_folder
 from gatekeeper.errors import ModelFormatError, UsageError
 from gatekeeper.models.manifest import (
     MAX_CLASSES,
@@ -353,16 +352,8 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
     from safetensors.torch import save_file
 
     dtype = torch.float16 if precision == Precision.FP16 else torch.float32
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:  # out is absent or empty (checked above)
         save_file({k: state[k].to(dtype).contiguous() for k in keep}, str(tmp / WEIGHTS_NAME))
         write_manifest(tmp, manifest)
         read_manifest(tmp)  # the folder must read back as valid
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

@@ -108,7 +108,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Prompt
 
 def save_model(model: PromptTunedCLIP, folder: Path, manifest: Manifest | None = None) -> None:
     """Write the manifest and prompt_learner.safetensors (not the backbone) into ``folder``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from gatekeeper._io import atomic_write_bytes
 
     manifest = manifest or model.manifest
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,5 @@ def save_model(model: PromptTunedCLIP, folder: Path, manifest: Manifest | None =
         state = model.prompt_learner_state()
         if manifest.precision == Precision.FP16:
             state = {k: v.half() for k, v in state.items()}
-        tmp = folder / (WEIGHTS_NAME + ".tmp")
-        save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(folder / WEIGHTS_NAME)
+        atomic_write_bytes(folder / WEIGHTS_NAME, save({k: v.cpu().contiguous() for k, v in state.items()}))
     write_manifest(folder, manifest)

@@ -220,8 +220,8 @@ def read_manifest(folder: Path) -> Manifest:
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """Write ``gatekeeper.json`` atomically (temp file + rename)."""
     folder.mkdir(parents=True, exist_ok=True)
+    from gatekeeper._io import atomic_write_text
+
     path = folder / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2) + "\n")
     return path

@@ -102,6 +102,11 @@ class PromptTunedCLIP(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's tensors are (its registered buffers live with the parameters)."""
+        return next(iter(self.buffers())).device
+
+    @property
     def eot_index(self) -> torch.Tensor:
         """Position of the end-of-text token per class (open_clip pools at argmax token id)."""
         return self.tokenized.argmax(dim=-1)
@@ -189,7 +194,7 @@ class PromptTunedCLIP(nn.Module):
 def predict(model: PromptTunedCLIP, x: torch.Tensor, transform: Any = None, batch: int = 256) -> torch.Tensor:
     """Predicted class indices (on the CPU) for images ``x``, in batches moved to the model's device;
     ``transform`` (e.g. stamping a trigger) is applied to each batch on that device."""
-    device = next(iter(model.buffers())).device
+    device = model.device
     out = []
     for i in range(0, len(x), batch):
         xb = x[i : i + batch].to(device)

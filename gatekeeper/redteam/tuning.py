@@ -80,12 +80,8 @@ def write_model_folder(model: PromptTunedCLIP, backbone_dir: Path, out: Path, pr
     """Write a self-contained gatekeeper model folder: manifest, prompt learner, backbone copy."""
     from dataclasses import replace
 
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    shutil.copytree(backbone_dir, tmp / BACKBONE_SUBDIR, ignore=shutil.ignore_patterns("pretrain_stats.json"))
-    save_model(model, tmp, replace(model.manifest, precision=precision))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    from gatekeeper._io import atomic_folder
+
+    with atomic_folder(out) as tmp:
+        shutil.copytree(backbone_dir, tmp / BACKBONE_SUBDIR, ignore=shutil.ignore_patterns("pretrain_stats.json"))
+        save_model(model, tmp, replace(model.manifest, precision=precision))

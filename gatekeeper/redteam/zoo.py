@@ -9,7 +9,6 @@ Layout of a built zoo::
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -218,13 +217,10 @@ def build_backbone(out: Path, seed: int = 0, steps: int = 2500) -> str:
     from gatekeeper.redteam.pretrain import PretrainConfig, pretrain, save_backbone
 
     model, stats = pretrain(PretrainConfig(seed=seed, steps=steps), log=lambda s: print(s, file=sys.stderr, flush=True))
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    digest = save_backbone(model, tmp, stats)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    from gatekeeper._io import atomic_folder
+
+    with atomic_folder(out) as tmp:
+        digest = save_backbone(model, tmp, stats)
     print(f"backbone written to {out}: zero-shot accuracy {stats['zero_shot_accuracy_64way']:.3f}, sha256 {digest}")
     return digest
 

@@ -15,9 +15,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gatekeeper._io import atomic_write_text
 from gatekeeper.errors import ResultError
 from gatekeeper.report.images import TRIGGER_DIR
-from gatekeeper.report.jsonout import atomic_write_text, dumps, result_to_dict, validate_result
+from gatekeeper.report.jsonout import dumps, result_to_dict, validate_result
 
 if TYPE_CHECKING:
     import torch

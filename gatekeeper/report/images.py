@@ -14,8 +14,8 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gatekeeper._io import atomic_write_bytes
 from gatekeeper.errors import ResultError
-from gatekeeper.report.jsonout import atomic_write_bytes
 
 if TYPE_CHECKING:
     import torch

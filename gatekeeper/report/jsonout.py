@@ -7,15 +7,13 @@ top-level keys and the verdict.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from gatekeeper._io import atomic_write_text
 from gatekeeper.errors import ResultError
 from gatekeeper.resources import data_path
 
@@ -72,28 +70,6 @@ def dumps(result_dict: dict[str, Any]) -> str:
         ) from exc
     except TypeError as exc:
         raise ResultError(f"the result holds a value that is not JSON-serializable: {exc}") from exc
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(result_dict: dict[str, Any], path: Path) -> None:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gatekeeper._io import atomic_write_text
 from gatekeeper.report import REPORT_MD, RESULT_JSON
-from gatekeeper.report.jsonout import atomic_write_text
 from gatekeeper.report.sarif import path_to_uri, to_sarif
 
 
