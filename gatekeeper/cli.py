@@ -9,7 +9,6 @@ import argparse
 import os
 import shlex
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from gatekeeper import __version__
 from gatekeeper.errors import ExitCode, GatekeeperError, UsageError, exit_code_for
+from gatekeeper.progress import Progress
 from gatekeeper.untrusted import inert, say
 
 EXIT_HELP = """exit codes:
@@ -190,34 +190,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------- helpers
 
 
-class _Progress:
-    """A tqdm bar on a terminal, plain lines otherwise, nothing when quiet."""
-
-    def __init__(self, quiet: bool, label: str) -> None:
-        self.quiet, self.label = quiet, label
-        self.bar: Any = None
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.time()
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            from tqdm import tqdm
-
-            if self.bar is None:
-                self.bar = tqdm(total=total, desc=self.label, unit="class", file=sys.stderr)
-            self.bar.n = done
-            self.bar.set_postfix_str(inert(name, 60))
-            self.bar.refresh()
-            if done == total:
-                self.bar.close()
-        elif done < total:
-            say(f"[{self.label}] class {done + 1}/{total}: {name} ({time.time() - self.t0:.0f}s)")
-        else:
-            say(f"[{self.label}] {total} classes inverted in {time.time() - self.t0:.0f}s")
-
-
 def _announce(outcome: Any, label: str, quiet: bool) -> None:
     """The verdict line and where the report is (the library prints nothing)."""
     if not quiet:
@@ -246,7 +218,7 @@ def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
         shard=args.shard,
     )
     if args.shard:
-        outcome = run_scan(request, _Progress(args.quiet, f"scan {args.shard}"))
+        outcome = run_scan(request, Progress(args.quiet, f"scan {args.shard}"))
         if not args.quiet:
             say(
                 f"scan: shard {args.shard} ({outcome.result['classes']} classes) written to "
@@ -254,7 +226,7 @@ def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
             )
         return outcome.exit_code
     try:
-        outcome = run_scan(request, _Progress(args.quiet, "scan"))
+        outcome = run_scan(request, Progress(args.quiet, "scan"))
     except Exception as exc:  # still tell machine consumers; main() prints the error and picks the code
         _scan_machine_outputs(args, exit_code_for(exc), error_result(args.model, exc), wrote_reports=False)
         raise
@@ -304,38 +276,21 @@ def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 
 
 def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
-    from gatekeeper.resources import data_path
-    from gatekeeper.scan import ScanRequest, run_scan
+    from gatekeeper.scan import run_demo
 
-    zoo = data_path("zoo") / "demo"
-    expected = {"clean": ExitCode.PASS, "backdoored": ExitCode.BACKDOOR}
-    codes = {}
-    blind = False  # a positive control the scan did not catch: the demo did not show what it claims
-    for name in expected:
-        ref = str(zoo / name)
-        command = shlex.join(["gatekeeper", "scan", ref, "--policy", "tiny-world", "--out", str(args.out / name)])
-        outcome = run_scan(
-            ScanRequest(ref, args.out / name, policy="tiny-world", device=args.device, command=command),
-            _Progress(args.quiet, f"demo/{name}"),
-        )
+    ok = True
+    for name, outcome, expected in run_demo(args.out, args.device, lambda label: Progress(args.quiet, label)):
         _announce(outcome, f"demo/{name}", args.quiet)
-        codes[name], result = outcome.exit_code, outcome.result
-        flagged = ", ".join(result.get("suspect_classes") or []) or "none"
-        say(
-            f"{name:>10}: {result['verdict'].upper():5} statistic {result['s_max']:.2f} vs {result.get('threshold_kind')} "
-            f"{result['threshold']:.2f}; flagged: {flagged}",
-            err=False,
-        )
-        control = result.get("positive_control")
+        r, control = outcome.result, outcome.result.get("positive_control")
+        flagged = ", ".join(r.get("suspect_classes") or []) or "none"
+        print(f"{name:>10}: {outcome.verdict.upper():5} statistic {r['s_max']:.2f} vs {r.get('threshold_kind')} "
+              f"{r['threshold']:.2f}; flagged: {inert(flagged)}")
         if control:
-            say(
-                f"{'':>10}  positive control: planted to {control['target']!r} (ASR {control['planted_asr']:.0%}), "
-                f"{'caught' if control['caught'] else 'NOT caught'}, {control['seconds']:.0f}s",
-                err=False,
-            )
-            blind = blind or not control["caught"]
-    ok = codes == expected and not blind
-    say(f"demo {'OK' if ok else 'UNEXPECTED'}: reports in {args.out}/clean and {args.out}/backdoored", err=False)
+            print(f"{'':>10}  positive control: planted to {inert(repr(control['target']))} (ASR "
+                  f"{control['planted_asr']:.0%}), {'caught' if control['caught'] else 'NOT caught'}, {control['seconds']:.0f}s")
+        # the demo shows what it claims only if each verdict is as expected and every planted control is caught
+        ok = ok and outcome.exit_code == expected and (not control or bool(control["caught"]))
+    print(f"demo {'OK' if ok else 'UNEXPECTED'}: reports in {args.out}/clean and {args.out}/backdoored")
     return ExitCode.PASS if ok else ExitCode.BACKDOOR
 
 
@@ -359,7 +314,7 @@ def cmd_audit(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     prepare_out(args.out)
     code, _ = run_audit(
         inventory, args.out, cache=args.cache, device_name=args.device, quiet=args.quiet,
-        progress_for=lambda label: _Progress(args.quiet, label),
+        progress_for=lambda label: Progress(args.quiet, label),
     )
     if not args.quiet:
         say(f"gatekeeper audit: exit {int(code)}; summary {args.out / 'summary.md'}")
@@ -372,7 +327,7 @@ def cmd_repair(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     settings = RepairSettings(epochs=args.epochs, lr=args.lr, test_fraction=args.test_fraction)
     done = run_repair(
         args.model, args.scan, args.data, args.out, settings=settings, class_name=args.class_name,
-        device=args.device, command="gatekeeper " + shlex.join(argv), progress=_Progress(args.quiet, "re-scan"),
+        device=args.device, command="gatekeeper " + shlex.join(argv), progress=Progress(args.quiet, "re-scan"),
     )
     if not args.quiet:
         b, a = done.before, done.after
@@ -410,10 +365,12 @@ def main(argv: list[str] | None = None) -> int:
 def run(parser: Callable[[], argparse.ArgumentParser], commands: dict[str, Any], argv: list[str] | None) -> int:
     """Parse ``argv``, run the command, map every outcome to an exit code (also for ``gatekeeper-lab``)."""
     import signal
+    import threading
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("GATEKEEPER_DEBUG") == "1" or "--debug" in argv
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         args = parser().parse_args(argv)
         return int(commands[args.command](args, argv))
@@ -437,9 +394,3 @@ def run(parser: Callable[[], argparse.ArgumentParser], commands: dict[str, Any],
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

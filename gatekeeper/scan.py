@@ -223,3 +223,21 @@ def merge_scan(partials: list[Path], out: Path, json_path: Path | None, command:
     clear_outputs(out, (json_path,))
     result = control_not_run(conclude(metrics, policy, command=command, **shared), policy)
     return finish(ScanOutput(result, triggers, example), policy, out, json_path)
+
+
+DEMO_EXPECTED = {"clean": ExitCode.PASS, "backdoored": ExitCode.BACKDOOR}
+
+
+def run_demo(out: Path, device: str, progress_for: Any) -> Iterator[tuple[str, ScanOutcome, ExitCode]]:
+    """Scan the bundled demo zoo (one clean, one backdoored model) with the tiny-world policy;
+    yields (name, outcome, the expected exit code) per model, as each finishes."""
+    import shlex
+
+    from gatekeeper.resources import data_path
+
+    zoo = data_path("zoo") / "demo"
+    for name, expected in DEMO_EXPECTED.items():
+        ref = str(zoo / name)
+        command = shlex.join(["gatekeeper", "scan", ref, "--policy", "tiny-world", "--out", str(out / name)])
+        request = ScanRequest(ref, out / name, policy="tiny-world", device=device, command=command)
+        yield name, run_scan(request, progress_for(f"demo/{name}")), expected
