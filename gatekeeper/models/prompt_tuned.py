@@ -42,6 +42,14 @@ def build_meta_net(vis_dim: int, ctx_dim: int, hidden: int | None = None) -> nn.
     )
 
 
+def pixel_normalisation(clip: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The backbone's own pixel mean and std, as open_clip set them from its config
+    (``clip.visual.preprocess_cfg``); OpenAI CLIP's when the backbone does not say."""
+    cfg = getattr(getattr(clip, "visual", None), "preprocess_cfg", None) or {}
+    mean, std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
 class PromptTunedCLIP(nn.Module):
     """A frozen open_clip CLIP plus a (CoOp/CoCoOp) prompt learner or zero-shot prompts.
 
@@ -76,8 +84,9 @@ class PromptTunedCLIP(nn.Module):
         self.kind = manifest.kind
         self.classnames = list(manifest.classnames)
         self.image_size = manifest.image_size
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = pixel_normalisation(clip)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._cached_text: torch.Tensor | None = None
         if self.kind == ModelKind.ZEROSHOT:
             prompts = [manifest.template.format(c) for c in self.classnames]

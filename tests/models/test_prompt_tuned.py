@@ -104,3 +104,22 @@ def test_logits_are_differentiable_in_pixels(model_factory):
     model.logits(x)[:, 0].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_pixel_normalisation_comes_from_the_backbone_config(random_backbone, tmp_path):
+    """open_clip configs carry their own mean/std (e.g. SigLIP's 0.5/0.5); never assume OpenAI's."""
+    import json
+    import shutil
+
+    from gatekeeper.models.loader import load_model
+    from tests.conftest import make_model_folder
+
+    folder = make_model_folder(random_backbone, tmp_path / "m", "coop", ("a", "b", "c"))
+    config = folder / "backbone" / "open_clip_config.json"
+    cfg = json.loads(config.read_text())
+    cfg["preprocess_cfg"] = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 1.0]}
+    config.write_text(json.dumps(cfg))
+    model = load_model(folder)
+    assert model.pixel_mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    assert model.pixel_std.flatten().tolist() == [0.25, 0.5, 1.0]
+    shutil.rmtree(folder)
