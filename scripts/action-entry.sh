@@ -23,6 +23,7 @@ set -uo pipefail # no -e: the scan's exit code is data, not a reason to stop
 GK_SUMMARY_LIMIT=${GK_SUMMARY_LIMIT:-1000000} # bytes; GitHub refuses step summaries over 1 MiB
 GK_CONTAINER_WORKDIR=/github/workspace
 GK_CONTAINER_OUT=/github/gatekeeper-out
+GK_LINE=.scan-line.json # the scan's stdout: its `--format json` line, the one source of the step's outputs
 
 # Workflow-command escaping (toolkit's escapeData): % first, then CR and LF.
 gk_escape_data() {
@@ -74,24 +75,29 @@ gk_set_output() { # name value
   printf '%s<<%s\n%s\n%s\n' "$1" "$delim" "$2" "$delim" >>"$GITHUB_OUTPUT"
 }
 
-# verdict, s_max, threshold and suspect class of result.json, one per line (empty when null).
-gk_read_result() { # result.json
+# verdict, s_max, threshold, suspect class and exit code from the CLI's own `--format json` line,
+# one per line (empty when null). The Action never derives a verdict itself: it reports the CLI's.
+gk_read_line() { # file holding the scan's stdout
   python3 - "$1" <<'PY'
 import json, math, sys
 
 try:
-    d = json.load(open(sys.argv[1], encoding="utf-8"))
-except (OSError, ValueError):
+    lines = [ln for ln in open(sys.argv[1], encoding="utf-8").read().splitlines() if ln.strip()]
+    d = json.loads(lines[-1])
+    assert isinstance(d, dict)
+except (OSError, ValueError, IndexError, AssertionError):
     sys.exit(1)
 def num(v):
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     return f"{v:.4f}" if ok else ""
 cls = d.get("suspect_class")
+code = d.get("exit_code")
 print(d.get("verdict") or "")
 print(num(d.get("s_max")))
 print(num(d.get("threshold")))
 # one line per field: a class name with a line break is flattened (it is only displayed)
 print("" if cls is None else " ".join(str(cls).splitlines()))
+print(code if isinstance(code, int) and not isinstance(code, bool) else "")
 PY
 }
 
@@ -113,7 +119,7 @@ gk_build_args() { # out-dir-as-seen-by-gatekeeper
   [[ $model == "$ws"/* ]] && model=${model#"$ws"/}
   [[ $policy == "$ws"/* ]] && policy=${policy#"$ws"/}
   GK_ARGS=(scan "$model" --policy "$policy" --ood "${GK_OOD:-procedural}" --out "$out"
-    --sarif "$out/results.sarif" --device "${GK_DEVICE:-auto}")
+    --sarif "$out/results.sarif" --device "${GK_DEVICE:-auto}" --format json)
   [[ -n ${GK_REVISION:-} ]] && GK_ARGS+=(--revision "$GK_REVISION")
   if [[ -n ${GK_EXTRA_ARGS:-} ]]; then
     local extra
@@ -136,7 +142,7 @@ gk_run_scan() { # out-dir
     fi
     gk_build_args "$out" || return 4
     echo "::stop-commands::$token"
-    gatekeeper "${GK_ARGS[@]}"
+    gatekeeper "${GK_ARGS[@]}" >"$out/$GK_LINE"
     code=$?
   else
     if ! command -v docker >/dev/null; then
@@ -156,9 +162,10 @@ gk_run_scan() { # out-dir
       auto) command -v nvidia-smi >/dev/null && docker_args+=(--gpus all) ;;
     esac
     echo "::stop-commands::$token"
-    docker "${docker_args[@]}" "$GK_IMAGE" "${GK_ARGS[@]}"
+    docker "${docker_args[@]}" "$GK_IMAGE" "${GK_ARGS[@]}" >"$out/$GK_LINE"
     code=$?
   fi
+  cat "$out/$GK_LINE" 2>/dev/null # the CLI's line in the log too, still inside the fence
   echo "::$token::"
   return "$code"
 }
@@ -191,7 +198,7 @@ gk_main() {
   local out=${GK_OUTPUT_DIR:-gatekeeper-report} fail_on=${GK_FAIL_ON:-inconclusive}
   local code verdict="" s_max="" threshold="" suspect="" step_code
   # never report a previous run's verdict: a scan that dies early must leave no result behind
-  rm -f "$out/result.json" "$out/report.md" "$out/results.sarif"
+  rm -f "$out/result.json" "$out/report.md" "$out/results.sarif" "$out/$GK_LINE"
   if ! gk_check_inputs || ! mkdir -p "$out"; then
     code=4 fail_on=inconclusive # a misconfigured gate fails, whatever fail-on says
   else
@@ -200,8 +207,9 @@ gk_main() {
   fi
 
   local result=$out/result.json report=$out/report.md sarif=$out/results.sarif fields=()
-  if [[ -f $result ]] && mapfile -t fields < <(gk_read_result "$result") && ((${#fields[@]} == 4)); then
+  if [[ -f $out/$GK_LINE ]] && mapfile -t fields < <(gk_read_line "$out/$GK_LINE") && ((${#fields[@]} == 5)); then
     verdict=${fields[0]} s_max=${fields[1]} threshold=${fields[2]} suspect=${fields[3]}
+    [[ ${fields[4]} == "$code" ]] || verdict=error # the line and the process must tell the same story
   fi
   # the verdict must agree with the exit code; anything else fails closed as an error
   case $code:$verdict in

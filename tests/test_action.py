@@ -216,6 +216,12 @@ open(f"{out}/report.md", "w").write(f"# {v.upper()}\n" + "x" * int(os.environ.ge
 open(f"{out}/results.sarif", "w").write("{}")
 PY
 fi
+# the CLI's --format json line on stdout (the Action's only source for its outputs)
+python3 -c 'import json, os
+v = os.environ.get("FAKE_VERDICT") or "error"
+print(json.dumps({"verdict": v, "s_max": float(os.environ.get("FAKE_SMAX", "3.5")) if v != "error" else None,
+                  "threshold": 2.0 if v != "error" else None, "suspect_class": os.environ.get("FAKE_SUSPECT") or None,
+                  "exit_code": int(os.environ.get("FAKE_LINE_CODE") or os.environ.get("FAKE_CODE") or 0)}))'
 exit "${FAKE_CODE:-0}"
 """
 
@@ -272,6 +278,16 @@ def test_fail_on_maps_exit_codes(fake, fail_on, code, verdict, step_code, out_ve
     else:
         assert annotations == []
     assert run.outputs["exit-code"] == str(2 if code == 0 and out_verdict == "error" else code)  # the scan's own code
+
+
+def test_the_step_reports_the_clis_own_line_and_fails_closed_when_it_disagrees(fake):
+    """The Action takes verdict and numbers from the CLI's --format json line, never from its own reading of
+    result.json; a line whose exit code is not the process's is an error, whatever it says."""
+    ok = _fake_run(fake, "inconclusive", 1, "fail", FAKE_SUSPECT="stop sign")
+    assert "--format" in (fake[0] / ".argv").read_text().splitlines()
+    assert ok.outputs["verdict"] == "fail" and ok.outputs["suspect-class"] == "stop sign"
+    liar = _fake_run(fake, "inconclusive", 0, "pass", FAKE_LINE_CODE="1")
+    assert liar.outputs["verdict"] == "error" and liar.code == 2
 
 
 def test_outputs_summary_and_the_hostile_log_are_fenced(fake):
