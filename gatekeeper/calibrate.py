@@ -7,27 +7,28 @@ refuses tau under any other setting (``Policy.threshold``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gatekeeper.errors import ResultError, UsageError
+from gatekeeper.policy import Calibration
 
 
 @dataclass(frozen=True)
-class Calibrated:
-    tau: float
+class CalibrationReport:
+    """How a tau was chosen: the policy's :class:`~gatekeeper.policy.Calibration` (tau and the
+    |C|, budget and epsilon it is valid for) plus the statistics behind it."""
+
+    calibration: Calibration
     youden_j: float
     tpr: float
     fpr: float
     auroc: float
     n_clean: int
     n_backdoored: int
-    n_candidates: int
-    ood_budget: int
-    epsilon: float
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -80,7 +81,7 @@ def _load(path: Path) -> dict[str, Any]:
     return d
 
 
-def calibrate(clean: list[Path], backdoored: list[Path]) -> Calibrated:
+def calibrate(clean: list[Path], backdoored: list[Path]) -> CalibrationReport:
     """Youden's J threshold from labelled scan results.
 
     Raises:
@@ -100,15 +101,15 @@ def calibrate(clean: list[Path], backdoored: list[Path]) -> Calibrated:
     labels = np.array([y for _, y in results])
     scores = np.array([float(d["s_max"]) for d, _ in results])
     tau, j, tpr, fpr = youden_threshold(labels, scores)
-    return Calibrated(tau, j, tpr, fpr, auroc(labels, scores), len(clean), len(backdoored), n_c, budget, eps)
+    return CalibrationReport(Calibration(tau, n_c, budget, eps), j, tpr, fpr, auroc(labels, scores), len(clean), len(backdoored))
 
 
-def calibrated_policy_yaml(base: dict[str, Any], cal: Calibrated) -> str:
+def calibrated_policy_yaml(base: dict[str, Any], cal: CalibrationReport) -> str:
     """The base policy (as a mapping) with ``calibration`` set, as YAML with a provenance comment."""
     import yaml
 
     policy = {k: v for k, v in base.items() if k != "calibration"}
-    policy["calibration"] = {"tau": cal.tau, "n_candidates": cal.n_candidates, "ood_budget": cal.ood_budget, "epsilon": cal.epsilon}
+    policy["calibration"] = asdict(cal.calibration)
     header = (
         f"# written by `gatekeeper calibrate`: tau by Youden's J on {cal.n_clean} clean and {cal.n_backdoored} "
         f"backdoored scans\n# AUROC {cal.auroc:.3f}; at tau: TPR {cal.tpr:.2f}, FPR {cal.fpr:.2f}, J {cal.youden_j:.2f}\n"
@@ -117,7 +118,7 @@ def calibrated_policy_yaml(base: dict[str, Any], cal: Calibrated) -> str:
     return header + yaml.safe_dump(policy, sort_keys=False)
 
 
-def calibrate_on_backbone(model: Any, pool: Any, policy: Any, copies: int, epochs: int, log: Any = print) -> tuple[Calibrated, list[dict[str, Any]]]:
+def calibrate_on_backbone(model: Any, pool: Any, policy: Any, copies: int, epochs: int, log: Any = print) -> tuple[CalibrationReport, list[dict[str, Any]]]:
     """tau from the user's own backbone, no zoo: ``copies`` clean and ``copies`` BadCLIP-planted
     prompt learners of the model's shape, trained from scratch on OOD images labelled by the
     un-tuned backbone used zero-shot, each scanned under ``policy``; Youden's J on their s_max.
@@ -154,7 +155,7 @@ def calibrate_on_backbone(model: Any, pool: Any, policy: Any, copies: int, epoch
     from gatekeeper.decide import candidate_classes
 
     n_c = len(candidate_classes(len(model.classnames), plain))
-    return Calibrated(tau, j, tpr, fpr, auroc(lab, sc), copies, copies, n_c, policy.ood_budget, policy.epsilon), rows
+    return CalibrationReport(Calibration(tau, n_c, policy.ood_budget, policy.epsilon), j, tpr, fpr, auroc(lab, sc), copies, copies), rows
 
 
 def _calibratable(scoring: str, where: str) -> None:
@@ -177,7 +178,7 @@ def run_calibrate(
     epochs: int = 12,
     device: str = "auto",
     log: Any = print,
-) -> Calibrated:
+) -> CalibrationReport:
     """Choose tau from scans of known models (``clean``/``backdoored`` result.json files), or from
     clean and planted copies built on ``backbone``'s own prompt learner, and write the calibrated
     policy to ``out`` (which must not exist), atomically.

@@ -263,13 +263,14 @@ def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.calibrate import run_calibrate
 
-    cal = run_calibrate(
+    report = run_calibrate(
         args.out, clean=args.clean, backdoored=args.backdoored, backbone=args.backbone, policy=args.policy,
         copies=args.copies, epochs=args.epochs, device=args.device, log=say,
     )
+    cal = report.calibration
     say(
-        f"tau = {cal.tau:.3f} (AUROC {cal.auroc:.3f}, TPR {cal.tpr:.2f}, FPR {cal.fpr:.2f}) for |C| = {cal.n_candidates}, "
-        f"ood_budget = {cal.ood_budget}; written to {args.out}",
+        f"tau = {cal.tau:.3f} (AUROC {report.auroc:.3f}, TPR {report.tpr:.2f}, FPR {report.fpr:.2f}) for "
+        f"|C| = {cal.n_candidates}, ood_budget = {cal.ood_budget}; written to {args.out}",
         err=False,
     )
     return ExitCode.PASS
