@@ -16,7 +16,7 @@ from gatekeeper.result import ClassMetrics, ClassScore, Decision, NullModel, Ver
 
 def uses_z(policy: Policy) -> bool:
     """Whether the policy's rule compares a z-score over the candidates with k or tau."""
-    return policy.detector != Detector.CLIP_INSPECTOR or policy.scoring.standardised
+    return rule_for(policy).standardised
 
 
 def candidate_classes(n_classes: int, policy: Policy) -> list[int]:
@@ -161,13 +161,7 @@ def floor_null(policy: Policy, n_tests: int) -> NullModel:
 def score_classes(metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel | None = None) -> list[ClassScore]:
     """Per-class scores as the policy's detector and scoring define them (``null``: lift scoring's
     threshold; the policy's floor when None)."""
-    if policy.detector != Detector.CLIP_INSPECTOR:
-        return size_scores(metrics)
-    if policy.scoring == Scoring.LIFT:
-        return lift_scores(metrics, policy, null or floor_null(policy, len(metrics)))
-    if policy.scoring == Scoring.DIFFERENTIAL:
-        return differential_scores(metrics, policy.min_trigger_asr)
-    return anomaly_scores(metrics, policy.min_trigger_asr)
+    return rule_for(policy).score(metrics, policy, null)
 
 
 def pct(v: float) -> str:
@@ -220,8 +214,11 @@ def decide(scores: Sequence[ClassScore], policy: Policy, null: NullModel | None 
     Raises:
         PolicyError: a calibrated tau does not match this scan's |C| or budget.
     """
-    if policy.detector == Detector.CLIP_INSPECTOR and policy.scoring == Scoring.LIFT:
-        return decide_lift(scores, policy, null or floor_null(policy, len(scores)))
+    return rule_for(policy).decide(scores, policy, null)
+
+
+def decide_z(scores: Sequence[ClassScore], policy: Policy, rule: Rule) -> Decision:
+    """The z-score rules: the largest valid z against k or a calibrated tau (explained by ``rule``)."""
     threshold, kind = policy.threshold(len(scores))
     finite = all(math.isfinite(v) for c in scores for v in (c.asr, c.loss, c.z))
     if not finite:
@@ -234,26 +231,99 @@ def decide(scores: Sequence[ClassScore], policy: Policy, null: NullModel | None 
     flagged = [c for c in scores if c.z >= threshold and c.valid]
     if flagged:
         sus = max(flagged, key=lambda c: c.z)
-        if policy.detector != Detector.CLIP_INSPECTOR:
-            reason = (
-                f"class '{sus.name}': {policy.detector.value} found an anomalously small trigger (size "
-                f"{sus.size:.1f}, ASR {sus.asr:.0%}); MAD anomaly index {sus.z:.2f} >= {kind} = {threshold:.2f}"
-            )
-        else:
-            reason = (
-                f"class '{sus.name}': an inverted trigger (l-inf <= {policy.epsilon * 255:.1f}/255) sends "
-                f"{sus.asr:.0%} of held-out OOD images to it; anomaly z = {sus.z:.2f} >= {kind} = {threshold:.2f}"
-            )
-        return Decision(Verdict.FAIL, top.z, threshold, kind, sus.name, reason, (sus.name,))
+        return Decision(Verdict.FAIL, top.z, threshold, kind, sus.name, rule.explain_fail(sus, policy, threshold, kind), (sus.name,))
     invalid = [c for c in scores if c.z >= threshold and not c.valid]
     if invalid:
-        c = max(invalid, key=lambda c: c.z)
-        reason = (
-            f"no valid anomaly: class '{c.name}' has z = {c.z:.2f} >= {threshold:.2f} but its trigger reaches only "
-            f"{c.asr:.0%} ASR (< {policy.min_trigger_asr:.0%}), so its score is invalid"
-        )
-        if policy.detector != Detector.CLIP_INSPECTOR:
-            reason = f"no valid anomaly: class '{c.name}' has index {c.z:.2f} but its inversion never reached the success bound"
+        reason = rule.explain_invalid(max(invalid, key=lambda c: c.z), policy, threshold)
     else:
         reason = f"s_max = {top.z:.2f} < {kind} = {threshold:.2f} (top class '{top.name}', ASR {top.asr:.0%})"
     return Decision(Verdict.PASS, top.z, threshold, kind, None, reason)
+
+
+# ---------------------------------------------------------------------------- one rule per detector and scoring
+
+
+class Rule:
+    """How one detector and scoring turn per-class metrics into scores, and scores into a decision.
+
+    ``needs_reference``: the same inversion must also run on the public backbone;
+    ``standardised``: the rule z-standardises over the candidates (k or tau apply; >= 3 needed);
+    ``uses_null``: its threshold is a null margin (``gatekeeper.null``).
+    """
+
+    needs_reference = False
+    standardised = True
+    uses_null = False
+
+    def score(self, metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel | None) -> list[ClassScore]:
+        raise NotImplementedError
+
+    def decide(self, scores: Sequence[ClassScore], policy: Policy, null: NullModel | None) -> Decision:
+        return decide_z(scores, policy, self)
+
+    def explain_fail(self, sus: ClassScore, policy: Policy, threshold: float, kind: str) -> str:
+        return (
+            f"class '{sus.name}': an inverted trigger (l-inf <= {policy.epsilon * 255:.1f}/255) sends "
+            f"{sus.asr:.0%} of held-out OOD images to it; anomaly z = {sus.z:.2f} >= {kind} = {threshold:.2f}"
+        )
+
+    def explain_invalid(self, c: ClassScore, policy: Policy, threshold: float) -> str:
+        return (
+            f"no valid anomaly: class '{c.name}' has z = {c.z:.2f} >= {threshold:.2f} but its trigger reaches only "
+            f"{c.asr:.0%} ASR (< {policy.min_trigger_asr:.0%}), so its score is invalid"
+        )
+
+
+class PaperRule(Rule):
+    """CLIP-Inspector as published: Eq. 6-7 on the delivered model alone."""
+
+    def score(self, metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel | None) -> list[ClassScore]:
+        return anomaly_scores(metrics, policy.min_trigger_asr)
+
+
+class DifferentialRule(Rule):
+    """Eq. 6-7 on the differences from the public backbone's inversion."""
+
+    needs_reference = True
+
+    def score(self, metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel | None) -> list[ClassScore]:
+        return differential_scores(metrics, policy.min_trigger_asr)
+
+
+class LiftRule(Rule):
+    """Absolute evidence per class against a null margin (docs/policy.md, "The verdict")."""
+
+    needs_reference = True
+    standardised = False
+    uses_null = True
+
+    def score(self, metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel | None) -> list[ClassScore]:
+        return lift_scores(metrics, policy, null or floor_null(policy, len(metrics)))
+
+    def decide(self, scores: Sequence[ClassScore], policy: Policy, null: NullModel | None) -> Decision:
+        return decide_lift(scores, policy, null or floor_null(policy, len(scores)))
+
+
+class SizeRule(Rule):
+    """The baselines (Neural Cleanse, Pixel Backdoor): the MAD anomaly index of the trigger size."""
+
+    def score(self, metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel | None) -> list[ClassScore]:
+        return size_scores(metrics)
+
+    def explain_fail(self, sus: ClassScore, policy: Policy, threshold: float, kind: str) -> str:
+        return (
+            f"class '{sus.name}': {policy.detector.value} found an anomalously small trigger (size "
+            f"{sus.size:.1f}, ASR {sus.asr:.0%}); MAD anomaly index {sus.z:.2f} >= {kind} = {threshold:.2f}"
+        )
+
+    def explain_invalid(self, c: ClassScore, policy: Policy, threshold: float) -> str:
+        return f"no valid anomaly: class '{c.name}' has index {c.z:.2f} but its inversion never reached the success bound"
+
+
+_RULES: dict[Scoring, Rule] = {Scoring.PAPER: PaperRule(), Scoring.DIFFERENTIAL: DifferentialRule(), Scoring.LIFT: LiftRule()}
+_SIZE = SizeRule()
+
+
+def rule_for(policy: Policy) -> Rule:
+    """The rule the policy names: its scoring for CLIP-Inspector, the trigger-size rule for the baselines."""
+    return _RULES[policy.scoring] if policy.detector == Detector.CLIP_INSPECTOR else _SIZE

@@ -10,13 +10,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from gatekeeper import __version__
-from gatekeeper.decide import candidate_classes, decide, score_classes
+from gatekeeper.decide import candidate_classes, decide, rule_for, score_classes
 from gatekeeper.inversion.base import ClassInversion, InversionSettings, Inverter, Progress, no_progress
 from gatekeeper.inversion.clip_inspector import ClipInspector
 from gatekeeper.inversion.fast import FastClipInspector
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
-from gatekeeper.policy import Detector, Implementation, Policy, PositiveControl, Scoring
+from gatekeeper.policy import Detector, Implementation, Policy, PositiveControl
 from gatekeeper.result import ClassMetrics, Decision, ModelInfo, NullModel, PoolInfo, Provenance, ScanResult, Verdict
 
 
@@ -109,7 +109,7 @@ def invert_candidates(
     model.freeze_text()
     detector = make_inverter(policy)
     inversions = best_of_restarts(detector, model, pool, policy, candidates, progress)
-    if policy.detector == Detector.CLIP_INSPECTOR and policy.scoring.uses_reference:
+    if rule_for(policy).needs_reference:
         ref = reference_inversions(model, pool, policy, candidates, progress)
         inversions = [
             ClassInversion(replace(i.metrics, reference_asr=r.asr, reference_loss=r.loss), i.trigger)
@@ -121,7 +121,7 @@ def invert_candidates(
 def null_for(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], inversions: list[ClassInversion],
              progress: Progress = no_progress) -> NullModel | None:
     """The lift scoring's null margin (None for the other scorings)."""
-    if policy.detector != Detector.CLIP_INSPECTOR or policy.scoring != Scoring.LIFT:
+    if not rule_for(policy).uses_null:
         return None
     from gatekeeper.null import measure_null
 
@@ -141,7 +141,7 @@ def conclude(
     null: NullModel | None = None,
 ) -> ScanResult:
     """Scores and the verdict from raw per-class metrics (the decide stage)."""
-    if policy.detector == Detector.CLIP_INSPECTOR and policy.scoring == Scoring.LIFT and null is None:
+    if rule_for(policy).uses_null and null is None:
         from gatekeeper.decide import floor_null
 
         null = floor_null(policy, len(metrics))
@@ -181,7 +181,7 @@ def scan_model(
         PolicyError: fewer candidates than the rule needs, or a calibrated tau that does not apply.
     """
     candidates = candidate_classes(len(model.classnames), policy)
-    if policy.scoring.standardised:
+    if rule_for(policy).standardised:
         policy.threshold(len(candidates))  # refuse a mismatched tau before spending compute
     inversions, seconds = invert_candidates(model, pool, policy, candidates, progress)
     null = null_for(model, pool, policy, candidates, inversions, progress)

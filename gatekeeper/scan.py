@@ -171,12 +171,12 @@ def _memory_errors(device: torch.device) -> Iterator[None]:
 def _run_shard(
     model: Any, pool: Any, policy: Policy, provenance: Any, shard: tuple[int, int], out: Path, progress: Progress
 ) -> ScanOutcome:
-    from gatekeeper.decide import candidate_classes
+    from gatekeeper.decide import candidate_classes, rule_for
     from gatekeeper.pipeline import environment, invert_candidates, model_info, null_for
     from gatekeeper.shard import shard_candidates, write_partial
 
     candidates = candidate_classes(len(model.classnames), policy)
-    if policy.scoring.standardised:
+    if rule_for(policy).standardised:
         policy.threshold(len(candidates))
     mine = shard_candidates(candidates, *shard)
     inversions, seconds = invert_candidates(model, pool, policy, mine, progress)

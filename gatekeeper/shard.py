@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from gatekeeper.decide import rule_for
 from gatekeeper.errors import ResultError, UsageError
 from gatekeeper.inversion.base import ClassInversion
 from gatekeeper.policy import Policy, policy_from_mapping
@@ -157,7 +158,7 @@ def merge(
         raise ResultError("the partial results' policy does not match its recorded hash", "re-run the shards")
     first = records[0][0]
     null = None
-    if policy.detector.value == "clip-inspector" and not policy.scoring.standardised:
+    if rule_for(policy).uses_null:
         from gatekeeper.null import combine_nulls
 
         try:
