@@ -21,6 +21,31 @@ from gatekeeper.result import ClassMetrics, Decision, ModelInfo, NullModel, Pool
 
 
 @dataclass(frozen=True)
+class ScanContext:
+    """Where a scan's numbers come from: the model's provenance, the pool, the model, the machine,
+    and the command line."""
+
+    provenance: Provenance
+    pool: PoolInfo
+    model: ModelInfo
+    environment: dict[str, str]
+    command: str = ""
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """The inspect stage's record: per-class metrics (candidate order), each class's inverted trigger,
+    one hold-out OOD image for the report, the inversion time, and the lift rule's null model.
+    A shard is an Inspection of a subset of the candidates; a merge concatenates them."""
+
+    metrics: tuple[ClassMetrics, ...]
+    triggers: dict[str, torch.Tensor]  # class name -> delta (3, H, W)
+    example: torch.Tensor
+    seconds: float
+    null: NullModel | None = None
+
+
+@dataclass(frozen=True)
 class ScanOutput:
     result: ScanResult
     triggers: dict[str, torch.Tensor]  # class name -> delta (3, H, W)
@@ -128,24 +153,16 @@ def null_for(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: 
     return measure_null(model, pool, policy, candidates, [i.metrics.reference_asr or 0.0 for i in inversions], progress)
 
 
-def conclude(
-    metrics: list[ClassMetrics],
-    policy: Policy,
-    *,
-    provenance: Provenance,
-    pool: PoolInfo,
-    model: ModelInfo,
-    seconds: float,
-    environment: dict[str, str],
-    command: str,
-    null: NullModel | None = None,
-) -> ScanResult:
-    """Scores and the verdict from raw per-class metrics (the decide stage)."""
+def conclude(inspection: Inspection, context: ScanContext, policy: Policy) -> ScanResult:
+    """Scores and the verdict from an inspection (the decide stage)."""
+    null = inspection.null
     if rule_for(policy).uses_null and null is None:
         from gatekeeper.decide import floor_null
 
-        null = floor_null(policy, len(metrics))
+        null = floor_null(policy, len(inspection.metrics))
+    metrics = list(inspection.metrics)
     scores = score_classes(metrics, policy, null)
+    seconds = inspection.seconds
     timings = {"inversion_s": round(seconds, 3), "per_class_s": round(seconds / max(len(metrics), 1), 3)}
     if null is not None:
         timings["null_model_s"] = 0.0 if null.cached else null.seconds
@@ -154,15 +171,30 @@ def conclude(
         classes=tuple(scores),
         policy=policy.to_dict(),
         policy_hash=policy.digest(),
-        provenance=provenance,
-        pool=pool,
-        model=model,
+        provenance=context.provenance,
+        pool=context.pool,
+        model=context.model,
         timings=timings,
-        environment=environment,
+        environment=context.environment,
         seed=policy.seed,
-        command=command,
+        command=context.command,
         null_model=null,
     )
+
+
+def inspect_candidates(
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress = no_progress
+) -> Inspection:
+    """Invert ``candidates`` (with restarts, and the public backbone where the rule needs it) and
+    measure the null model where the rule uses one."""
+    inversions, seconds = invert_candidates(model, pool, policy, candidates, progress)
+    null = null_for(model, pool, policy, candidates, inversions, progress)
+    triggers = {i.metrics.name: i.trigger for i in inversions}
+    return Inspection(tuple(i.metrics for i in inversions), triggers, pool.holdout[0], seconds, null)
+
+
+def context_of(model: PromptTunedCLIP, pool: OODPool, provenance: Provenance, command: str = "") -> ScanContext:
+    return ScanContext(provenance, pool.info, model_info(model), environment(model.device), command)
 
 
 def scan_model(
@@ -183,24 +215,12 @@ def scan_model(
     candidates = candidate_classes(len(model.classnames), policy)
     if rule_for(policy).standardised:
         policy.threshold(len(candidates))  # refuse a mismatched tau before spending compute
-    inversions, seconds = invert_candidates(model, pool, policy, candidates, progress)
-    null = null_for(model, pool, policy, candidates, inversions, progress)
-    result = conclude(
-        [i.metrics for i in inversions],
-        policy,
-        provenance=provenance,
-        pool=pool.info,
-        model=model_info(model),
-        seconds=seconds,
-        environment=environment(model.device),
-        command=command,
-        null=null,
-    )
+    inspection = inspect_candidates(model, pool, policy, candidates, progress)
+    result = conclude(inspection, context_of(model, pool, provenance, command), policy)
     if policy.positive_control != PositiveControl.OFF and result.decision.verdict in (Verdict.PASS, Verdict.FAIL):
         # on a FAIL too, so every report shows the scan's power on this model; only a PASS can change
         result = with_positive_control(model, pool, policy, result, provenance)
-    triggers = {i.metrics.name: i.trigger for i in inversions}
-    return ScanOutput(result, triggers, pool.holdout[0])
+    return ScanOutput(result, inspection.triggers, inspection.example)
 
 
 def with_positive_control(model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: ScanResult, provenance: Provenance) -> ScanResult:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from gatekeeper.errors import ResultError, UsageError
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP, predict
+from gatekeeper.result import ScanResult, Verdict
 
 MIN_PER_CLASS = 2  # at least one image to train on and one to evaluate on
 
@@ -101,16 +102,17 @@ def load_labelled(root: Path, classnames: list[str], image_size: int, settings: 
     return LabelledSet(torch.cat(xs_tr), torch.cat(ys_tr), torch.cat(xs_te), torch.cat(ys_te), tuple(present), missing)
 
 
-def target_of(scan: dict[str, Any], forced: str | None) -> str:
+def target_of(scan: ScanResult, forced: str | None) -> str:
     """The class to repair: ``forced``, else the scan's suspect; refuses a scan that flagged nothing."""
     if forced is not None:
         return forced
-    if scan.get("verdict") != "fail" or not scan.get("suspect_class"):
+    d = scan.decision
+    if d.verdict != Verdict.FAIL or not d.suspect_class:
         raise UsageError(
-            f"the scan's verdict is {scan.get('verdict')!r}: no class was flagged, so there is no trigger to repair with",
+            f"the scan's verdict is {d.verdict.value!r}: no class was flagged, so there is no trigger to repair with",
             "repair a model whose scan failed, or name the class with --class",
         )
-    return str(scan["suspect_class"])
+    return d.suspect_class
 
 
 def trigger_asr(model: PromptTunedCLIP, x: torch.Tensor, y: torch.Tensor, stamp: Any, target: int) -> float:
@@ -173,7 +175,7 @@ def finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def reconstruct_trigger(model: PromptTunedCLIP, scan: dict[str, Any], cls: str) -> tuple[torch.Tensor, Any, Any]:
+def reconstruct_trigger(model: PromptTunedCLIP, scan: ScanResult, cls: str) -> tuple[torch.Tensor, Any, Any]:
     """Re-derive class ``cls``'s inverted trigger exactly as the scan did; returns (delta, policy, pool).
 
     Raises:
@@ -186,21 +188,21 @@ def reconstruct_trigger(model: PromptTunedCLIP, scan: dict[str, Any], cls: str) 
 
     if cls not in model.classnames:
         raise UsageError(f"class {cls!r} is not a class of the model", f"choose one of {model.classnames}")
-    policy = policy_from_mapping({k: v for k, v in scan["policy"].items()}, "the scan's policy")
-    pool_info = scan.get("pool") or {}
-    pool = load_pool(str(pool_info.get("source", "procedural")), model.image_size, policy.ood_budget, policy.holdout, policy.seed)
-    if pool_info.get("content_hash") and pool.info.content_hash != pool_info["content_hash"]:
+    policy = policy_from_mapping(dict(scan.policy), "the scan's policy")
+    recorded_pool = scan.pool
+    pool = load_pool(recorded_pool.source, model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+    if recorded_pool.content_hash and pool.info.content_hash != recorded_pool.content_hash:
         raise ResultError(
-            f"the scan's OOD pool ({pool_info.get('source')}) no longer has the same content",
+            f"the scan's OOD pool ({recorded_pool.source}) no longer has the same content",
             "re-scan the model, then repair with the new result",
         )
     index = model.classnames.index(cls)
     inv, _seconds = invert_candidates(model, pool, policy, [index])
     delta = inv[0].trigger
-    recorded = next((c for c in scan["classes"] if c.get("name") == cls), None)
-    if recorded is not None and abs(float(recorded["asr"]) - inv[0].metrics.asr) > 2.0 / max(policy.holdout, 1):
+    recorded = next((c for c in scan.classes if c.name == cls), None)
+    if recorded is not None and abs(recorded.asr - inv[0].metrics.asr) > 2.0 / max(policy.holdout, 1):
         raise ResultError(
-            f"the re-derived trigger of {cls!r} reaches ASR {inv[0].metrics.asr:.1%}, the scan recorded {float(recorded['asr']):.1%}",
+            f"the re-derived trigger of {cls!r} reaches ASR {inv[0].metrics.asr:.1%}, the scan recorded {recorded.asr:.1%}",
             "the scan was made on another model or pool: repair with this model's own scan result",
         )
     return delta, policy, pool
@@ -214,7 +216,7 @@ def write_report(
     settings: RepairSettings,
     before: dict[str, float],
     after: dict[str, float],
-    scan: dict[str, Any],
+    scan: ScanResult,
     rescan: dict[str, Any],
 ) -> Path:
     """repair.json + repair.md; returns the Markdown path."""
@@ -224,7 +226,7 @@ def write_report(
         "model": str(model_folder),
         "repaired_model": str(out / "model"),
         "class": cls,
-        "scan_verdict": scan.get("verdict"),
+        "scan_verdict": scan.decision.verdict.value,
         "rescan_verdict": rescan.get("verdict"),
         "rescan_reason": rescan.get("reason"),
         "before": {k: finite_or_none(v) for k, v in before.items()},
@@ -294,14 +296,14 @@ def run_repair(
 
     from gatekeeper.models.loader import load_model
     from gatekeeper.models.prompt_tuned import accuracy
-    from gatekeeper.report.jsonout import read_result
+    from gatekeeper.report.jsonout import load_result
     from gatekeeper.scan import ScanRequest, resolve_device, run_scan
 
     if settings.epochs < 1 or not 0 < settings.test_fraction < 1 or not 0 < settings.lr <= 1:
         raise UsageError(
             "--epochs must be >= 1, --test-fraction in (0, 1), --lr in (0, 1]", "see `gatekeeper repair --help`"
         )
-    scan = read_result(scan_result)
+    scan = load_result(scan_result)
     cls = target_of(scan, class_name)
     check_out(out, model_folder)
     model = load_model(model_folder, resolve_device(device))

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -100,6 +101,9 @@ class ClassScore:
     flagged: bool = False  # this class cleared the threshold with a valid trigger
 
 
+_SCORE_FLOATS = frozenset({"asr", "loss", "z_asr", "z_loss", "score", "z"})  # never None in a ClassScore
+
+
 @dataclass(frozen=True)
 class NullModel:
     """How far clean prompt tuning of this backbone may move a class (lift scoring's threshold).
@@ -159,6 +163,45 @@ class ScanResult:
     shard: str | None = None  # "i/n" for a partial result
     positive_control: dict[str, Any] | None = None  # control.ControlOutcome.to_dict() when the policy ran one
     null_model: NullModel | None = None  # lift scoring: the threshold's derivation
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScanResult:
+        """The typed read side of :meth:`to_dict`, e.g. of a ``result.json`` (a number written as null,
+        because it was not finite, reads back as NaN).
+
+        Raises:
+            KeyError, TypeError, ValueError: not a gatekeeper scan result.
+        """
+
+        def num(v: Any) -> float:
+            return math.nan if v is None else float(v)
+
+        def score(c: dict[str, Any]) -> ClassScore:
+            fields: dict[str, Any] = {k: num(v) if k in _SCORE_FLOATS else v for k, v in c.items()}
+            return ClassScore(**fields)
+
+        classes = tuple(sorted((score(c) for c in d["classes"]), key=lambda c: c.index))  # candidate order
+        null = d.get("null_model")
+        return cls(
+            decision=Decision(
+                Verdict(d["verdict"]), num(d.get("s_max")), num(d.get("threshold")), str(d.get("threshold_kind", "")),
+                d.get("suspect_class"), str(d.get("reason", "")), tuple(d.get("suspect_classes") or ()),
+            ),
+            classes=classes,
+            policy=dict(d["policy"]),
+            policy_hash=str(d["policy_hash"]),
+            provenance=Provenance(**d["provenance"]),
+            pool=PoolInfo(**d["pool"]),
+            model=ModelInfo(**d["model"]),
+            timings=dict(d.get("timings") or {}),
+            environment=dict(d.get("environment") or {}),
+            seed=int(d["seed"]),
+            command=str(d.get("command", "")),
+            triggers=dict(d.get("triggers") or {}),
+            shard=d.get("shard"),
+            positive_control=d.get("positive_control"),
+            null_model=NullModel(**{**null, "copy_max_lifts": tuple(null["copy_max_lifts"])}) if null else None,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON result: top-level verdict, s_max, threshold, suspect_class, classes, ..."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,29 +172,16 @@ def _run_shard(
     model: Any, pool: Any, policy: Policy, provenance: Any, shard: tuple[int, int], out: Path, progress: Progress
 ) -> ScanOutcome:
     from gatekeeper.decide import candidate_classes, rule_for
-    from gatekeeper.pipeline import environment, invert_candidates, model_info, null_for
+    from gatekeeper.pipeline import context_of, inspect_candidates
     from gatekeeper.shard import shard_candidates, write_partial
 
     candidates = candidate_classes(len(model.classnames), policy)
     if rule_for(policy).standardised:
         policy.threshold(len(candidates))
     mine = shard_candidates(candidates, *shard)
-    inversions, seconds = invert_candidates(model, pool, policy, mine, progress)
-    null = null_for(model, pool, policy, mine, inversions, progress)
-    path = write_partial(
-        out,
-        shard=shard,
-        candidates=candidates,
-        inversions=inversions,
-        policy=policy,
-        provenance=provenance,
-        pool=pool.info,
-        model=model_info(model),
-        seconds=seconds,
-        environment=environment(model.device),
-        example=pool.holdout[0],
-        null=null,
-    )
+    inspection = inspect_candidates(model, pool, policy, mine, progress)
+    context = context_of(model, pool, provenance)
+    path = write_partial(out, shard=shard, candidates=candidates, inspection=inspection, context=context, policy=policy)
     info = {"shard": f"{shard[0]}/{shard[1]}", "classes": len(mine), "partial": str(path)}
     return ScanOutcome(ExitCode.PASS, info, {"partial": path})
 
@@ -218,11 +205,11 @@ def merge_scan(partials: list[Path], out: Path, json_path: Path | None, command:
     from gatekeeper.report import clear_outputs
     from gatekeeper.shard import merge
 
-    metrics, policy, shared, triggers, example = merge(partials)
+    inspection, context, policy = merge(partials)
     prepare_out(out)
     clear_outputs(out, (json_path,))
-    result = control_not_run(conclude(metrics, policy, command=command, **shared), policy)
-    return finish(ScanOutput(result, triggers, example), policy, out, json_path)
+    result = control_not_run(conclude(inspection, replace(context, command=command), policy), policy)
+    return finish(ScanOutput(result, inspection.triggers, inspection.example), policy, out, json_path)
 
 
 DEMO_EXPECTED = {"clean": ExitCode.PASS, "backdoored": ExitCode.BACKDOOR}

@@ -17,7 +17,7 @@ import torch
 
 from gatekeeper.decide import rule_for
 from gatekeeper.errors import ResultError, UsageError
-from gatekeeper.inversion.base import ClassInversion
+from gatekeeper.pipeline import Inspection, ScanContext
 from gatekeeper.policy import Policy, policy_from_mapping
 from gatekeeper.report import PARTIAL_JSON, PARTIAL_TENSORS
 from gatekeeper.result import ClassMetrics, ModelInfo, NullModel, PoolInfo, Provenance
@@ -45,19 +45,7 @@ def shard_candidates(candidates: list[int], i: int, n: int) -> list[int]:
 
 
 def write_partial(
-    out: Path,
-    *,
-    shard: tuple[int, int],
-    candidates: list[int],
-    inversions: list[ClassInversion],
-    policy: Policy,
-    provenance: Provenance,
-    pool: PoolInfo,
-    model: ModelInfo,
-    seconds: float,
-    environment: dict[str, str],
-    example: torch.Tensor,
-    null: NullModel | None = None,
+    out: Path, *, shard: tuple[int, int], candidates: list[int], inspection: Inspection, context: ScanContext, policy: Policy
 ) -> Path:
     """Write ``partial.json`` + ``partial.safetensors`` (triggers and one OOD example) into ``out``."""
     from safetensors.torch import save
@@ -65,23 +53,24 @@ def write_partial(
     from gatekeeper._io import atomic_write_bytes, atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
+    null = inspection.null
     record = {
         "format": FORMAT,
         "format_version": 1,
         "shard": f"{shard[0]}/{shard[1]}",
         "candidates": candidates,
-        "metrics": [asdict(i.metrics) for i in inversions],
+        "metrics": [asdict(m) for m in inspection.metrics],
         "policy": policy.to_dict(),
         "policy_hash": policy.digest(),
-        "provenance": asdict(provenance),
-        "pool": asdict(pool),
-        "model": asdict(model),
-        "seconds": seconds,
-        "environment": environment,
+        "provenance": asdict(context.provenance),
+        "pool": asdict(context.pool),
+        "model": asdict(context.model),
+        "seconds": inspection.seconds,
+        "environment": context.environment,
         "null_model": asdict(null) if null is not None else None,
     }
-    tensors = {f"trigger.{i.metrics.index}": i.trigger.contiguous() for i in inversions}
-    tensors["example"] = example.contiguous()
+    tensors = {f"trigger.{m.index}": inspection.triggers[m.name].contiguous() for m in inspection.metrics}
+    tensors["example"] = inspection.example.contiguous()
     atomic_write_bytes(out / PARTIAL_TENSORS, save(tensors))
     atomic_write_text(out / PARTIAL_JSON, json.dumps(record, indent=2) + "\n")
     return out / PARTIAL_JSON
@@ -109,13 +98,11 @@ def _same(records: list[tuple[dict[str, Any], Path]], key: str, what: str) -> No
         )
 
 
-def merge(
-    paths: list[Path],
-) -> tuple[list[ClassMetrics], Policy, dict[str, Any], dict[str, torch.Tensor], torch.Tensor]:
+def merge(paths: list[Path]) -> tuple[Inspection, ScanContext, Policy]:
     """Check that ``paths`` are the complete shard set of one scan and combine them.
 
     Returns:
-        (metrics in candidate order, policy, shared fields, triggers by class name, example image)
+        The combined inspection (metrics in candidate order), its context (no command) and the policy.
 
     Raises:
         ResultError: unreadable files, mixed scans/policies, missing or duplicate shards or classes.
@@ -171,13 +158,9 @@ def merge(
                 "a partial result has no null model for the lift scoring", "re-run the shards with this gatekeeper"
             ) from None
         null = combine_nulls(policy, len(candidates), parts)
-    shared = {
-        "provenance": Provenance(**first["provenance"]),
-        "pool": PoolInfo(**first["pool"]),
-        "model": ModelInfo(**first["model"]),
-        "seconds": sum(r["seconds"] for r, _ in records),
-        "environment": first["environment"],
-        "null": null,
-    }
+    context = ScanContext(
+        Provenance(**first["provenance"]), PoolInfo(**first["pool"]), ModelInfo(**first["model"]), first["environment"]
+    )
     assert example is not None
-    return [by_index[c] for c in candidates], policy, shared, triggers, example
+    seconds = sum(r["seconds"] for r, _ in records)
+    return Inspection(tuple(by_index[c] for c in candidates), triggers, example, seconds, null), context, policy

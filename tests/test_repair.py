@@ -94,7 +94,9 @@ def test_repair_refuses_bad_data_and_outputs(data, scan, tmp_path, capsys):
     assert not (MODEL / "inside").exists()
     assert _run(MODEL, "--scan", scan, "--data", data, "--out", tmp_path / "o3", "--class", "no such class") == 4
     assert "not a class of the model" in capsys.readouterr().err
-    (tmp_path / "passed.json").write_text(json.dumps({"verdict": "pass", "suspect_class": None, "classes": [], "policy": {}}))
+    passed = {**json.loads(Path(scan).read_text() if Path(scan).is_file() else (Path(scan) / "result.json").read_text()),
+              "verdict": "pass", "suspect_class": None, "suspect_classes": []}
+    (tmp_path / "passed.json").write_text(json.dumps(passed))
     assert _run(MODEL, "--scan", tmp_path / "passed.json", "--data", data, "--out", tmp_path / "o4") == 4
     assert "no class was flagged" in capsys.readouterr().err
 

@@ -16,6 +16,7 @@ from typing import Any
 from gatekeeper._io import atomic_write_text
 from gatekeeper.errors import ResultError
 from gatekeeper.resources import data_path
+from gatekeeper.result import ScanResult
 
 SCHEMA_FILE = "result.schema.json"
 _VERDICTS = ("pass", "fail", "inconclusive", "error")
@@ -130,6 +131,20 @@ def _validate_minimal(d: dict[str, Any]) -> None:
         )
     if not isinstance(d.get("classes"), list):
         raise ResultError(f"result does not match schema {SCHEMA_FILE} at classes: not an array")
+
+
+def load_result(path: Path) -> ScanResult:
+    """A scan's result.json, typed (see :func:`read_result`).
+
+    Raises:
+        ResultError: unreadable, not JSON, or not a gatekeeper scan result.
+    """
+    d = read_result(path)
+    try:
+        return ScanResult.from_dict(d)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResultError(f"{path} is not a complete gatekeeper scan result ({type(exc).__name__}: {exc})",
+                          "give the result.json of `gatekeeper scan`") from None
 
 
 def read_result(path: Path) -> dict[str, Any]:

@@ -264,3 +264,20 @@ def test_bad_trigger_shape_is_refused(tmp_path):
 
     with pytest.raises(ResultError, match="does not match"):
         save_trigger_images({"a": torch.zeros(3, 8, 8)}, EPS, torch.zeros(3, 16, 16), tmp_path)
+
+
+def test_a_written_result_reads_back_typed(tmp_path):
+    """ScanResult.from_dict is the inverse of to_dict, also through the file (null numbers: NaN)."""
+    import math
+
+    from gatekeeper.report.jsonout import load_result
+    from gatekeeper.result import ScanResult
+
+    result = _result(Verdict.FAIL)
+    assert ScanResult.from_dict(result.to_dict()) == result
+    write_reports(result, {}, None, tmp_path / "out")
+    back = load_result(tmp_path / "out")
+    assert back.decision == result.decision and back.provenance == result.provenance and back.pool == result.pool
+    assert {c.name: c for c in back.classes} == {c.name: c for c in result.classes}
+    nan = dataclasses.replace(result, decision=dataclasses.replace(result.decision, verdict=Verdict.INCONCLUSIVE, s_max=math.nan))
+    assert math.isnan(ScanResult.from_dict(json.loads(json.dumps(nan.to_dict(), allow_nan=True).replace("NaN", "null"))).decision.s_max)
