@@ -20,10 +20,8 @@ valid answer to the scan's own optimisation problem, so a scan that misses it is
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,32 +29,12 @@ import torch
 from gatekeeper.models.manifest import ModelKind
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP, predict
 from gatekeeper.ood import OODPool, procedural_images
+from gatekeeper.result import ControlOutcome
 
 CONTROL_POOL_SEED = 9_090_909  # procedural images for planting: never the scan's own pool
 N_PLANT = 1000
 PLANT_EPOCHS = 12
 MIN_PLANTED_ASR = 0.5  # the plant must work on at least half the hold-out images (or min_trigger_asr, if higher)
-
-
-@dataclass(frozen=True)
-class ControlOutcome:
-    target: str
-    epsilon: float
-    planted_asr: float  # the planted trigger's ASR on the scan's hold-out OOD images
-    caught: bool  # the scan of the planted copy failed and named the planted target
-    verdict: str
-    s_max: float
-    suspect: str | None
-    seconds: float
-    reason: str
-    suspects: tuple[str, ...] = ()  # every class the copy's scan flagged
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "target": self.target, "epsilon": self.epsilon, "planted_asr": self.planted_asr, "caught": self.caught,
-            "verdict": self.verdict, "s_max": self.s_max if math.isfinite(self.s_max) else None, "suspect_class": self.suspect, "seconds": self.seconds,
-            "reason": self.reason, "suspect_classes": list(self.suspects),
-        }
 
 
 def copy_model(model: PromptTunedCLIP) -> PromptTunedCLIP:

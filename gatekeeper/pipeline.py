@@ -238,7 +238,7 @@ def with_positive_control(model: PromptTunedCLIP, pool: OODPool, policy: Policy,
     if not outcome.caught and decision.verdict == Verdict.PASS:
         decision = Decision(Verdict.INCONCLUSIVE, decision.s_max, decision.threshold, decision.threshold_kind, None, outcome.reason)
     timings = {**result.timings, "positive_control_s": outcome.seconds}
-    return replace(result, decision=decision, positive_control=outcome.to_dict(), timings=timings)
+    return replace(result, decision=decision, positive_control=outcome, timings=timings)
 
 
 def control_not_run(result: ScanResult, policy: Policy) -> ScanResult:

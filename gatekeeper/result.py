@@ -126,6 +126,38 @@ class NullModel:
 
 
 @dataclass(frozen=True)
+class ControlOutcome:
+    """What the positive control did: the planted target, how well the plant works, whether the scan
+    of the planted copy caught it (failed and named the target)."""
+
+    target: str
+    epsilon: float
+    planted_asr: float  # the planted trigger's ASR on the scan's hold-out OOD images
+    caught: bool  # the scan of the planted copy failed and named the planted target
+    verdict: str
+    s_max: float
+    suspect: str | None
+    seconds: float
+    reason: str
+    suspects: tuple[str, ...] = ()  # every class the copy's scan flagged
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ControlOutcome:
+        return cls(
+            d["target"], float(d["epsilon"]), float(d["planted_asr"]), bool(d["caught"]), str(d["verdict"]),
+            math.nan if d.get("s_max") is None else float(d["s_max"]), d.get("suspect_class"), float(d["seconds"]),
+            str(d["reason"]), tuple(d.get("suspect_classes") or ()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "epsilon": self.epsilon, "planted_asr": self.planted_asr, "caught": self.caught,
+            "verdict": self.verdict, "s_max": self.s_max if math.isfinite(self.s_max) else None, "suspect_class": self.suspect, "seconds": self.seconds,
+            "reason": self.reason, "suspect_classes": list(self.suspects),
+        }
+
+
+@dataclass(frozen=True)
 class Decision:
     verdict: Verdict
     s_max: float
@@ -161,7 +193,7 @@ class ScanResult:
     command: str
     triggers: dict[str, str] = field(default_factory=dict)  # class name -> PNG path (relative)
     shard: str | None = None  # "i/n" for a partial result
-    positive_control: dict[str, Any] | None = None  # control.ControlOutcome.to_dict() when the policy ran one
+    positive_control: ControlOutcome | None = None  # when the policy ran one
     null_model: NullModel | None = None  # lift scoring: the threshold's derivation
 
     @classmethod
@@ -199,7 +231,7 @@ class ScanResult:
             command=str(d.get("command", "")),
             triggers=dict(d.get("triggers") or {}),
             shard=d.get("shard"),
-            positive_control=d.get("positive_control"),
+            positive_control=ControlOutcome.from_dict(d["positive_control"]) if d.get("positive_control") else None,
             null_model=NullModel(**{**null, "copy_max_lifts": tuple(null["copy_max_lifts"])}) if null else None,
         )
 
@@ -227,7 +259,7 @@ class ScanResult:
             "command": self.command,
             "triggers": self.triggers,
             "shard": self.shard,
-            "positive_control": self.positive_control,
+            "positive_control": self.positive_control.to_dict() if self.positive_control else None,
             "null_model": {**asdict(self.null_model), "copy_max_lifts": list(self.null_model.copy_max_lifts)} if self.null_model else None,
         }
 
