@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("--ood", default="procedural", help="OOD pool: procedural[:SEED] (built in) or dir:PATH")
     scan.add_argument("--out", required=True, type=Path, help="output folder for report.md, result.json, triggers/")
-    scan.add_argument("--json", type=Path, help="also write the JSON result to this path")
+    scan.add_argument("--json", type=Path, help="also write the JSON result to this path (- for stdout)")
     scan.add_argument(
         "--shard",
         help="i/n: invert only the i-th of n shares of the candidate classes and write a partial result "
@@ -201,16 +201,20 @@ def _announce(outcome: Any, label: str, quiet: bool) -> None:
 
 
 def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
+    from gatekeeper.report.machine import emit
     from gatekeeper.scan import ScanRequest, error_result, run_scan
 
     if args.shard and (args.sarif or args.json or args.format == "json"):
         raise UsageError("--shard writes a partial result only", "use --sarif/--json/--format with `gatekeeper merge`")
+    to_stdout = args.json == Path("-")
+    if to_stdout and args.format == "json":
+        raise UsageError("--json - and --format json both write to stdout", "choose one")
     request = ScanRequest(
         args.model,
         args.out,
         policy=args.policy,
         ood=args.ood,
-        json_path=args.json,
+        json_path=None if to_stdout else args.json,
         stale=(args.sarif,) if args.sarif else (),
         device=args.device,
         revision=args.revision,
@@ -228,28 +232,11 @@ def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     try:
         outcome = run_scan(request, Progress(args.quiet, "scan"))
     except Exception as exc:  # still tell machine consumers; main() prints the error and picks the code
-        _scan_machine_outputs(args, exit_code_for(exc), error_result(args.model, exc), wrote_reports=False)
+        emit(args, exit_code_for(exc), error_result(args.model, exc), wrote_reports=False)
         raise
     _announce(outcome, "scan", args.quiet)
-    _scan_machine_outputs(args, outcome.exit_code, outcome.result, wrote_reports=True)
+    emit(args, outcome.exit_code, outcome.result, wrote_reports=True)
     return outcome.exit_code
-
-
-def _scan_machine_outputs(
-    args: argparse.Namespace, code: ExitCode, result: dict[str, Any], *, wrote_reports: bool
-) -> None:
-    """Write --sarif and print the --format json line (gatekeeper.report.machine); never masks the outcome."""
-    from gatekeeper.report.machine import summary_line, write_sarif
-
-    if args.sarif is not None:
-        try:
-            write_sarif(args.sarif, result, model=args.model, policy=args.policy, uri=args.sarif_uri)
-        except (OSError, ValueError) as exc:
-            if wrote_reports:  # a verdict without its SARIF must not look like a clean upload
-                raise UsageError(f"cannot write --sarif {args.sarif}: {exc}", "choose a writable path") from None
-            say(f"gatekeeper: warning: cannot write --sarif {args.sarif}: {exc}")
-    if args.format == "json":
-        print(summary_line(result, args.out if wrote_reports else None, code), flush=True)
 
 
 def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
@@ -373,6 +360,9 @@ def run(parser: Callable[[], argparse.ArgumentParser], commands: dict[str, Any],
     main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
+        if not argv:  # no command: the usage, and the usage-error code
+            parser().print_help()
+            return int(ExitCode.USAGE)
         args = parser().parse_args(argv)
         return int(commands[args.command](args, argv))
     except KeyboardInterrupt as exc:

@@ -108,6 +108,22 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 COMMANDS = {"zoo": cmd_zoo, "bench": cmd_bench}
 
 
+BENCH_HELP = """usage: gatekeeper-lab bench {speed,detection,repair} [options]
+
+  speed      the fast CLIP-Inspector path against the reference, on random weights
+  detection  every detector on a red-team zoo: AUROC, accuracy, per-class F1, the verdict rules
+  repair     repair with CLIP-Inspector's trigger against three controls, on a red-team zoo
+
+Each benchmark's own options: gatekeeper-lab bench NAME --help
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``gatekeeper-lab`` console script."""
-    return run(build_parser, COMMANDS, argv)
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "bench" and (len(args) == 1 or args[1] in ("-h", "--help")):
+        print(BENCH_HELP, end="")  # the benchmarks parse their own options; this lists them
+        return int(ExitCode.PASS if len(args) > 1 else ExitCode.USAGE)
+    return run(build_parser, COMMANDS, args)

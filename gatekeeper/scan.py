@@ -126,7 +126,15 @@ def run_scan(request: ScanRequest, progress: Progress = no_progress) -> ScanOutc
     shard = parse_shard(request.shard) if request.shard else None
     check_spec(request.ood)
     device = resolve_device(request.device)
-    parse_reference(request.reference)
+    scheme, target, _ = parse_reference(request.reference)
+    if scheme == "local":  # a mistyped path is the user's error: exit 4, before any work
+        folder = Path(target).expanduser()
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "not found"
+            raise UsageError(
+                f"model folder {what}: {folder}",
+                "give the folder holding gatekeeper.json, or hf://org/name[@revision] or models:/name/version",
+            )
     prepare_out(request.out)
     clear_outputs(request.out, (request.json_path, *request.stale))
 

@@ -56,10 +56,30 @@ def test_usage_errors_are_exit_4(argv, tmp_path, monkeypatch, capsys):
     assert "gatekeeper: error:" in capsys.readouterr().err
 
 
-def test_missing_model_is_exit_2(tmp_path, capsys):
+def test_a_mistyped_model_path_is_a_usage_error_before_any_work(tmp_path, capsys):
     code = main(["scan", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and "model folder not found" in err
+    assert code == 4 and "model folder not found" in err and not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["scan", str(tmp_path / "file"), "--out", str(tmp_path / "o")]) == 4
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_bare_commands_print_their_help(capsys):
+    from gatekeeper.lab import main as lab_main
+
+    assert main([]) == 4 and "scan" in capsys.readouterr().out
+    assert lab_main(["bench", "--help"]) == 0 and "detection" in capsys.readouterr().out
+    assert lab_main([]) == 4 and "zoo" in capsys.readouterr().out
+
+
+def test_json_dash_writes_the_full_result_to_stdout(model_factory, tmp_path, fast_policy, capsys):
+    folder = model_factory("coop")
+    code = main(["scan", str(folder), "--policy", str(fast_policy), "--out", str(tmp_path / "o"), "--json", "-", "--quiet"])
+    out = capsys.readouterr().out
+    assert json.loads(out) == json.loads((tmp_path / "o" / "result.json").read_text()) and code in (0, 1)
+    assert not (tmp_path / "-").exists()
+    assert main(["scan", str(folder), "--out", str(tmp_path / "o2"), "--json", "-", "--format", "json"]) == 4
 
 
 def test_corrupt_model_is_exit_2_and_writes_no_verdict(model_factory, tmp_path, fast_policy, capsys):

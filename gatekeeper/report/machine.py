@@ -52,3 +52,24 @@ def summary_line(result: dict[str, Any], out: Path | None, exit_code: int) -> st
         "exit_code": int(exit_code),
     }
     return json.dumps(line, separators=(",", ":"), ensure_ascii=False)
+
+
+def emit(args: Any, code: int, result: dict[str, Any], *, wrote_reports: bool) -> None:
+    """What ``gatekeeper scan`` owes machines after a scan (``args``: its parsed arguments): the
+    ``--sarif`` file, the ``--format json`` line, the full result for ``--json -``. Never masks the
+    scan's outcome: a SARIF that cannot be written next to a verdict is a usage error, after an error
+    only a warning."""
+    from gatekeeper.errors import UsageError
+    from gatekeeper.untrusted import say
+
+    if args.sarif is not None:
+        try:
+            write_sarif(args.sarif, result, model=args.model, policy=args.policy, uri=args.sarif_uri)
+        except (OSError, ValueError) as exc:
+            if wrote_reports:  # a verdict without its SARIF must not look like a clean upload
+                raise UsageError(f"cannot write --sarif {args.sarif}: {exc}", "choose a writable path") from None
+            say(f"gatekeeper: warning: cannot write --sarif {args.sarif}: {exc}")
+    if args.format == "json":
+        print(summary_line(result, args.out if wrote_reports else None, code), flush=True)
+    if wrote_reports and args.json == Path("-"):
+        print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)

@@ -283,11 +283,11 @@ def test_cli_sarif_points_at_the_policy_when_the_model_is_not_a_local_folder(tmp
     monkeypatch.chdir(tmp_path)
     Path("pol.yaml").write_text("version: 1\nood_budget: 64\nholdout: 32\nnull_copies: 0\n")
     code = main(["scan", str(tmp_path / "missing"), "--policy", "pol.yaml", "--out", "o", "--sarif", "s.sarif", "--quiet"])
-    assert code == 2
+    assert code == 4  # a mistyped model path: a usage error, still reported in SARIF
     res = json.loads(Path("s.sarif").read_text())["runs"][0]["results"][0]
     assert res["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "pol.yaml"
     code = main(["scan", "missing", "--policy", "pol.yaml", "--out", "o", "--sarif", "s.sarif", "--sarif-uri", "deploy/models.yaml"])
-    assert code == 2
+    assert code == 4
     res = json.loads(Path("s.sarif").read_text())["runs"][0]["results"][0]
     assert res["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "deploy/models.yaml"
 
