@@ -20,7 +20,7 @@ import pytest
 from gatekeeper.cli import main
 from gatekeeper.errors import PolicyError
 from gatekeeper.policy import load_policy
-from gatekeeper.untrusted import MAX_YAML_NODES, DocumentError, inert, load_yaml
+from gatekeeper.untrusted import DocumentError, inert, load_yaml
 
 FAST = "version: 1\nepsilon: 8/255\nood_budget: 64\nholdout: 32\nbatch_size: 32\nnull_copies: 0\nrestarts: 1\n"
 STALE_PASS = {"verdict": "pass", "s_max": 0.1, "note": "an earlier scan"}
@@ -242,10 +242,17 @@ def test_bad_yaml_is_one_bounded_line(text, match):
     assert "\n" not in str(info.value) and len(str(info.value)) < 400
 
 
-def test_expansion_count_is_exact_at_the_boundary():
-    under = "a: &a [" + ", ".join(["1"] * 10) + "]\nb: [" + ", ".join(["*a"] * 100) + "]\n"
-    assert len(load_yaml(under)["b"]) == 100
-    assert MAX_YAML_NODES < 11 * 10**6  # a 9-level bomb (9**9 nodes) is far over the bound
+def test_the_expansion_bound_counts_every_alias_use(monkeypatch):
+    """The node count is taken after expansion: the same document passes or fails with the bound."""
+    import gatekeeper.untrusted as untrusted
+
+    doc = "a: &a [" + ", ".join(["1"] * 10) + "]\nb: [" + ", ".join(["*a"] * 100) + "]\n"
+    assert len(load_yaml(doc)["b"]) == 100  # 1 + 2 keys + list of 10 (11) + list of 100 uses of it: 1115 nodes
+    monkeypatch.setattr(untrusted, "MAX_YAML_NODES", 1115)
+    assert len(load_yaml(doc)["b"]) == 100
+    monkeypatch.setattr(untrusted, "MAX_YAML_NODES", 1114)
+    with pytest.raises(DocumentError, match="expands to more than 1114 nodes"):
+        load_yaml(doc)
 
 
 # ---------------------------------------------------------------------------- registries
