@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import replace
+from datetime import date
 
 import numpy as np
 
@@ -144,18 +146,38 @@ def lift_scores(metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel
             ClassScore(
                 index=m.index, name=m.name, asr=m.asr, loss=m.loss, z_asr=0.0, z_loss=0.0, score=lift, z=lower,
                 valid=valid, reference_asr=m.reference_asr, reference_loss=m.reference_loss, lift=lift, lift_lower=lower,
-                flagged=valid and lower > null.margin,
+                flagged=valid and lower > null.margin, epsilon=m.epsilon,
             )
         )
     return out
 
 
-def floor_null(policy: Policy, n_tests: int) -> NullModel:
+def floor_null(policy: Policy, n_candidates: int) -> NullModel:
     """The null margin when no clean copies are measured: the policy's ``lift_margin`` alone."""
+    n_tests = policy.n_tests(n_candidates)
     return NullModel(
         margin=policy.lift_margin, floor=policy.lift_margin, source="floor", copies=0, copy_max_lifts=(),
         alpha=policy.alpha, critical_z=bonferroni_z(policy.alpha, n_tests), n_tests=n_tests, n_holdout=policy.holdout,
     )
+
+
+def strongest_budget(per_budget: Sequence[Sequence[ClassMetrics]], null: NullModel) -> list[ClassMetrics]:
+    """Per class, the budget whose lift has the highest lower bound (each budget is one of the
+    ``null.n_tests`` tests the critical value already divides alpha by). Lists in the same class order."""
+
+    def bound(m: ClassMetrics) -> float:
+        if m.reference_asr is None or not (math.isfinite(m.asr) and math.isfinite(m.reference_asr)):
+            return math.nan
+        return lift_lower_bound(m.asr, m.reference_asr, null.n_holdout, null.critical_z)[1]
+
+    out = []
+    for group in zip(*per_budget, strict=True):
+        bounds = [bound(m) for m in group]
+        if any(math.isnan(b) for b in bounds):  # non-finite evidence must reach the rule, not be chosen away
+            out.append(group[next(i for i, b in enumerate(bounds) if math.isnan(b))])
+        else:
+            out.append(group[max(range(len(group)), key=lambda i: bounds[i])])
+    return out
 
 
 def score_classes(metrics: Sequence[ClassMetrics], policy: Policy, null: NullModel | None = None) -> list[ClassScore]:
@@ -168,6 +190,11 @@ def pct(v: float) -> str:
     return f"{100 * v:.0f}%"
 
 
+def budget(epsilon: float) -> str:
+    """An l-inf budget as a reviewer writes it: 8/255."""
+    return f"{epsilon * 255:.3g}/255"
+
+
 def decide_lift(scores: Sequence[ClassScore], policy: Policy, null: NullModel) -> Decision:
     """The lift rule: fail iff some class's lower bound exceeds the null margin with a valid
     trigger; every such class is named. Non-finite metrics make the scan inconclusive."""
@@ -175,14 +202,13 @@ def decide_lift(scores: Sequence[ClassScore], policy: Policy, null: NullModel) -
     if not scores or not all(math.isfinite(v) for c in scores for v in (c.asr, c.loss, c.z)):
         return Decision(Verdict.INCONCLUSIVE, float("nan"), margin, "null margin", None, "non-finite losses or scores")
     top = max(scores, key=lambda c: c.z)
-    eps = f"{policy.epsilon * 255:.3g}/255"
     flagged = sorted((c for c in scores if c.flagged), key=lambda c: -c.z)
     if flagged:
         sus = flagged[0]
         named = ", ".join(f"'{c.name}'" for c in flagged)
         reason = (
             f"{len(flagged)} class{'es' if len(flagged) > 1 else ''} ({named}) became far easier to reach than in the public backbone: "
-            f"an inverted {eps} trigger sends {pct(sus.asr)} of held-out unrelated images to '{sus.name}' "
+            f"an inverted {budget(sus.epsilon or policy.epsilon)} trigger sends {pct(sus.asr)} of held-out unrelated images to '{sus.name}' "
             f"(public backbone: {pct(sus.reference_asr or 0.0)}); lift {100 * (sus.lift or 0.0):+.0f} points, whose lower bound "
             f"({100 * sus.z:+.0f}) exceeds the null margin of {100 * margin:.0f} points"
         )
@@ -195,9 +221,11 @@ def decide_lift(scores: Sequence[ClassScore], policy: Policy, null: NullModel) -
             f"reaches only {pct(c.asr)} ASR (< {pct(policy.min_trigger_asr)}), so it is not counted"
         )
     else:
+        budgets = " or ".join(budget(e) for e in policy.budgets)
         reason = (
-            f"no class became easier to reach than clean tuning allows: the largest lift's lower bound is "
-            f"{100 * top.z:+.0f} points ('{top.name}': {pct(top.asr)} vs {pct(top.reference_asr or 0.0)} on the public backbone), "
+            f"no class became easier to reach than clean tuning allows (trigger budget {budgets}): the largest lift's lower bound is "
+            f"{100 * top.z:+.0f} points ('{top.name}': {pct(top.asr)} vs {pct(top.reference_asr or 0.0)} on the public backbone"
+            f"{f' at {budget(top.epsilon)}' if top.epsilon is not None and len(policy.budgets) > 1 else ''}), "
             f"within the null margin of {100 * margin:.0f} points"
         )
     return Decision(Verdict.PASS, top.z, margin, "null margin", None, reason)
@@ -238,6 +266,31 @@ def decide_z(scores: Sequence[ClassScore], policy: Policy, rule: Rule) -> Decisi
     else:
         reason = f"s_max = {top.z:.2f} < {kind} = {threshold:.2f} (top class '{top.name}', ASR {top.asr:.0%})"
     return Decision(Verdict.PASS, top.z, threshold, kind, None, reason)
+
+
+def apply_accepted(decision: Decision, policy: Policy, model_sha256: str, today: date) -> Decision:
+    """The policy's reviewed findings: a flagged class accepted for this exact model (content hash)
+    and not expired no longer fails the gate. A FAIL whose every flagged class is accepted becomes a
+    PASS that names them; an expired or other-model acceptance changes nothing and is said."""
+    if decision.verdict != Verdict.FAIL or not policy.accepted_findings:
+        return decision
+    flagged = decision.suspect_classes or ((decision.suspect_class,) if decision.suspect_class else ())
+    mine = [f for f in policy.accepted_findings if f.model_sha256 == model_sha256 and f.class_name in flagged]
+    live = {f.class_name: f for f in mine if f.expires >= today.isoformat()}
+    expired = sorted({f"'{f.class_name}' (expired {f.expires})" for f in mine if f.class_name not in live})
+    accepted = tuple(n for n in flagged if n in live)
+    remaining = tuple(n for n in flagged if n not in live)
+    notes = [f"'{n}' accepted by the policy until {live[n].expires}: {live[n].reason}" for n in accepted]
+    if expired:
+        notes.append(f"acceptances no longer valid: {', '.join(expired)}")
+    note = "; ".join(notes)
+    if remaining:
+        return replace(decision, suspect_class=remaining[0], suspect_classes=remaining, accepted_classes=accepted,
+                       reason=f"{decision.reason} [{note}]" if note else decision.reason)
+    return Decision(
+        Verdict.PASS, decision.s_max, decision.threshold, decision.threshold_kind, None,
+        f"every flagged class is a reviewed, accepted finding ({note}); the scan found: {decision.reason}", (), accepted,
+    )
 
 
 # ---------------------------------------------------------------------------- one rule per detector and scoring

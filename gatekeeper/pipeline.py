@@ -6,11 +6,12 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 import torch
 
 from gatekeeper import __version__
-from gatekeeper.decide import candidate_classes, decide, rule_for, score_classes
+from gatekeeper.decide import apply_accepted, candidate_classes, decide, rule_for, score_classes
 from gatekeeper.inversion.base import ClassInversion, InversionSettings, Inverter, Progress, no_progress
 from gatekeeper.inversion.clip_inspector import ClipInspector
 from gatekeeper.inversion.fast import FastClipInspector
@@ -145,7 +146,7 @@ def invert_candidates(
 
 def null_for(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], inversions: list[ClassInversion],
              progress: Progress = no_progress) -> NullModel | None:
-    """The lift scoring's null margin (None for the other scorings)."""
+    """The lift scoring's null margin at the policy's (single) budget; None for the other scorings."""
     if not rule_for(policy).uses_null:
         return None
     from gatekeeper.null import measure_null
@@ -166,8 +167,9 @@ def conclude(inspection: Inspection, context: ScanContext, policy: Policy) -> Sc
     timings = {"inversion_s": round(seconds, 3), "per_class_s": round(seconds / max(len(metrics), 1), 3)}
     if null is not None:
         timings["null_model_s"] = 0.0 if null.cached else null.seconds
+    decision = apply_accepted(decide(scores, policy, null), policy, context.provenance.content_hash, datetime.now(UTC).date())
     return ScanResult(
-        decision=decide(scores, policy, null),
+        decision=decision,
         classes=tuple(scores),
         policy=policy.to_dict(),
         policy_hash=policy.digest(),
@@ -185,12 +187,32 @@ def conclude(inspection: Inspection, context: ScanContext, policy: Policy) -> Sc
 def inspect_candidates(
     model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress = no_progress
 ) -> Inspection:
-    """Invert ``candidates`` (with restarts, and the public backbone where the rule needs it) and
-    measure the null model where the rule uses one."""
-    inversions, seconds = invert_candidates(model, pool, policy, candidates, progress)
-    null = null_for(model, pool, policy, candidates, inversions, progress)
-    triggers = {i.metrics.name: i.trigger for i in inversions}
-    return Inspection(tuple(i.metrics for i in inversions), triggers, pool.holdout[0], seconds, null)
+    """Invert ``candidates`` at every budget of the policy (with restarts, and the public backbone
+    where the rule needs it) and measure the null model where the rule uses one. With several
+    budgets each class keeps the budget whose evidence is strongest (``decide.strongest_budget``)."""
+    from gatekeeper.decide import strongest_budget
+    from gatekeeper.null import combine_nulls
+
+    per_budget: list[list[ClassInversion]] = []
+    nulls: list[NullModel] = []
+    seconds = 0.0
+    for eps in policy.budgets:
+        at = policy.at_budget(eps)
+        inversions, s = invert_candidates(model, pool, at, candidates, progress)
+        per_budget.append([ClassInversion(replace(i.metrics, epsilon=eps), i.trigger) for i in inversions])
+        seconds += s
+        null = null_for(model, pool, at, candidates, inversions, progress)
+        if null is not None:
+            nulls.append(null)
+    chosen = per_budget[0]
+    combined = nulls[0] if nulls else None
+    if len(per_budget) > 1:
+        combined = combine_nulls(policy, policy.n_tests(len(candidates)), nulls)
+        best = strongest_budget([[i.metrics for i in run] for run in per_budget], combined)
+        by_budget = {eps: {i.metrics.index: i for i in run} for eps, run in zip(policy.budgets, per_budget, strict=True)}
+        chosen = [by_budget[m.epsilon or policy.epsilon][m.index] for m in best]
+    triggers = {i.metrics.name: i.trigger for i in chosen}
+    return Inspection(tuple(i.metrics for i in chosen), triggers, pool.holdout[0], seconds, combined)
 
 
 def context_of(model: PromptTunedCLIP, pool: OODPool, provenance: Provenance, command: str = "") -> ScanContext:

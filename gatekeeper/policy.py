@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import date
 from enum import Enum
 from fractions import Fraction
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 from gatekeeper.errors import PolicyError
 from gatekeeper.resources import data_path
-from gatekeeper.untrusted import DocumentError, inert, load_yaml, short
+from gatekeeper.untrusted import CONTROL, DocumentError, inert, load_yaml, short
 
 POLICY_VERSION = 1
 
@@ -88,6 +90,17 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class AcceptedFinding:
+    """A flagged class a reviewer accepted for one exact model, until a date (pip-audit's
+    ``--ignore-vuln``, trivy's ``.trivyignore``): it no longer fails the gate, and the report says so."""
+
+    class_name: str
+    model_sha256: str  # the scanned model's content hash (result.json provenance.content_hash)
+    reason: str
+    expires: str  # ISO date, inclusive; after it the finding fails the gate again
+
+
+@dataclass(frozen=True)
 class Policy:
     """Validated scan policy. See ``policies/default.yaml`` for the meaning of each field."""
 
@@ -111,12 +124,29 @@ class Policy:
     alpha: float = 0.01  # lift: family-wise chance that sampling noise alone flags a class of a clean model
     lift_margin: float = 0.10  # lift: the null margin's floor (ASR points clean tuning may add to a class)
     null_copies: int = 2  # lift: clean prompt learners tuned on the user's backbone to measure the null margin
+    extra_epsilons: tuple[float, ...] = ()  # lift: further l-inf budgets every class is also inverted at
+    accepted_findings: tuple[AcceptedFinding, ...] = ()  # reviewed findings that no longer fail the gate
     source_file: str = ""
+
+    @property
+    def budgets(self) -> tuple[float, ...]:
+        """Every l-inf budget the scan inverts at: ``epsilon`` first, then ``extra_epsilons``."""
+        return (self.epsilon, *self.extra_epsilons)
+
+    def at_budget(self, epsilon: float) -> Policy:
+        """This policy scanning at one budget only (what each budget's inversion runs under)."""
+        return replace(self, epsilon=epsilon, extra_epsilons=())
+
+    def n_tests(self, n_candidates: int) -> int:
+        """How many lift tests a scan of ``n_candidates`` classes makes (Bonferroni's divisor)."""
+        return n_candidates * len(self.budgets)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-ready view (enums as strings, no source_file)."""
         out = asdict(self)
         out.pop("source_file")
+        out["extra_epsilons"] = list(self.extra_epsilons)
+        out["accepted_findings"] = [asdict(f) for f in self.accepted_findings]
         for key, value in list(out.items()):
             if isinstance(value, Enum):
                 out[key] = value.value
@@ -170,7 +200,7 @@ TAU_RANGE = (0.0, 100.0)  # a tau on the z-score s_max; K classes cap s_max at s
 MAX_EPSILON = 64 / 255
 
 
-def parse_epsilon(value: Any, file: str = "") -> float:
+def parse_epsilon(value: Any, file: str = "", key: str = "epsilon") -> float:
     """Accept a number or a fraction string such as ``"4/255"``."""
     try:
         if isinstance(value, bool):
@@ -183,19 +213,82 @@ def parse_epsilon(value: Any, file: str = "") -> float:
             raise ValueError
     except (ValueError, ZeroDivisionError):
         raise PolicyError(
-            f"{file or 'policy'}: key 'epsilon' must be a number or a fraction like \"4/255\", got {short(value)}",
-            "write e.g. epsilon: 4/255",
+            f"{file or 'policy'}: key '{key}' must be a number or a fraction like \"4/255\", got {short(value)}",
+            f"write e.g. {key}: 4/255" if key == "epsilon" else f"write e.g. {key}: [16/255]",
             file=file,
-            key="epsilon",
+            key=key,
         ) from None
     if not 0 < eps <= MAX_EPSILON:  # NaN fails too
         raise PolicyError(
-            f"{file or 'policy'}: key 'epsilon' = {short(value)} is outside (0, 64/255]",
+            f"{file or 'policy'}: key '{key}' = {short(value)} is outside (0, 64/255]",
             "the l-inf trigger budget must be positive and at most 64/255",
             file=file,
-            key="epsilon",
+            key=key,
         )
     return eps
+
+
+MAX_EXTRA_EPSILONS = 3
+MAX_ACCEPTED = 100
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _accepted_findings(value: Any, file: str) -> tuple[AcceptedFinding, ...]:
+    """Each entry: class_name, model_sha256 (64 hex), reason (one printable line), expires (a date)."""
+    names = [f.name for f in fields(AcceptedFinding)]
+
+    def bad(what: str) -> PolicyError:
+        return PolicyError(
+            f"{file or 'policy'}: key 'accepted_findings': {what}",
+            "each entry needs class_name, model_sha256 (provenance.content_hash of the reviewed result.json), "
+            "reason and expires (YYYY-MM-DD)",
+            file=file,
+            key="accepted_findings",
+        )
+
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_ACCEPTED:
+        raise bad(f"must be a list of at most {MAX_ACCEPTED} entries, got {short(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) != set(names):
+            raise bad(f"entry {i + 1} must be a mapping with exactly {names}, got {short(entry)}")
+        name, sha, reason, expires = (entry[n] for n in names)
+        if not isinstance(name, str) or not name.strip() or len(name) > 200 or CONTROL.search(name):
+            raise bad(f"entry {i + 1}: class_name {short(name)} is not a class name")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise bad(f"entry {i + 1}: model_sha256 {short(sha)} is not 64 lowercase hex digits")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 300 or CONTROL.search(reason):
+            raise bad(f"entry {i + 1}: reason must be one printable line of at most 300 characters")
+        try:
+            day = expires if isinstance(expires, date) else date.fromisoformat(str(expires))
+        except ValueError:
+            raise bad(f"entry {i + 1}: expires {short(expires)} is not a date (YYYY-MM-DD)") from None
+        out.append(AcceptedFinding(name, sha, reason, day.isoformat()))
+    return tuple(out)
+
+
+def _extra_epsilons(value: Any, file: str) -> tuple[float, ...]:
+    """A list of distinct budgets (each as ``epsilon`` accepts), at most MAX_EXTRA_EPSILONS; sorted."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_EXTRA_EPSILONS:
+        raise PolicyError(
+            f"{file or 'policy'}: key 'extra_epsilons' must be a list of at most {MAX_EXTRA_EPSILONS} budgets, got {short(value)}",
+            "write e.g. extra_epsilons: [16/255]",
+            file=file,
+            key="extra_epsilons",
+        )
+    eps = [parse_epsilon(v, file, key="extra_epsilons") for v in value]
+    if len({round(e, 12) for e in eps}) != len(eps):
+        raise PolicyError(
+            f"{file or 'policy'}: key 'extra_epsilons' lists a budget twice: {short(value)}",
+            "list each budget once",
+            file=file,
+            key="extra_epsilons",
+        )
+    return tuple(sorted(eps))
 
 
 def _enum(cls: type[Enum], key: str, value: Any, file: str) -> Any:
@@ -316,6 +409,10 @@ def policy_from_mapping(raw: Any, file: str = "") -> Policy:
                 )
         elif key == "calibration":
             kw[key] = _calibration(value, file)
+        elif key == "extra_epsilons":
+            kw[key] = _extra_epsilons(value, file)
+        elif key == "accepted_findings":
+            kw[key] = _accepted_findings(value, file)
     policy = Policy(**kw)
     if policy.calibration is not None and not policy.scoring.standardised:
         raise PolicyError(
@@ -324,6 +421,21 @@ def policy_from_mapping(raw: Any, file: str = "") -> Policy:
             "remove 'calibration' (the lift rule takes lift_margin and null_copies), or use scoring: differential",
             file=file,
             key="calibration",
+        )
+    if policy.extra_epsilons and policy.scoring.standardised:
+        raise PolicyError(
+            f"{file or 'policy'}: 'extra_epsilons' needs scoring: lift (each budget is its own test against the null margin); "
+            f"scoring '{policy.scoring.value}' z-standardises one budget's scores",
+            "remove 'extra_epsilons', or use scoring: lift",
+            file=file,
+            key="extra_epsilons",
+        )
+    if any(abs(e - policy.epsilon) < 1e-12 for e in policy.extra_epsilons):
+        raise PolicyError(
+            f"{file or 'policy'}: 'extra_epsilons' repeats 'epsilon' ({policy.epsilon * 255:.3g}/255)",
+            "list only budgets other than epsilon",
+            file=file,
+            key="extra_epsilons",
         )
     if policy.calibration is not None and abs(policy.calibration.epsilon - policy.epsilon) > 1e-9:
         raise PolicyError(

@@ -73,6 +73,7 @@ class ClassMetrics:
     size: float | None = None  # baselines: trigger size (NC: mask l1 norm, PB: perturbed pixels)
     reference_asr: float | None = None  # differential scoring: the same inversion on the un-tuned backbone
     reference_loss: float | None = None
+    epsilon: float | None = None  # the l-inf budget these numbers were measured at (None: the policy's epsilon)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class ClassScore:
     lift: float | None = None  # lift scoring: ASR - reference ASR on the same hold-out images
     lift_lower: float | None = None  # its one-sided lower bound (Newcombe, Bonferroni over the candidates)
     flagged: bool = False  # this class cleared the threshold with a valid trigger
+    epsilon: float | None = None  # the l-inf budget of this class's evidence (None: the policy's epsilon)
 
 
 _SCORE_FLOATS = frozenset({"asr", "loss", "z_asr", "z_loss", "score", "z"})  # never None in a ClassScore
@@ -166,6 +168,7 @@ class Decision:
     suspect_class: str | None
     reason: str
     suspect_classes: tuple[str, ...] = ()  # every flagged class, strongest first (several targets)
+    accepted_classes: tuple[str, ...] = ()  # flagged classes the policy's accepted_findings let pass
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ class ScanResult:
             decision=Decision(
                 Verdict(d["verdict"]), num(d.get("s_max")), num(d.get("threshold")), str(d.get("threshold_kind", "")),
                 d.get("suspect_class"), str(d.get("reason", "")), tuple(d.get("suspect_classes") or ()),
+                tuple(d.get("accepted_classes") or ()),
             ),
             classes=classes,
             policy=dict(d["policy"]),
@@ -247,6 +251,7 @@ class ScanResult:
             "threshold_kind": d.threshold_kind,
             "suspect_class": d.suspect_class,
             "suspect_classes": list(d.suspect_classes),
+            "accepted_classes": list(d.accepted_classes),
             "classes": [asdict(c) for c in sorted(self.classes, key=lambda c: -c.z)],
             "model": asdict(self.model),
             "provenance": asdict(self.provenance),

@@ -157,7 +157,7 @@ def merge(paths: list[Path]) -> tuple[Inspection, ScanContext, Policy]:
             raise ResultError(
                 "a partial result has no null model for the lift scoring", "re-run the shards with this gatekeeper"
             ) from None
-        null = combine_nulls(policy, len(candidates), parts)
+        null = combine_nulls(policy, policy.n_tests(len(candidates)), parts)
     context = ScanContext(
         Provenance(**first["provenance"]), PoolInfo(**first["pool"]), ModelInfo(**first["model"]), first["environment"]
     )

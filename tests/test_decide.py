@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,111 @@ def test_calibrated_tau_is_refused_with_the_lift_rule():
     with pytest.raises(PolicyError, match="calibration"):
         policy_from_mapping({"scoring": "lift", "calibration": cal})
     assert policy_from_mapping({"scoring": "differential", "calibration": cal}).calibration is not None
+
+
+# ---------------------------------------------------------------------------- several budgets
+
+
+def test_extra_epsilons_parse_sorted_and_refuse_what_cannot_work():
+    p = policy_from_mapping({"scoring": "lift", "epsilon": "8/255", "extra_epsilons": ["32/255", "16/255"]})
+    assert p.budgets == (8 / 255, 16 / 255, 32 / 255) and p.n_tests(12) == 36
+    assert p.at_budget(16 / 255).budgets == (16 / 255,)
+    assert policy_from_mapping(p.to_dict()).digest() == p.digest()  # round-trips through the JSON result
+    for bad, match in (
+        ({"extra_epsilons": ["16/255"], "scoring": "differential"}, "needs scoring: lift"),
+        ({"extra_epsilons": ["8/255"], "epsilon": "8/255"}, "repeats 'epsilon'"),
+        ({"extra_epsilons": ["16/255", "16/255"]}, "twice"),
+        ({"extra_epsilons": "16/255"}, "must be a list"),
+        ({"extra_epsilons": ["65/255"]}, "extra_epsilons' = '65/255' is outside"),
+        ({"extra_epsilons": ["a/b"]}, "key 'extra_epsilons' must be a number"),
+    ):
+        with pytest.raises(PolicyError, match=match):
+            policy_from_mapping(bad)
+
+
+def test_each_class_keeps_its_strongest_budget_and_alpha_is_split_over_all_tests():
+    from gatekeeper.decide import floor_null, score_classes, strongest_budget
+    from gatekeeper.evidence import bonferroni_z
+
+    p = policy_from_mapping({"scoring": "lift", "min_trigger_asr": 0.0, "epsilon": "8/255", "extra_epsilons": ["16/255"]})
+    null = floor_null(p, 3)
+    assert null.n_tests == 6 and null.critical_z == pytest.approx(bonferroni_z(0.01, 6))
+    at8 = [replace(m, epsilon=8 / 255) for m in lift_metrics([(0.30, 0.25), (0.10, 0.10), (0.50, 0.45)])]
+    # class 0's backdoor needs a larger trigger; class 2 moved more at 8/255 than at 16/255
+    at16 = [replace(m, epsilon=16 / 255) for m in lift_metrics([(0.90, 0.30), (0.12, 0.11), (0.60, 0.62)])]
+    chosen = strongest_budget([at8, at16], null)
+    assert [m.epsilon for m in chosen] == [16 / 255, 16 / 255, 8 / 255]
+    d = decide(score_classes(chosen, p, null), p, null)
+    assert d.verdict == Verdict.FAIL and d.suspect_classes == ("c0",) and "16/255 trigger" in d.reason
+    # at 8/255 alone it passes: the 16/255 backdoor is out of the single budget's reach
+    p8 = policy_from_mapping({"scoring": "lift", "min_trigger_asr": 0.0, "epsilon": "8/255"})
+    assert decide(score_classes(at8, p8), p8).verdict == Verdict.PASS
+    # a non-finite budget is never chosen away: it reaches the rule, which cannot decide
+    nan = [replace(at16[0], asr=float("nan")), *at16[1:]]
+    assert decide(score_classes(strongest_budget([at8, nan], null), p, null), p, null).verdict == Verdict.INCONCLUSIVE
+
+
+# ---------------------------------------------------------------------------- reviewed, accepted findings
+
+
+SHA = "ab" * 32
+
+
+def accepted(**kw):
+    entry = {"class_name": "c1", "model_sha256": SHA, "reason": "reviewed: natural sink, ticket SEC-1", "expires": "2099-12-31", **kw}
+    return policy_from_mapping({"scoring": "lift", "min_trigger_asr": 0.0, "accepted_findings": [entry]})
+
+
+def test_an_accepted_finding_passes_only_its_model_its_class_and_until_it_expires():
+    from datetime import date
+
+    from gatekeeper.decide import apply_accepted, score_classes
+
+    pairs = [(0.10, 0.10), (0.90, 0.30), (0.12, 0.11)]
+    p = accepted()
+    d = decide(score_classes(lift_metrics(pairs), p), p)
+    assert d.verdict == Verdict.FAIL and d.suspect_classes == ("c1",)
+    today = date(2026, 12, 2)
+    ok = apply_accepted(d, p, SHA, today)
+    assert ok.verdict == Verdict.PASS and ok.accepted_classes == ("c1",) and ok.suspect_classes == ()
+    assert "SEC-1" in ok.reason and "2099-12-31" in ok.reason
+    assert apply_accepted(d, p, "cd" * 32, today) == d  # another model: nothing accepted
+    late = apply_accepted(d, accepted(expires="2026-12-01"), SHA, today)
+    assert late.verdict == Verdict.FAIL and "expired 2026-12-01" in late.reason  # no stale acceptance reads as a pass
+    # a second target that nobody reviewed still fails the gate, and is the one named
+    two = decide(score_classes(lift_metrics([*pairs, (0.95, 0.10)]), p), p)
+    rest = apply_accepted(two, p, SHA, today)
+    assert rest.verdict == Verdict.FAIL and rest.suspect_classes == ("c3",) and rest.accepted_classes == ("c1",)
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"model_sha256": "AB" * 32}, "64 lowercase hex"),
+    ({"expires": "next year"}, "not a date"),
+    ({"reason": "two\nlines"}, "one printable line"),
+    ({"class_name": ""}, "not a class name"),
+])
+def test_accepted_findings_are_validated(entry, match):
+    with pytest.raises(PolicyError, match=match):
+        accepted(**entry)
+    with pytest.raises(PolicyError, match="exactly"):
+        policy_from_mapping({"accepted_findings": [{"class_name": "c1"}]})
+    p = accepted()
+    assert policy_from_mapping(p.to_dict()).digest() == p.digest()  # the result's policy record reads back
+
+
+def test_the_scan_applies_accepted_findings_to_the_scanned_models_content_hash():
+    import torch
+
+    from gatekeeper.pipeline import Inspection, ScanContext, conclude
+    from gatekeeper.result import ModelInfo, PoolInfo, Provenance
+
+    metrics = tuple(lift_metrics([(0.10, 0.10), (0.90, 0.30), (0.12, 0.11)]))
+    inspection = Inspection(metrics, {}, torch.zeros(3, 8, 8), 1.0)
+
+    def context(sha):
+        return ScanContext(Provenance("m", "local", "m", content_hash=sha), PoolInfo("procedural", 64, 0, 32, 32, 8, "h"),
+                           ModelInfo("cocoop", 3, "tiny", 8), {})
+
+    assert conclude(inspection, context(SHA), accepted()).decision.verdict == Verdict.PASS
+    r = conclude(inspection, context("cd" * 32), accepted())
+    assert r.decision.verdict == Verdict.FAIL and r.to_dict()["accepted_classes"] == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.stats import median_abs_deviation
@@ -58,3 +60,26 @@ def test_new_policy_keys_are_validated(raw, key):
 
     with pytest.raises(PolicyError, match=key):
         policy_from_mapping(raw)
+
+
+def test_a_scan_at_two_budgets_inverts_each_class_at_both_and_reports_its_strongest(model_factory, tmp_path):
+    """``extra_epsilons`` end to end on a tiny model: each class carries the budget its evidence
+    came from, alpha is split over classes x budgets, the result validates and the report says it."""
+    from gatekeeper.cli import main
+    from gatekeeper.report.jsonout import validate_result
+
+    folder = model_factory("cocoop")
+    policy = tmp_path / "two.yaml"
+    policy.write_text(
+        "version: 1\nepsilon: 8/255\nextra_epsilons: [16/255]\nood_budget: 64\nholdout: 32\nbatch_size: 32\n"
+        "null_copies: 0\nrestarts: 1\n"
+    )
+    out = tmp_path / "out"
+    code = main(["scan", str(folder), "--policy", str(policy), "--out", str(out), "--quiet", "--device", "cpu"])
+    r = json.loads((out / "result.json").read_text())
+    assert code in (0, 1, 3) and r["verdict"] in ("pass", "fail", "inconclusive"), r["reason"]
+    validate_result(r)
+    assert {c["epsilon"] for c in r["classes"]} <= {8 / 255, 16 / 255} and len(r["classes"]) == 4
+    assert r["null_model"]["n_tests"] == 8 and r["policy"]["extra_epsilons"] == [16 / 255]
+    report = (out / "report.md").read_text()
+    assert "| budget |" in report and "8 tests: every class at each budget, 8/255, 16/255" in report

@@ -29,7 +29,7 @@ import numpy as np
 
 from gatekeeper._io import atomic_write_text
 from gatekeeper.calibrate import auroc, roc_points
-from gatekeeper.decide import decide, score_classes
+from gatekeeper.decide import decide, floor_null, score_classes, strongest_budget
 from gatekeeper.errors import UsageError
 from gatekeeper.policy import Detector, Policy, Scoring
 from gatekeeper.result import ClassMetrics, NullModel
@@ -173,17 +173,26 @@ class Variant:
     runs: tuple[str, ...]  # delivered-model runs (restarts: best ASR per class across them)
     reference: tuple[str, ...] = ()  # reference runs, same restart seeds (differential and lift scoring)
     policy_changes: tuple[tuple[str, Any], ...] = ()
+    extra_budgets: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()  # (runs, reference) per extra_epsilons entry
 
     @property
     def lift(self) -> bool:
         return ("scoring", Scoring.LIFT) in self.policy_changes
 
+    @property
+    def all_runs(self) -> tuple[str, ...]:
+        return self.runs + self.reference + tuple(r for runs, refs in self.extra_budgets for r in runs + refs)
+
+
+EXTRA_BUDGETS = (16, 32)  # the benchmark's further scan budgets, in /255 (the base policy scans at 8/255)
+
 
 def variants(restarts: int, null_copies: int = 2) -> list[Variant]:
-    """The benchmarked detectors; ``null_copies`` is the lift variant's (0: the margin's floor alone,
+    """The benchmarked detectors; ``null_copies`` is the lift variants' (0: the margin's floor alone,
     when measuring clean copies per class list costs more than the benchmark can spend)."""
     ci = tuple(f"ci-s{r}" for r in range(restarts))
     ref = tuple(f"ref-s{r}" for r in range(restarts))
+    at = {e: ((f"ci-e{e}-s0",), (f"ref-e{e}-s0",)) for e in EXTRA_BUDGETS}
     paper = ("scoring", Scoring.PAPER)
     out = [
         Variant("clip-inspector", ci[:1], (), (paper,)),
@@ -197,7 +206,12 @@ def variants(restarts: int, null_copies: int = 2) -> list[Variant]:
                 (("scoring", Scoring.DIFFERENTIAL), ("restarts", restarts)),
             ),
         ]
-    out.append(Variant(f"clip-inspector+lift+restarts{restarts}", ci, ref, (("scoring", Scoring.LIFT), ("restarts", restarts), ("calibration", None), ("min_trigger_asr", 0.0), ("null_copies", null_copies))))
+    lift = (("scoring", Scoring.LIFT), ("calibration", None), ("min_trigger_asr", 0.0), ("null_copies", null_copies))
+    out.append(Variant(f"clip-inspector+lift+restarts{restarts}", ci, ref, (*lift, ("restarts", restarts))))
+    for n in range(1, len(EXTRA_BUDGETS) + 1):  # one restart at each of 8/255, 16/255 (and 32/255)
+        extra = EXTRA_BUDGETS[:n]
+        changes = (*lift, ("restarts", 1), ("extra_epsilons", tuple(e / 255 for e in extra)))
+        out.append(Variant("clip-inspector+lift+" + "+".join(f"eps{e}" for e in extra), ci[:1], ref[:1], changes, tuple(at[e] for e in extra)))
     out += [
         Variant("neural-cleanse", ("neural-cleanse",), (), (("detector", Detector.NEURAL_CLEANSE),)),
         Variant("pixel-backdoor", ("pixel-backdoor",), (), (("detector", Detector.PIXEL_BACKDOOR),)),
@@ -212,12 +226,23 @@ def best_of(runs: list[list[ClassMetrics]]) -> list[ClassMetrics]:
     return [max(group, key=restart_rank) for group in zip(*runs, strict=True)]
 
 
-def variant_metrics(v: Variant, runs: dict[str, list[ClassMetrics]], refs: dict[str, list[ClassMetrics]]) -> list[ClassMetrics]:
-    metrics = best_of([runs[r] for r in v.runs])
-    if v.reference:
-        ref = best_of([refs[r] for r in v.reference])
+def _with_reference(runs: list[list[ClassMetrics]], refs: list[list[ClassMetrics]], epsilon: float | None) -> list[ClassMetrics]:
+    metrics = best_of(runs)
+    if refs:
+        ref = best_of(refs)
         metrics = [replace(m, reference_asr=r.asr, reference_loss=r.loss) for m, r in zip(metrics, ref, strict=True)]
-    return metrics
+    return [replace(m, epsilon=epsilon) for m in metrics] if epsilon is not None else metrics
+
+
+def variant_metrics(v: Variant, runs: dict[str, list[ClassMetrics]], policy: Policy, null: NullModel | None) -> list[ClassMetrics]:
+    """The per-class metrics the variant's scan would score: best restart, the public backbone's run
+    beside it, and with extra budgets each class's strongest budget (as ``pipeline.inspect_candidates``)."""
+    if not v.extra_budgets:
+        return _with_reference([runs[r] for r in v.runs], [runs[r] for r in v.reference], None)
+    per_budget = [_with_reference([runs[r] for r in v.runs], [runs[r] for r in v.reference], policy.epsilon)]
+    for eps, (rs, refs) in zip(policy.extra_epsilons, v.extra_budgets, strict=True):
+        per_budget.append(_with_reference([runs[r] for r in rs], [runs[r] for r in refs], eps))
+    return strongest_budget(per_budget, null or floor_null(policy, len(per_budget[0])))
 
 
 # --------------------------------------------------------------------------- running
@@ -253,6 +278,13 @@ def zoo_model_identity(folder: Path) -> tuple[str, str]:
     return backbone, model_fingerprint(folder)
 
 
+def run_budget(run: str, policy: Policy) -> float:
+    """The l-inf budget a cached run was made at: ``ci-e16-s0`` at 16/255, ``ci-s0`` at the policy's."""
+    kind = run.rpartition("-s")[0]
+    _, _, budget = kind.partition("-e")
+    return int(budget) / 255 if budget else policy.epsilon
+
+
 def _invert(model: Any, policy: Policy, run: str) -> tuple[list[ClassMetrics], float]:
     from gatekeeper.decide import candidate_classes
     from gatekeeper.inversion.base import InversionSettings
@@ -264,8 +296,8 @@ def _invert(model: Any, policy: Policy, run: str) -> tuple[list[ClassMetrics], f
     if run in ("neural-cleanse", "pixel-backdoor"):
         p, target, r = replace(policy, detector=Detector(run)), model, 0
     else:
-        p, r = policy, int(seed)
-        target = reference_model(model) if kind == "ref" else model
+        p, r = policy.at_budget(run_budget(run, policy)), int(seed)
+        target = reference_model(model) if kind.startswith("ref") else model
     target.freeze_text()
     settings = InversionSettings(p.epsilon, p.batch_size, p.epochs, p.lr, p.seed + r)
     t0 = time.perf_counter()
@@ -323,8 +355,9 @@ def run_benchmark(
     for truth in items:
         truth["backbone_sha256"], truth["model_fingerprint"] = zoo_model_identity(zoo / truth["model"])
     vs = [v for v in variants(restarts, null_copies) if only is None or v.name in only]
-    order = [f"ci-s{r}" for r in range(restarts)] + [f"ref-s{r}" for r in range(restarts)] + ["neural-cleanse", "pixel-backdoor"]
-    needed = [r for r in order if any(r in v.runs + v.reference for v in vs)]
+    order = [r for v in vs for r in v.all_runs if not r.startswith(("ref", "neural", "pixel"))]
+    order += [r for v in vs for r in v.all_runs if r.startswith("ref")] + ["neural-cleanse", "pixel-backdoor"]
+    needed = [r for r in dict.fromkeys(order) if any(r in v.all_runs for v in vs)]
     cache = out / "cache"
     t_start = time.time()
     mine = items[shard[0] - 1 :: shard[1]]
@@ -337,7 +370,7 @@ def run_benchmark(
             log(f"{r} [{i + 1}/{len(mine)}] {truth['model']} ({time.time() - t_start:.0f}s)")
     if shard != (1, 1):
         return None
-    nulls = _null_models(zoo, cache, policy, items, vs, needed, log)
+    nulls = _null_models(zoo, cache, policy, items, vs, log)
     outcomes: dict[str, list[Outcome]] = {v.name: [] for v in vs}
     implanted = {t["model"] for t in items if t.get("metrics_at_build", {}).get("id_asr", 0.0) >= IMPLANTED_MIN_ID_ASR}
     for truth in items:
@@ -349,13 +382,13 @@ def run_benchmark(
         for v in vs:
             p = replace(policy, **dict(v.policy_changes))
             null = nulls.get((v.name, _group(truth))) if v.lift else None
-            scores = score_classes(variant_metrics(v, runs, runs), p, null)
+            scores = score_classes(variant_metrics(v, runs, p, null), p, null)
             d = decide(scores, p, null)
             outcomes[v.name].append(
                 Outcome(
                     model=truth["model"], task=truth["task"], attack=truth["attack"], target=truth["target_class"],
                     s_max=d.s_max, flagged=d.verdict.value == "fail", suspect=d.suspect_class,
-                    seconds=sum(secs[r] for r in v.runs + v.reference), top=max(scores, key=lambda c: c.z).name,
+                    seconds=sum(secs[r] for r in v.all_runs), top=max(scores, key=lambda c: c.z).name,
                     targets=tuple(truth.get("target_classes") or ([truth["target_class"]] if truth["target_class"] else [])),
                     suspects=d.suspect_classes, case=truth["model"].removeprefix(truth["task"] + "-"),
                     n_classes=len(truth["classnames"]),
@@ -391,14 +424,21 @@ def _group(truth: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([truth["backbone_sha256"], truth["classnames"]]).encode()).hexdigest()[:12]
 
 
+def _cached_asr(cache: Path, policy: Policy, truth: dict[str, Any], runs: tuple[str, ...]) -> list[float]:
+    """Per class, the best ASR over the cached ``runs`` of one model."""
+    rows = [[ClassMetrics(**m) for m in json.loads(_cache_path(cache, policy, r, truth)[0].read_text())["classes"]] for r in runs]
+    return [m.asr for m in best_of(rows)]
+
+
 def _null_models(
-    zoo: Path, cache: Path, policy: Policy, items: list[dict[str, Any]], vs: list[Variant], needed: list[str], log: Callable[[str], None]
+    zoo: Path, cache: Path, policy: Policy, items: list[dict[str, Any]], vs: list[Variant], log: Callable[[str], None]
 ) -> dict[tuple[str, str], NullModel]:
     """Per lift variant and per (backbone, class list): the null margin the scan itself would derive
     (``gatekeeper.null.measure_null``: clean copies tuned on the backbone with no zoo labels), cached
     under OUT/cache/null-<policy key>/."""
+    from gatekeeper.decide import candidate_classes
     from gatekeeper.models.loader import load_model
-    from gatekeeper.null import measure_null
+    from gatekeeper.null import combine_nulls, measure_null
     from gatekeeper.ood import load_pool
 
     out: dict[tuple[str, str], NullModel] = {}
@@ -416,11 +456,11 @@ def _null_models(
                 continue
             model = load_model(zoo / truth["model"])
             pool = load_pool("procedural", model.image_size, p.ood_budget, p.holdout, p.seed)
-            refs = {r: [ClassMetrics(**m) for m in json.loads(_cache_path(cache, policy, r, truth)[0].read_text())["classes"]] for r in v.reference if r in needed}
-            reference = best_of([refs[r] for r in v.reference])
-            from gatekeeper.decide import candidate_classes
-
-            null = measure_null(model, pool, p, candidate_classes(len(model.classnames), p), [r.asr for r in reference])
+            candidates = candidate_classes(len(model.classnames), p)
+            ref_sets = [v.reference, *(refs for _, refs in v.extra_budgets)]
+            parts = [measure_null(model, pool, p.at_budget(eps), candidates, _cached_asr(cache, policy, truth, refs))
+                     for eps, refs in zip(p.budgets, ref_sets, strict=True)]
+            null = parts[0] if len(parts) == 1 else combine_nulls(p, p.n_tests(len(candidates)), parts)
             atomic_write_text(path, json.dumps(asdict(null)) + "\n")
             out[(v.name, group)] = null
             log(f"null model for {truth['task']} ({len(truth['classnames'])} classes): margin {null.margin:.3f} ({null.source}, {null.seconds:.0f}s)")

@@ -58,3 +58,37 @@ def test_bench_detection_refuses_unknown_detectors(tmp_path, capsys):
     code = main(["bench", "detection", "--zoo", str(DEMO_ZOO), "--out", str(tmp_path), "--only", "strip"])
     assert code == 4
     assert "unknown detector variants" in capsys.readouterr().err
+
+
+def test_bench_lift_at_two_budgets_scores_each_class_at_its_strongest_budget(tmp_path):
+    """The two-budget lift variant reads its own cached runs at 16/255 and scores exactly what a
+    scan with ``extra_epsilons: [16/255]`` would decide on the same numbers."""
+    from dataclasses import replace
+
+    from gatekeeper.bench.detection import variant_metrics, variants
+    from gatekeeper.decide import decide, floor_null, score_classes
+    from gatekeeper.policy import load_policy
+    from gatekeeper.result import ClassMetrics
+
+    policy = tmp_path / "fast.yaml"
+    policy.write_text("epsilon: 8/255\nood_budget: 64\nholdout: 32\nnull_copies: 0\n")
+    out = tmp_path / "bench"
+    argv = ["bench", "detection", "--zoo", str(DEMO_ZOO), "--out", str(out), "--policy", str(policy),
+            "--only", "clip-inspector+lift+eps16", "--restarts", "1", "--null-copies", "0"]
+    assert main(argv) == 0
+    runs = {p.parent.name.rsplit("-", 1)[0] for p in out.glob("cache/*/*.json")} - {"null"}
+    assert runs == {"ci-s0", "ref-s0", "ci-e16-s0", "ref-e16-s0"}, runs
+    full = json.loads((out / "detection-full.json").read_text())["detectors"]["clip-inspector+lift+eps16"]
+    assert full["null_models"] and all(n["n_tests"] == 24 for n in full["null_models"].values())  # 12 classes x 2 budgets
+    # the same decision from the cached runs, through the scan's own combination
+    v = next(v for v in variants(1, 0) if v.name == "clip-inspector+lift+eps16")
+    p = replace(load_policy(policy), **dict(v.policy_changes))
+    for m in full["models"]:
+        runs_of = {}
+        for r in v.all_runs:
+            (path,) = [q for q in out.glob(f"cache/{r}-*/*.json") if q.stem in (m["model"],) or r.startswith("ref")]
+            runs_of[r] = [ClassMetrics(**c) for c in json.loads(path.read_text())["classes"]]
+        null = floor_null(p, 12)
+        metrics = variant_metrics(v, runs_of, p, null)
+        assert {x.epsilon for x in metrics} <= {8 / 255, 16 / 255}
+        assert decide(score_classes(metrics, p, null), p, null).verdict.value == ("fail" if m["flagged"] else "pass")
