@@ -68,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--sarif-uri",
         help="file the SARIF result points at, relative to the repo root "
-        "(default: the model's gatekeeper.json when the model is a folder under the current directory, else the policy file)",
+        "(default: the model's gatekeeper.json when the model is a folder under the current directory; "
+        "for hf:// and models:/ references the stand-in path hf/ORG/NAME or mlflow/NAME, with a message naming the reference)",
+    )
+    from gatekeeper.report.machine import SarifCategoryAction
+
+    scan.add_argument(
+        "--sarif-category",
+        metavar="NAME",
+        action=SarifCategoryAction,
+        help="code-scanning category of the SARIF run (automationDetails.id NAME/); alerts of one category are "
+        "closed only by uploads of that category (default: derived from the model reference, e.g. gatekeeper/hf/org/name)",
     )
     scan.add_argument(
         "--format",

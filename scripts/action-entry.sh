@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GitHub Action's only step (action.yml maps inputs to GK_* variables; nothing else lives there).
+# The GitHub Action's scan step (action.yml maps inputs to GK_* variables; nothing else lives there).
 #
-# Runs `gatekeeper scan` (in the container image or from PATH), then publishes the outcome:
-# step outputs (verdict, s-max, suspect-class, report-path, json-path, sarif-path, exit-code),
-# report.md in the job summary (truncated below GitHub's 1 MiB limit), one annotation, and the
-# exit code the `fail-on` input maps the scan's exit code to.
+# Runs `gatekeeper scan` (command: scan) or `gatekeeper audit` (command: audit) with gatekeeper
+# from the venv scripts/action-install.sh built (runtime: install), from the container image
+# (container) or from PATH (native), then publishes the outcome: step outputs (verdict, s-max,
+# suspect-class, report-path, json-path, sarif-path, exit-code), job-summary.md (report.md without
+# image links, top 20 classes; audit: summary.md) in the job summary unless `summary: false`
+# (truncated below GitHub's 1 MiB limit), one annotation, and the exit code the `fail-on` input
+# maps the CLI's exit code to.
 #
 #   fail-on       fails the step on
 #   inconclusive  backdoor (1), inconclusive (3), scan error (2), usage error (4)   [default]
@@ -24,6 +27,7 @@ GK_SUMMARY_LIMIT=${GK_SUMMARY_LIMIT:-1000000} # bytes; GitHub refuses step summa
 GK_CONTAINER_WORKDIR=/github/workspace
 GK_CONTAINER_OUT=/github/gatekeeper-out
 GK_LINE=.scan-line.json # the scan's stdout: its `--format json` line, the one source of the step's outputs
+GK_AUDIT_SUMMARY=summary.json # audit: the CLI's own summary (overall.exit_code), the source of the outputs
 
 # Workflow-command escaping (toolkit's escapeData): % first, then CR and LF.
 gk_escape_data() {
@@ -65,6 +69,12 @@ out.write(head + note)
 PY
 }
 
+# Markdown on stdin without relative image links, which do not resolve in a job summary: a line that
+# is only an image goes, a table's "[image](...)" cell is left empty. Absolute URLs are kept.
+gk_drop_image_links() {
+  sed -E -e '/^!\[.*\]\([^):]*\)$/d' -e 's/\[image\]\([^):]*\)//g'
+}
+
 # Write NAME=VALUE to $GITHUB_OUTPUT in the heredoc form, with a random delimiter that is not in VALUE.
 gk_set_output() { # name value
   local delim
@@ -101,6 +111,23 @@ print(code if isinstance(code, int) and not isinstance(code, bool) else "")
 PY
 }
 
+# The same five lines from an audit's summary.json: the verdict of its overall exit code (the worst
+# model's: 2 error > 1 fail > 3 inconclusive > 0 pass), no s_max, threshold or class.
+gk_read_audit() { # summary.json
+  python3 - "$1" <<'PY'
+import json, sys
+
+try:
+    code = json.load(open(sys.argv[1], encoding="utf-8"))["overall"]["exit_code"]
+    assert isinstance(code, int) and not isinstance(code, bool)
+except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    sys.exit(1)
+print({0: "pass", 1: "fail", 3: "inconclusive"}.get(code, "error"))
+print("\n\n")
+print(code)
+PY
+}
+
 # Should the step fail? Prints the step's exit code: 0, or the scan's code (unknown codes -> 2).
 gk_gate() { # scan-exit-code fail-on
   local code=$1 fail_on=$2
@@ -112,15 +139,30 @@ gk_gate() { # scan-exit-code fail-on
   esac
 }
 
-# The scan's argv into the array GK_ARGS (extra-args split like a shell would, never evaluated).
-gk_build_args() { # out-dir-as-seen-by-gatekeeper
-  local out=$1 model=${GK_MODEL:-} policy=${GK_POLICY:-default} ws=${GITHUB_WORKSPACE:-$PWD}
+# Where `gatekeeper audit` keeps its verdict cache between runs (the runner's tool cache persists on
+# self-hosted runners); extra-args `--cache DIR` replaces it.
+gk_audit_cache() {
+  printf '%s/gatekeeper/audit-cache' "${RUNNER_TOOL_CACHE:-${RUNNER_TEMP:-/tmp}}"
+}
+
+# The CLI's argv into the array GK_ARGS (extra-args split like a shell would, never evaluated).
+gk_build_args() { # out-dir-as-seen-by-gatekeeper [audit-cache-as-seen-by-gatekeeper]
+  local out=$1 model=${GK_MODEL:-} policy=${GK_POLICY:-default} inventory=${GK_INVENTORY:-}
+  local ws=${GITHUB_WORKSPACE:-$PWD}
   # a path under the workspace is passed relative, so it resolves inside the container too
   [[ $model == "$ws"/* ]] && model=${model#"$ws"/}
   [[ $policy == "$ws"/* ]] && policy=${policy#"$ws"/}
-  GK_ARGS=(scan "$model" --policy "$policy" --ood "${GK_OOD:-procedural}" --out "$out"
-    --sarif "$out/results.sarif" --device "${GK_DEVICE:-auto}" --format json)
-  [[ -n ${GK_REVISION:-} ]] && GK_ARGS+=(--revision "$GK_REVISION")
+  [[ $inventory == "$ws"/* ]] && inventory=${inventory#"$ws"/}
+  if [[ ${GK_COMMAND:-scan} == audit ]]; then
+    # the inventory names its models, policies and pool; `policy` replaces its shared policy only when set
+    GK_ARGS=(audit "$inventory" --out "$out" --cache "${2:-$(gk_audit_cache)}" --device "${GK_DEVICE:-auto}")
+    [[ -n ${GK_POLICY:-} && $GK_POLICY != default ]] && GK_ARGS+=(--policy "$policy")
+  else
+    GK_ARGS=(scan "$model" --policy "$policy" --ood "${GK_OOD:-procedural}" --out "$out"
+      --sarif "$out/results.sarif" --device "${GK_DEVICE:-auto}" --format json)
+    [[ -n ${GK_REVISION:-} ]] && GK_ARGS+=(--revision "$GK_REVISION")
+    [[ -n ${GK_SARIF_CATEGORY:-} ]] && GK_ARGS+=(--sarif-category "$GK_SARIF_CATEGORY")
+  fi
   if [[ -n ${GK_EXTRA_ARGS:-} ]]; then
     local extra
     mapfile -d '' extra < <(python3 -c 'import os, shlex, sys
@@ -130,33 +172,48 @@ for a in shlex.split(os.environ["GK_EXTRA_ARGS"]): sys.stdout.write(a + "\0")') 
   return 0
 }
 
-# Run the scan; returns its exit code. The log is fenced with stop-commands so that text from the
-# model (class names in progress lines and errors) cannot issue workflow commands.
-gk_run_scan() { # out-dir
-  local out=$1 code token
-  token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
-  if [[ ${GK_RUNTIME:-container} == native ]]; then
-    if ! command -v gatekeeper >/dev/null; then
-      gk_say "runtime: native, but gatekeeper is not on PATH (pip install gatekeeper-clip, or use runtime: container)"
+# The gatekeeper executable of runtime native (PATH) or install (the venv action-install.sh built
+# and marked complete); says why and fails when there is none.
+gk_executable() {
+  if [[ ${GK_RUNTIME:-install} == native ]]; then
+    if ! command -v gatekeeper; then
+      gk_say "runtime: native, but gatekeeper is not on PATH (pip install gatekeeper-clip, or use runtime: install)"
       return 4
     fi
+  elif [[ -n ${GK_VENV:-} && -f $GK_VENV/.gatekeeper-install && -x $GK_VENV/bin/gatekeeper ]]; then
+    printf '%s\n' "$GK_VENV/bin/gatekeeper"
+  else
+    gk_say "runtime: install, but gatekeeper could not be installed on this runner (the install step's log says why)"
+    return 2 # the model was not checked: fails closed like any scan that could not complete
+  fi
+}
+
+# Run the scan (or audit); returns its exit code. The log is fenced with stop-commands so that text
+# from the model (class names in progress lines and errors) cannot issue workflow commands.
+gk_run_scan() { # out-dir
+  local out=$1 code token exe
+  token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+  if [[ ${GK_RUNTIME:-install} != container ]]; then
+    exe=$(gk_executable) || return $?
     gk_build_args "$out" || return 4
     echo "::stop-commands::$token"
-    gatekeeper "${GK_ARGS[@]}" >"$out/$GK_LINE"
+    "$exe" "${GK_ARGS[@]}" >"$out/$GK_LINE"
     code=$?
   else
     if ! command -v docker >/dev/null; then
       gk_say "runtime: container, but docker is not installed on this runner (use runtime: native)"
       return 4
     fi
-    local ws=${GITHUB_WORKSPACE:-$PWD} cache docker_args
+    local ws=${GITHUB_WORKSPACE:-$PWD} cache verdicts docker_args
     cache=${GK_HF_CACHE:-${RUNNER_TOOL_CACHE:-${RUNNER_TEMP:-/tmp}}/gatekeeper/huggingface}
-    mkdir -p "$cache"
-    gk_build_args "$GK_CONTAINER_OUT" || return 4
+    verdicts=$(gk_audit_cache)
+    mkdir -p "$cache" "$verdicts"
+    gk_build_args "$GK_CONTAINER_OUT" /cache/verdicts || return 4
     docker_args=(run --rm --user "$(id -u):$(id -g)"
       -e HF_TOKEN -e HF_ENDPOINT -e HF_HUB_OFFLINE -e GATEKEEPER_DEBUG
       -v "$ws:$GK_CONTAINER_WORKDIR" -w "$GK_CONTAINER_WORKDIR"
       -v "$(cd "$out" && pwd):$GK_CONTAINER_OUT" -v "$cache:/cache/huggingface")
+    [[ ${GK_COMMAND:-scan} == audit ]] && docker_args+=(-v "$verdicts:/cache/verdicts")
     case ${GK_DEVICE:-auto} in
       cuda*) docker_args+=(--gpus all) ;;
       auto) command -v nvidia-smi >/dev/null && docker_args+=(--gpus all) ;;
@@ -176,15 +233,44 @@ gk_check_inputs() {
     gk_say "fail-on must be inconclusive, backdoor or nothing (got '${GK_FAIL_ON}')"
     return 1 ;;
   esac
-  case ${GK_RUNTIME:-container} in container | native) ;; *)
-    gk_say "runtime must be container or native (got '${GK_RUNTIME}')"
+  case ${GK_RUNTIME:-install} in install | container | native) ;; *)
+    gk_say "runtime must be install, container or native (got '${GK_RUNTIME}')"
     return 1 ;;
   esac
-  if [[ -z ${GK_MODEL:-} ]]; then
-    gk_say "the model input is empty"
-    return 1
-  fi
-  if [[ ${GK_RUNTIME:-container} == container && ( -z ${GK_IMAGE:-} || ${GK_IMAGE} == *OWNER* ) ]]; then
+  case ${GK_SUMMARY:-true} in true | false) ;; *)
+    gk_say "summary must be true or false (got '${GK_SUMMARY}')"
+    return 1 ;;
+  esac
+  case ${GK_COMMAND:-scan} in
+    scan)
+      if [[ -z ${GK_MODEL:-} ]]; then
+        gk_say "the model input is empty (command: scan needs a model)"
+        return 1
+      fi ;;
+    audit)
+      if [[ -z ${GK_INVENTORY:-} ]]; then
+        gk_say "the inventory input is empty (command: audit needs an inventory YAML)"
+        return 1
+      fi
+      # the inventory names the models, their revisions and the pool: a scan-only input is a mistake
+      local name value
+      for name in model revision ood sarif-category; do
+        case $name in
+          model) value=${GK_MODEL:-} ;;
+          revision) value=${GK_REVISION:-} ;;
+          ood) value=${GK_OOD:-procedural}; [[ $value == procedural ]] && value="" ;;
+          sarif-category) value=${GK_SARIF_CATEGORY:-} ;;
+        esac
+        if [[ -n $value ]]; then
+          gk_say "the $name input applies to command: scan only (the inventory names models, revisions and the pool; audit writes no SARIF)"
+          return 1
+        fi
+      done ;;
+    *)
+      gk_say "command must be scan or audit (got '${GK_COMMAND}')"
+      return 1 ;;
+  esac
+  if [[ ${GK_RUNTIME:-install} == container && ( -z ${GK_IMAGE:-} || ${GK_IMAGE} == *OWNER* ) ]]; then
     gk_say "runtime: container needs the image input set to your published gatekeeper image (got '${GK_IMAGE:-}')"
     return 1
   fi
@@ -196,9 +282,16 @@ gk_main() {
     return 4
   fi
   local out=${GK_OUTPUT_DIR:-gatekeeper-report} fail_on=${GK_FAIL_ON:-inconclusive}
-  local code verdict="" s_max="" threshold="" suspect="" step_code
+  local code verdict="" s_max="" threshold="" suspect="" step_code audit=false subject=${GK_MODEL:-}
+  if [[ ${GK_COMMAND:-scan} == audit ]]; then
+    audit=true subject="inventory ${GK_INVENTORY:-}"
+  fi
+  # summary: false writes no job summary (the report stays in output-dir); the summary code below
+  # then sees no GITHUB_STEP_SUMMARY
+  [[ ${GK_SUMMARY:-true} == false ]] && local GITHUB_STEP_SUMMARY=""
   # never report a previous run's verdict: a scan that dies early must leave no result behind
-  rm -f "$out/result.json" "$out/report.md" "$out/results.sarif" "$out/$GK_LINE"
+  rm -f "$out/result.json" "$out/report.md" "$out/results.sarif" "$out/$GK_LINE" \
+    "$out/$GK_AUDIT_SUMMARY" "$out/summary.md" "$out/job-summary.md"
   if ! gk_check_inputs || ! mkdir -p "$out"; then
     code=4 fail_on=inconclusive # a misconfigured gate fails, whatever fail-on says
   else
@@ -207,7 +300,13 @@ gk_main() {
   fi
 
   local result=$out/result.json report=$out/report.md sarif=$out/results.sarif fields=()
-  if [[ -f $out/$GK_LINE ]] && mapfile -t fields < <(gk_read_line "$out/$GK_LINE") && ((${#fields[@]} == 5)); then
+  if [[ $audit == true ]]; then
+    result=$out/$GK_AUDIT_SUMMARY report=$out/summary.md sarif=""
+    [[ -f $result ]] && mapfile -t fields < <(gk_read_audit "$result")
+  elif [[ -f $out/$GK_LINE ]]; then
+    mapfile -t fields < <(gk_read_line "$out/$GK_LINE")
+  fi
+  if ((${#fields[@]} == 5)); then
     verdict=${fields[0]} s_max=${fields[1]} threshold=${fields[2]} suspect=${fields[3]}
     [[ ${fields[4]} == "$code" ]] || verdict=error # the line and the process must tell the same story
   fi
@@ -223,12 +322,16 @@ gk_main() {
   gk_set_output suspect-class "$suspect"
   gk_set_output report-path "$([[ -f $report ]] && echo "$report")"
   gk_set_output json-path "$([[ -f $result ]] && echo "$result")"
-  gk_set_output sarif-path "$([[ -f $sarif ]] && echo "$sarif")"
+  gk_set_output sarif-path "$([[ -n $sarif && -f $sarif ]] && echo "$sarif")"
   gk_set_output exit-code "$code"
 
   if [[ -n ${GITHUB_STEP_SUMMARY:-} ]]; then
-    if [[ -f $report ]]; then
-      gk_truncate "$report" "$GK_SUMMARY_LIMIT" "$report" >>"$GITHUB_STEP_SUMMARY"
+    # a scan writes job-summary.md for this: report.md without links to files of the run (they do
+    # not resolve in a summary; the images are in output-dir) and with the top 20 classes only
+    if [[ $audit == false && -f $out/job-summary.md ]]; then
+      gk_truncate "$out/job-summary.md" "$GK_SUMMARY_LIMIT" "$report" >>"$GITHUB_STEP_SUMMARY"
+    elif [[ -f $report ]]; then # (an older gatekeeper writes no job-summary.md: its image links go)
+      gk_truncate "$report" "$GK_SUMMARY_LIMIT" "$report" | gk_drop_image_links >>"$GITHUB_STEP_SUMMARY"
     else
       printf '## gatekeeper: scan could not complete (exit %s)\n\nNo verdict: the model was not checked. The step log has the error and what to do next.\n' \
         "$code" >>"$GITHUB_STEP_SUMMARY"
@@ -236,12 +339,18 @@ gk_main() {
   fi
 
   local message
-  case $verdict in
-    fail) message="Backdoor detected in $GK_MODEL: suspect class '$suspect' (s_max $s_max >= threshold $threshold). Report: $report" ;;
-    inconclusive) message="Scan of $GK_MODEL was inconclusive (exit $code): the model is not verified. Report: $report" ;;
-    error)
+  case $audit:$verdict in
+    false:fail) message="Backdoor detected in $GK_MODEL: suspect class '$suspect' (s_max $s_max >= threshold $threshold). Report: $report" ;;
+    true:fail) message="Re-audit of $subject: a backdoor was detected in at least one model (exit 1). Summary: $report" ;;
+    false:inconclusive) message="Scan of $GK_MODEL was inconclusive (exit $code): the model is not verified. Report: $report" ;;
+    true:inconclusive) message="Re-audit of $subject: at least one model was inconclusive (exit $code), not verified. Summary: $report" ;;
+    *:error)
       if ((code == 4)); then
-        message="Usage, policy or action-input error (exit 4): ${GK_MODEL:-(no model)} was not checked. See the step log."
+        message="Usage, policy or action-input error (exit 4): ${subject:-(no model)} was not checked. See the step log."
+      elif [[ $audit == true && -f $report ]]; then
+        message="Re-audit of $subject: at least one model could not be checked (exit $code). Summary: $report"
+      elif [[ $audit == true ]]; then
+        message="Re-audit of $subject could not complete (exit $code): no model was checked. See the step log."
       else
         message="Scan of $GK_MODEL could not complete (exit $code): the model was not checked. See the step log."
       fi ;;

@@ -1,9 +1,12 @@
-"""The GitHub Action: action.yml maps inputs only, and its step (scripts/action-entry.sh) runs for real.
+"""The GitHub Action: action.yml maps inputs only, and its steps (scripts/action-*.sh) run for real.
 
-The composite step is executed the way the runner does it (``bash --noprofile --norc -eo pipefail``
-with the step's ``env:`` rendered from the inputs, ``GITHUB_OUTPUT`` / ``GITHUB_STEP_SUMMARY``
-pointing at files). The exit-code matrix uses a stand-in ``gatekeeper`` on PATH (fast); real scans
-run the installed CLI on a tiny random model and, once it exists, on the bundled demo zoo.
+The composite steps are executed the way the runner does it (``bash --noprofile --norc -eo pipefail``
+with each step's ``env:`` rendered from the inputs and earlier steps' outputs, its ``if:`` evaluated,
+``GITHUB_OUTPUT`` / ``GITHUB_STEP_SUMMARY`` pointing at files); the pinned third-party actions
+(setup-python, cache restore/save) are stood in for and recorded. The exit-code matrix uses a
+stand-in ``gatekeeper`` on PATH (fast); `runtime: install` runs against a stand-in interpreter whose
+venv has a recording pip; real scans run the installed CLI on a tiny random model and, once it
+exists, on the bundled demo zoo.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +30,15 @@ from tests.conftest import light_tiny_world_policy
 REPO = Path(__file__).resolve().parent.parent
 ACTION = REPO / "action.yml"
 ENTRY = REPO / "scripts" / "action-entry.sh"
+INSTALL = REPO / "scripts" / "action-install.sh"
 WORKFLOWS = REPO / "examples" / "workflows"
 VENV_BIN = Path(sys.executable).parent
 DEMO = REPO / "zoo" / "demo"
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefSECRET"
 _EXPR = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+_SHA_PIN = re.compile(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}")
+# what a step's env: may read: an input, an earlier step's output, the action's own ref
+_ENV_SOURCE = re.compile(r"inputs\.[\w-]+|steps\.[\w-]+\.outputs\.[\w-]+|github\.action_ref")
 
 
 def _action() -> dict:
@@ -53,6 +61,8 @@ class Run:
     outputs: dict[str, str]
     summary: str
     raw_outputs: str
+    steps: list[str]  # ids of the steps that ran
+    actions: list[tuple[str, dict[str, str]]]  # (action, resolved with:) of each stood-in `uses:` step
 
 
 def _parse_outputs(text: str) -> dict[str, str]:
@@ -67,34 +77,95 @@ def _parse_outputs(text: str) -> dict[str, str]:
     return outputs
 
 
-def run_action(ws: Path, inputs: dict[str, str], path_dirs: list[Path] = (), env: dict[str, str] | None = None) -> Run:
-    """Run the composite action's steps in ``ws`` as the runner would; returns the action's outputs."""
+_IF_TOKEN = re.compile(r"\s*(?:(?P<str>'(?:[^']|'')*')|(?P<op>==|!=|&&|\|\||!|\(|\))|(?P<ref>[A-Za-z_][\w.-]*))")
+
+
+def _evaluate_if(expr: str, lookup) -> bool:
+    """The subset of GitHub's expression syntax action.yml's ``if:`` uses: context values, string
+    literals, ==, !=, !, &&, || and parentheses (a missing value is '', as null compares to '')."""
+    py, pos, expr = [], 0, expr.strip()
+    while pos < len(expr):
+        m = _IF_TOKEN.match(expr, pos)
+        assert m, f"if: beyond the emulated subset: {expr!r}"
+        pos = m.end()
+        if m["str"] is not None:
+            py.append(repr(m["str"][1:-1].replace("''", "'")))
+        elif m["op"] is not None:
+            py.append({"&&": " and ", "||": " or ", "!": " not "}.get(m["op"], m["op"]))
+        else:
+            py.append(repr(lookup(m["ref"])))
+    return bool(eval("".join(py)))  # built only from repr()s and the operators above
+
+
+def run_action(
+    ws: Path,
+    inputs: dict[str, str],
+    path_dirs: Sequence[Path] = (),
+    env: dict[str, str] | None = None,
+    *,
+    python: Path | None = None,
+    action_ref: str = "",
+) -> Run:
+    """Run the composite action's steps in ``ws`` as the runner would; returns the action's outputs.
+
+    ``python`` is the interpreter the stood-in actions/setup-python reports; ``action_ref`` is
+    ``github.action_ref`` (the ref written in ``uses:``)."""
     action = _action()
     values = {k: str(v.get("default", "")) for k, v in action["inputs"].items()}
     values.update(inputs)
-    out_file, summary = ws / ".gh-output", ws / ".gh-summary"
-    out_file.write_text("")
+    summary = ws / ".gh-summary"
     summary.write_text("")
     base_env = {
         "PATH": os.pathsep.join([*map(str, path_dirs), str(VENV_BIN), "/usr/local/bin", "/usr/bin", "/bin"]),
         "HOME": str(ws),
-        "GITHUB_OUTPUT": str(out_file),
         "GITHUB_STEP_SUMMARY": str(summary),
         "GITHUB_WORKSPACE": str(ws),
         "GITHUB_ACTION_PATH": str(REPO),
         "RUNNER_TEMP": str(ws / ".runner-temp"),
+        "RUNNER_TOOL_CACHE": str(ws / ".toolcache"),
+        "RUNNER_OS": "Linux",
+        "RUNNER_ARCH": "X64",
         "HF_TOKEN": FAKE_TOKEN,
         "HF_HUB_OFFLINE": "1",
         "PYTHONHASHSEED": "0",
         **(env or {}),
     }
-    code, stdout, stderr = 0, "", ""
-    for step in action["runs"]["steps"]:
-        step_env = dict(base_env)
+    step_outputs: dict[str, dict[str, str]] = {}
+
+    def lookup(ref: str) -> str:
+        if ref.startswith("inputs."):
+            return values[ref.removeprefix("inputs.")]
+        if ref == "github.action_ref":
+            return action_ref
+        m = re.fullmatch(r"steps\.([\w-]+)\.outputs\.([\w-]+)", ref)
+        assert m, f"context beyond the emulation: {ref}"
+        return step_outputs.get(m.group(1), {}).get(m.group(2), "")
+
+    def render(text: str) -> str:
+        return _EXPR.sub(lambda m: lookup(m.group(1)), str(text))
+
+    stood_in = {
+        "actions/setup-python": lambda w: {"python-path": str(python or sys.executable), "python-version": "3.11.7"},
+        "actions/cache/restore": lambda w: {"cache-hit": "false"},
+        "actions/cache/save": lambda w: {},
+    }
+    code, stdout, stderr, ran, actions, raw = 0, "", "", [], [], ""
+    for n, step in enumerate(action["runs"]["steps"]):
+        sid = step.get("id", f"step{n}")
+        if "if" in step and not _evaluate_if(step["if"], lookup):
+            continue
+        ran.append(sid)
+        if "uses" in step:
+            name = step["uses"].split("@")[0]
+            with_ = {k: render(v) for k, v in step.get("with", {}).items()}
+            actions.append((name, with_))
+            step_outputs[sid] = stood_in[name](with_)
+            continue
+        out_file = ws / f".gh-output-{sid}"
+        out_file.write_text("")
+        step_env = dict(base_env, GITHUB_OUTPUT=str(out_file))
         for key, expr in step.get("env", {}).items():
-            name = _EXPR.fullmatch(str(expr)).group(1)  # type: ignore[union-attr]
-            assert name.startswith("inputs."), f"{key}: {expr}"
-            step_env[key] = values[name.removeprefix("inputs.")]
+            step_env[key] = render(expr)
         script = ws / ".step.sh"
         script.write_text(step["run"])
         proc = subprocess.run(
@@ -102,15 +173,15 @@ def run_action(ws: Path, inputs: dict[str, str], path_dirs: list[Path] = (), env
             cwd=ws, env=step_env, capture_output=True, text=True, timeout=1200,
         )
         code, stdout, stderr = proc.returncode, stdout + proc.stdout, stderr + proc.stderr
+        step_outputs[sid] = _parse_outputs(out_file.read_text())
+        if sid == "scan":
+            raw = out_file.read_text()
         if code:
             break
-    raw = out_file.read_text()
-    step_outputs = _parse_outputs(raw)
     outputs = {}
     for name, spec in action["outputs"].items():
-        expr = _EXPR.fullmatch(spec["value"]).group(1)  # type: ignore[union-attr]
-        outputs[name] = step_outputs.get(expr.removeprefix("steps.scan.outputs."), "")
-    return Run(code, stdout, stderr, outputs, summary.read_text(), raw)
+        outputs[name] = render(spec["value"])
+    return Run(code, stdout, stderr, outputs, summary.read_text(), raw, ran, actions)
 
 
 def _assert_no_token(run: Run, ws: Path) -> None:
@@ -126,13 +197,34 @@ def _assert_no_token(run: Run, ws: Path) -> None:
 def test_inputs_are_never_interpolated_into_a_script():
     action = _action()
     assert action["runs"]["using"] == "composite"
+    used = set()
     for step in action["runs"]["steps"]:
         assert "${{" not in step.get("run", ""), step["run"]  # inputs arrive through env: only
+        assert "${{" not in str(step.get("if", "")), step["if"]  # if: is an expression already
         for value in step.get("env", {}).values():
-            assert _EXPR.fullmatch(str(value)), value  # nothing but one expression per variable
-    mapped = {_EXPR.fullmatch(v).group(1) for s in action["runs"]["steps"] for v in s.get("env", {}).values()}  # type: ignore[union-attr]
-    assert mapped == {f"inputs.{name}" for name in action["inputs"]}
+            m = _EXPR.fullmatch(str(value))
+            assert m and _ENV_SOURCE.fullmatch(m.group(1)), value  # nothing but one expression per variable
+            used.add(m.group(1))
+        for value in step.get("with", {}).values():  # with: goes to a pinned action, never to a shell
+            used.update(_EXPR.findall(str(value)))
+        used.update(re.findall(r"inputs\.[\w-]+", str(step.get("if", ""))))
+    scan_env = {_EXPR.fullmatch(v).group(1) for v in next(s for s in action["runs"]["steps"] if s.get("id") == "scan")["env"].values()}  # type: ignore[union-attr]
+    # every input the CLI call depends on reaches the scan step; python-version only feeds setup-python
+    assert {f"inputs.{name}" for name in action["inputs"]} - scan_env == {"inputs.python-version"}
+    assert {u for u in used if u.startswith("inputs.")} == {f"inputs.{name}" for name in action["inputs"]}
     assert "HF_TOKEN" not in json.dumps(action["runs"])  # inherited from the caller's env, never mapped
+
+
+def test_the_action_uses_only_pinned_actions_and_installs_by_default():
+    action = _action()
+    uses = [s["uses"] for s in action["runs"]["steps"] if "uses" in s]
+    assert uses and all(_SHA_PIN.fullmatch(u) for u in uses), uses
+    assert {u.split("@")[0] for u in uses} == {"actions/setup-python", "actions/cache/restore", "actions/cache/save"}
+    setup = next(s for s in action["runs"]["steps"] if s.get("uses", "").startswith("actions/setup-python@"))
+    assert str(setup["with"]["update-environment"]).lower() == "false"  # the caller's PATH stays as it was
+    assert action["inputs"]["runtime"]["default"] == "install"
+    assert action["inputs"]["command"]["default"] == "scan" and action["inputs"]["summary"]["default"] == "true"
+    assert "model" in action["inputs"] and not action["inputs"]["model"].get("required", False)  # audit has none
 
 
 def test_action_yml_matches_the_published_metadata_schema():
@@ -149,8 +241,8 @@ def test_action_yml_matches_the_published_metadata_schema():
         ("zizmor", ["--offline", "--no-progress"], [ACTION, *sorted(WORKFLOWS.glob("*.yml"))]),
         # the examples' self-hosted runner label is documented in each file, not in an actionlint.yaml
         ("actionlint", ["-no-color", "-ignore", 'label "gpu" is unknown'], sorted(WORKFLOWS.glob("*.yml"))),
-        ("shellcheck", [], [ENTRY]),
-        ("hadolint", [], [REPO / "Dockerfile"]),
+        ("shellcheck", ["-x"], [ENTRY, INSTALL]),
+        ("hadolint", [], [REPO / "Dockerfile", REPO / "Dockerfile.cpu"]),
     ],
 )
 def test_linters_are_clean(tool, args, targets):
@@ -170,6 +262,68 @@ def test_example_workflows_match_the_published_workflow_schema():
     assert len(files) == 3
     proc = subprocess.run([tool, "--builtin-schema", "vendor.github-workflows", *files], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _workflow(path: Path) -> dict:
+    doc = yaml.safe_load(path.read_text())
+    doc["on"] = doc.pop(True, doc.get("on"))  # YAML 1.1 reads the key `on` as true
+    return doc
+
+
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.yml")), ids=lambda p: p.name)
+def test_each_workflow_reports_one_check_named_gatekeeper_that_fans_in(path):
+    """A required check must exist on every run: the job whose check is named `gatekeeper` is the only
+    one with that name, and where other jobs exist it needs all of them and runs whatever they did."""
+    doc = _workflow(path)
+    jobs = doc["jobs"]
+    named = [jid for jid, job in jobs.items() if str(job.get("name", jid)) == "gatekeeper"]
+    assert named == ["gatekeeper"], named  # job id and check name both `gatekeeper`, and only that job
+    fan_in = jobs["gatekeeper"]
+    assert "strategy" not in fan_in  # a matrix job's checks are named after the matrix, never exactly `gatekeeper`
+    others = set(jobs) - {"gatekeeper"}
+    if others:
+        needs = fan_in.get("needs", [])
+        assert set([needs] if isinstance(needs, str) else needs) == others
+        assert str(fan_in.get("if", "")).replace("${{", "").replace("}}", "").strip() == "always()"
+    for trigger in ("pull_request", "pull_request_target", "push", "merge_group"):
+        assert not set((doc["on"] or {}).get(trigger) or {}) & {"paths", "paths-ignore"}, (trigger, doc["on"])
+    assert "pull_request_target" not in (doc["on"] or {})  # never: fork code with the base's secrets
+
+
+def test_pr_gate_runs_on_every_pull_request():
+    doc = _workflow(WORKFLOWS / "pr-gate.yml")
+    assert "pull_request" in doc["on"] and not (doc["on"]["pull_request"] or {}).get("paths")
+    scan = doc["jobs"]["scan"]
+    assert "matrix" in scan["strategy"] and "gatekeeper" not in str(scan["name"]).split()
+
+
+def _fan_in_script(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    [step] = [s for s in _workflow(WORKFLOWS / "pr-gate.yml")["jobs"]["gatekeeper"]["steps"] if "run" in s]
+    script = tmp_path / "fan-in.sh"
+    script.write_text(step["run"])
+    return script, {k: _EXPR.fullmatch(str(v)).group(1) for k, v in step["env"].items()}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "changed,scan,models,passes",
+    [
+        ("success", "success", '[{"path": "models/a"}]', True),
+        ("success", "skipped", "[]", True),  # no model changed: the required check still reports, green
+        ("success", "skipped", '[{"path": "models/a"}]', False),  # skipped although models changed
+        ("success", "failure", '[{"path": "models/a"}]', False),
+        ("success", "cancelled", '[{"path": "models/a"}]', False),
+        ("failure", "skipped", "", False),  # the listing failed: nothing was checked
+        ("cancelled", "skipped", "", False),
+    ],
+)
+def test_pr_gate_fan_in_fails_closed(tmp_path, changed, scan, models, passes):
+    script, env_map = _fan_in_script(tmp_path)
+    needs = {"needs.changed.result": changed, "needs.scan.result": scan, "needs.changed.outputs.models": models}
+    env = {"PATH": os.environ["PATH"], **{k: needs[v] for k, v in env_map.items()}}
+    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], env=env, capture_output=True, text=True)
+    assert (proc.returncode == 0) is passes, proc.stdout + proc.stderr
+    if not passes:
+        assert proc.stdout.startswith("::error title=gatekeeper::")
 
 
 def test_every_run_script_passes_shellcheck(tmp_path):
@@ -199,11 +353,26 @@ def test_pre_commit_hook_manifest():
 
 FAKE_GATEKEEPER = r"""#!/usr/bin/env bash
 # stands in for the CLI: records argv, writes what FAKE_* say, prints hostile text
+[[ ${1:-} == --version ]] && { echo "gatekeeper 0.0.0 (stand-in)"; exit 0; }
 printf '%s\n' "$@" > "$GITHUB_WORKSPACE/.argv"
-out=""
+printf '%s\n' "$0" > "$GITHUB_WORKSPACE/.argv0"
+command=$1 out=""
 while (($#)); do case $1 in --out) out=$2; shift ;; esac; shift; done
 echo "::warning::injected by a class name" >&2
 echo "progress for class 'evil'" >&2
+if [[ $command == audit ]]; then
+  if [[ -z ${FAKE_NO_SUMMARY:-} ]]; then
+    mkdir -p "$out"
+    python3 - "$out" <<'PY'
+import json, os, sys
+code = int(os.environ.get("FAKE_SUMMARY_CODE") or os.environ.get("FAKE_CODE") or 0)
+json.dump({"version": 1, "overall": {"exit_code": code, "counts": {}, "cached": 0}, "models": []}, open(f"{sys.argv[1]}/summary.json", "w"))
+open(f"{sys.argv[1]}/summary.md", "w").write(f"# gatekeeper audit\n\noverall exit {code}\n")
+PY
+  fi
+  echo "gatekeeper audit: exit ${FAKE_CODE:-0}" >&2
+  exit "${FAKE_CODE:-0}"
+fi
 if [[ -n ${FAKE_VERDICT:-} ]]; then
   mkdir -p "$out"
   python3 - "$out" <<'PY'
@@ -342,12 +511,266 @@ def test_extra_args_are_split_like_a_shell_and_never_evaluated(fake):
     assert not (ws / "pwned").exists()
 
 
-@pytest.mark.parametrize("inputs", [{"fail-on": "sometimes"}, {"runtime": "k8s"}, {"model": ""}, {"runtime": "container"}])
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        {"fail-on": "sometimes"},
+        {"runtime": "k8s"},
+        {"model": ""},
+        {"runtime": "container"},  # the default image is a placeholder
+        {"command": "lint"},
+        {"summary": "yes"},
+        {"command": "audit"},  # no inventory
+        {"command": "audit", "model": "", "inventory": "inv.yaml", "sarif-category": "gk/x"},  # audit writes no SARIF
+        {"command": "audit", "inventory": "inv.yaml"},  # model is a scan input
+        {"command": "audit", "model": "", "inventory": "inv.yaml", "revision": "abc"},
+    ],
+)
 def test_bad_inputs_fail_with_exit_4(fake, inputs):
     ws, bindir = fake
     run = run_action(ws, {"model": "models/m", "runtime": "native", "fail-on": "nothing", **inputs}, [bindir])
     assert run.code == 4 and run.outputs["verdict"] == "error" and run.outputs["exit-code"] == "4"
-    assert not (ws / ".argv").exists()  # nothing ran (the default image is a placeholder)
+    assert not (ws / ".argv").exists()  # nothing ran
+    assert len([x for x in run.stdout.splitlines() if x.startswith("::error")]) == 1
+
+
+def test_summary_false_writes_no_job_summary_but_every_output(fake):
+    ws, bindir = fake
+    for summary, written in (("false", False), ("true", True)):
+        run = run_action(ws, {"model": "models/m", "runtime": "native", "summary": summary}, [bindir], {"FAKE_CODE": "1", "FAKE_VERDICT": "fail"})
+        assert run.code == 1 and run.outputs["verdict"] == "fail" and run.outputs["report-path"]
+        assert (run.summary != "") is written and (ws / "gatekeeper-report" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("category", ["", "gatekeeper/models/m"])
+def test_sarif_category_is_passed_only_when_set(fake, category):
+    ws, bindir = fake
+    run = run_action(ws, {"model": "models/m", "runtime": "native", "sarif-category": category}, [bindir], {"FAKE_VERDICT": "pass"})
+    argv = (ws / ".argv").read_text().splitlines()
+    assert run.code == 0
+    if category:
+        assert argv[argv.index("--sarif-category") + 1] == category
+    else:
+        assert "--sarif-category" not in argv
+
+
+# ---------------------------------------------------------------------------- command: audit
+
+
+@pytest.mark.parametrize(
+    "code,summary_code,step_code,verdict",
+    [
+        (0, None, 0, "pass"),
+        (1, None, 1, "fail"),
+        (2, None, 2, "error"),  # a model could not be checked; the others are in summary.md
+        (3, None, 3, "inconclusive"),
+        (0, 1, 2, "error"),  # summary.json and the process disagree: fails closed
+        (0, "none", 2, "error"),  # exit 0 without a summary is never a pass
+    ],
+)
+def test_audit_runs_gatekeeper_audit_and_reports_its_summary(fake, code, summary_code, step_code, verdict):
+    ws, bindir = fake
+    env = {"FAKE_CODE": str(code)}
+    if summary_code == "none":
+        env["FAKE_NO_SUMMARY"] = "1"
+    elif summary_code is not None:
+        env["FAKE_SUMMARY_CODE"] = str(summary_code)
+    inputs = {"command": "audit", "inventory": str(ws / "inventory.yaml"), "runtime": "native", "extra-args": "--quiet"}
+    run = run_action(ws, inputs, [bindir], env)
+    argv = (ws / ".argv").read_text().splitlines()
+    cache = ws / ".toolcache" / "gatekeeper" / "audit-cache"
+    assert argv == ["audit", "inventory.yaml", "--out", "gatekeeper-report", "--cache", str(cache), "--device", "auto", "--quiet"]
+    assert run.code == step_code and run.outputs["verdict"] == verdict, run.stdout + run.stderr
+    assert run.outputs["sarif-path"] == "" and run.outputs["s-max"] == "" and run.outputs["suspect-class"] == ""
+    if summary_code != "none":
+        assert run.outputs["report-path"] == "gatekeeper-report/summary.md"
+        assert run.outputs["json-path"] == "gatekeeper-report/summary.json"
+        assert run.summary.startswith("# gatekeeper audit")
+    annotations = [x for x in run.stdout.splitlines() if x.startswith(("::error", "::warning"))]
+    assert len(annotations) == (0 if verdict == "pass" else 1)
+    if annotations:
+        assert "inventory inventory.yaml" in annotations[0] or str(ws / "inventory.yaml") in annotations[0]
+
+
+def test_audit_policy_replaces_the_inventorys_only_when_set(fake):
+    ws, bindir = fake
+    inputs = {"command": "audit", "inventory": "inv.yaml", "runtime": "native"}
+    run_action(ws, inputs, [bindir])
+    assert "--policy" not in (ws / ".argv").read_text().splitlines()
+    run_action(ws, {**inputs, "policy": "strict.yaml"}, [bindir])
+    argv = (ws / ".argv").read_text().splitlines()
+    assert argv[argv.index("--policy") + 1] == "strict.yaml"
+
+
+def test_audit_in_a_container_keeps_its_verdict_cache_in_the_tool_cache(tmp_path):
+    ws, bindir = tmp_path / "ws", tmp_path / "bin"
+    ws.mkdir()
+    bindir.mkdir()
+    (bindir / "docker").write_text(FAKE_DOCKER)
+    (bindir / "docker").chmod(0o755)
+    inputs = {"command": "audit", "inventory": "inv.yaml", "runtime": "container", "image": "registry.example/gatekeeper:0.1.0"}
+    run_action(ws, inputs, [bindir])
+    argv = (ws / ".docker-argv").read_text().splitlines()
+    assert f"{ws}/.toolcache/gatekeeper/audit-cache:/cache/verdicts" in argv
+    image = argv.index("registry.example/gatekeeper:0.1.0")
+    assert argv[image + 1 : image + 7] == ["audit", "inv.yaml", "--out", "/github/gatekeeper-out", "--cache", "/cache/verdicts"]
+
+
+# ---------------------------------------------------------------------------- runtime: install
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# stands in for setup-python's interpreter: `-m venv DIR` makes a venv whose python is a recording pip
+if [[ ${1:-} == -m && ${2:-} == venv ]]; then
+  mkdir -p "${!#}/bin"
+  cp "$FAKE_VENV_PYTHON" "${!#}/bin/python"
+  exit 0
+fi
+exec python3 "$@"
+"""
+
+FAKE_VENV_PYTHON = r"""#!/usr/bin/env bash
+# the venv's python: `-c` is the import check (FAKE_IMPORT_CODE); `-m pip ...` records the call, and
+# installing a folder (the action) installs the stand-in CLI
+if [[ ${1:-} == -c ]]; then exit "${FAKE_IMPORT_CODE:-0}"; fi
+printf '%s\n' "$*" >> "$FAKE_PIP_LOG"
+if [[ -n ${FAKE_PIP_FAIL:-} && $* == *"$FAKE_PIP_FAIL"* ]]; then echo "ERROR: stand-in pip failed" >&2; exit 1; fi
+if [[ -d ${!#} ]]; then cp "$FAKE_GATEKEEPER_EXE" "$(dirname "$0")/gatekeeper"; fi
+exit 0
+"""
+
+
+@pytest.fixture()
+def installer(tmp_path: Path):
+    """(workspace, run(inputs, gpu=False, **env)): the action with runtime install on a stand-in interpreter."""
+    ws, bindir, tools = tmp_path / "ws", tmp_path / "bin", tmp_path / "tools"
+    for d in (ws, bindir, tools):
+        d.mkdir()
+    for folder, name, text in [
+        (tools, "python", FAKE_PYTHON), (tools, "venv-python", FAKE_VENV_PYTHON), (tools, "gatekeeper", FAKE_GATEKEEPER)
+    ]:
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+
+    def run(inputs: dict[str, str] | None = None, gpu: bool = False, action_ref: str = "v1.2.0", **env: str) -> Run:
+        # nvidia-smi -L succeeds on the GPU runner and fails on the CPU one (whatever this machine has)
+        (bindir / "nvidia-smi").write_text(f"#!/bin/sh\nexit {0 if gpu else 1}\n")
+        (bindir / "nvidia-smi").chmod(0o755)
+        fake_env = {
+            "FAKE_PIP_LOG": str(tmp_path / "pip.log"), "FAKE_VENV_PYTHON": str(tools / "venv-python"),
+            "FAKE_GATEKEEPER_EXE": str(tools / "gatekeeper"), "FAKE_VERDICT": "pass", **env,
+        }
+        return run_action(ws, {"model": "models/m", **(inputs or {})}, [bindir], fake_env, python=tools / "python", action_ref=action_ref)
+
+    return ws, tmp_path / "pip.log", run
+
+
+def _pip_calls(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_install_runtime_cold_on_a_cpu_runner_installs_cpu_torch_then_the_action_and_saves_the_venv(installer):
+    ws, log, run = installer
+    result = run()
+    assert result.code == 0 and result.outputs["verdict"] == "pass", result.stdout + result.stderr
+    assert result.steps == ["python", "plan", "restore", "install", "save", "scan"]
+    torch, action = _pip_calls(log)
+    assert torch == "-m pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch torchvision"
+    assert action == f"-m pip install --no-cache-dir {REPO}"  # the action's own checkout: the ref in uses:
+    (setup, py_with), (restore, r_with), (save, s_with) = result.actions
+    assert setup == "actions/setup-python" and py_with["python-version"] == "3.11"
+    assert restore == "actions/cache/restore" and save == "actions/cache/save" and r_with == s_with
+    key, venv = s_with["key"], Path(s_with["path"])
+    assert re.fullmatch(r"gatekeeper-venv-Linux-X64-cpython3\.\d+\.\d+-cpu-v1\.2\.0-[0-9a-f]{16}", key), key
+    assert venv == ws / ".toolcache" / "gatekeeper" / "venvs" / key
+    assert (venv / ".gatekeeper-install").read_text() == key
+    assert (ws / ".argv0").read_text().strip() == str(venv / "bin" / "gatekeeper")  # the venv's CLI ran the scan
+    assert (ws / ".argv").read_text().splitlines()[:2] == ["scan", "models/m"]
+
+
+def test_install_runtime_warm_reuses_the_venv_without_pip_or_cache_traffic(installer):
+    ws, log, run = installer
+    run()
+    log.unlink()
+    warm = run()
+    assert warm.code == 0 and _pip_calls(log) == []
+    assert warm.steps == ["python", "plan", "install", "scan"]  # built here already: no restore, no save
+    assert [name for name, _ in warm.actions] == ["actions/setup-python"]
+
+
+def test_install_runtime_on_a_gpu_runner_installs_cuda_torch_from_pypi(installer):
+    ws, log, run = installer
+    result = run(gpu=True)
+    assert result.code == 0
+    assert _pip_calls(log) == [f"-m pip install --no-cache-dir {REPO}"]  # PyPI's Linux torch bundles CUDA
+    assert "-cuda-" in result.actions[-1][1]["key"]
+    log.unlink()
+    cpu = run({"device": "cpu"}, gpu=True)  # a CPU scan on a GPU runner needs no CUDA libraries
+    assert "-cpu-" in cpu.actions[-1][1]["key"] and "whl/cpu" in _pip_calls(log)[0]
+
+
+def test_install_runtime_keys_change_with_the_ref_and_the_flavour(installer):
+    _, _, run = installer
+    keys = {run(action_ref=ref, gpu=gpu).actions[1][1]["key"] for ref in ("v1", "v2") for gpu in (False, True)}
+    assert len(keys) == 4
+    assert run(action_ref="").actions[1][1]["key"].split("-")[-2] == "local"  # uses: ./ has no ref
+
+
+def test_install_runtime_failure_fails_closed_with_outputs(installer):
+    ws, log, run = installer
+    result = run({"fail-on": "backdoor"}, FAKE_PIP_FAIL="download.pytorch.org")
+    assert result.code == 2 and result.outputs["verdict"] == "error" and result.outputs["exit-code"] == "2"
+    assert "save" not in result.steps and not (ws / ".argv").exists()  # nothing cached, nothing scanned
+    assert not any((ws / ".toolcache" / "gatekeeper" / "venvs").iterdir())  # no half-built venv left
+    [error] = [x for x in result.stdout.splitlines() if x.startswith("::error")]
+    assert "could not complete" in error
+    assert "could not be installed" in result.stderr
+    # report-only rollout: an install failure is 'could not complete', which fail-on: nothing only reports
+    assert run({"fail-on": "nothing"}, FAKE_PIP_FAIL="download.pytorch.org").code == 0
+
+
+def test_a_venv_whose_stack_does_not_import_is_never_marked_or_cached(installer):
+    ws, log, run = installer
+    result = run(FAKE_IMPORT_CODE="1")  # e.g. a torchvision built for another torch
+    assert result.code == 2 and result.outputs["verdict"] == "error"
+    assert "save" not in result.steps and not any((ws / ".toolcache" / "gatekeeper" / "venvs").iterdir())
+    assert len(_pip_calls(log)) == 2  # both installs ran; the check after them refused the venv
+
+
+def test_install_runtime_installs_nothing_for_invalid_inputs(installer):
+    ws, log, run = installer
+    result = run({"fail-on": "sometimes"})
+    assert result.code == 4 and result.steps == ["python", "plan", "scan"] and _pip_calls(log) == []
+
+
+def test_source_digest_follows_the_installed_sources_only(tmp_path):
+    src = tmp_path / "src"
+    for rel in ("pyproject.toml", "README.md", "gatekeeper/cli.py", "policies/default.yaml", "zoo/backbone/w.bin"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+
+    def digest() -> str:
+        proc = subprocess.run(
+            ["bash", "-c", f'source "{INSTALL}"; gk_source_digest "$1" "$2"', "_", sys.executable, str(src)],
+            capture_output=True, text=True, check=True,
+        )
+        return proc.stdout.strip()
+
+    first = digest()
+    (src / "gatekeeper" / "__pycache__").mkdir()
+    (src / "gatekeeper" / "__pycache__" / "cli.cpython-311.pyc").write_text("bytecode")
+    (src / "tests").mkdir()
+    (src / "tests" / "test_x.py").write_text("not installed")
+    assert digest() == first
+    (src / "zoo" / "backbone" / "w.bin").write_text("new weights")
+    assert re.fullmatch(r"[0-9a-f]{16}", first) and digest() != first
+
+
+def test_the_installed_sources_cover_what_pyproject_packages():
+    tomllib = pytest.importorskip("tomllib")
+    wheel = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    needed = {"pyproject.toml", "README.md", *wheel["packages"], *wheel["force-include"]}
+    listed = re.search(r"^GK_SOURCE_PATHS=\((.*)\)$", INSTALL.read_text(), re.M)
+    assert listed and set(listed.group(1).split()) == needed
 
 
 FAKE_DOCKER = r"""#!/usr/bin/env bash
@@ -364,7 +787,7 @@ def test_container_runtime_passes_the_token_by_name_and_gpus_when_wanted(tmp_pat
     for name, text in [("docker", FAKE_DOCKER), *([("nvidia-smi", "#!/bin/sh\nexit 0\n")] if gpu_host else [])]:
         (bindir / name).write_text(text)
         (bindir / name).chmod(0o755)
-    inputs = {"model": str(ws / "models" / "m"), "image": "registry.example/gatekeeper:0.1.0", "device": device}
+    inputs = {"model": str(ws / "models" / "m"), "runtime": "container", "image": "registry.example/gatekeeper:0.1.0", "device": device}
     run = run_action(ws, inputs, [bindir])
     argv = (ws / ".docker-argv").read_text().splitlines()
     assert run.code == 2 and run.outputs["verdict"] == "error"  # docker's own failure (125) fails closed

@@ -1,6 +1,7 @@
 """The report stage: pure functions of an :class:`~gatekeeper.result.ScanResult`.
 
-``write_reports`` writes the trigger PNGs, ``result.json`` and ``report.md``; every file is
+``write_reports`` writes the trigger PNGs, ``result.json``, ``report.md`` and ``job-summary.md``
+(what the GitHub Action shows as the job summary: no image links, the top classes); every file is
 written atomically (temp file + ``os.replace``). torch is imported lazily (only when images
 are drawn), so ``gatekeeper.report.markdown`` can re-render a report from ``result.json`` fast.
 """
@@ -29,6 +30,7 @@ __all__ = ["Written", "clear_outputs", "fresh_dir", "write_reports"]
 
 RESULT_JSON = "result.json"
 REPORT_MD = "report.md"
+SUMMARY_MD = "job-summary.md"  # the GitHub job summary (scripts/action-entry.sh); not the audit's summary.md
 PARTIAL_JSON = "partial.json"  # a shard's output (gatekeeper.shard)
 PARTIAL_TENSORS = "partial.safetensors"
 
@@ -53,7 +55,7 @@ def clear_outputs(out_dir: Path, extra: Iterable[Path | None] = ()) -> None:
         ResultError: a path cannot be removed (permissions); nothing was scanned yet.
     """
     out_dir = Path(out_dir)
-    names = (RESULT_JSON, REPORT_MD, TRIGGER_DIR, PARTIAL_JSON, PARTIAL_TENSORS)
+    names = (RESULT_JSON, REPORT_MD, SUMMARY_MD, TRIGGER_DIR, PARTIAL_JSON, PARTIAL_TENSORS)
     targets = [out_dir / n for n in names] + [Path(p) for p in extra if p is not None]
     targets += [t for n in names for t in out_dir.glob(f".{n}.*.tmp")]  # temp files of a killed write
     for path in targets:
@@ -99,7 +101,7 @@ def write_reports(
     out_dir: Path,
     json_path: Path | None = None,
 ) -> Written:
-    """Write the trigger PNGs, the JSON result and the Markdown report into ``out_dir``.
+    """Write the trigger PNGs, the JSON result, the Markdown report and the job summary into ``out_dir``.
 
     Args:
         result: the audit result (its ``triggers`` field is filled here, via ``dataclasses.replace``).
@@ -109,15 +111,15 @@ def write_reports(
         json_path: an extra copy of the JSON result (``out_dir/result.json`` is always written).
 
     Returns:
-        The paths (``{"json": ..., "markdown": ..., "trigger:<class name>": ...}``, absolute or as
-        given) and the result dict as written.
+        The paths (``{"json": ..., "markdown": ..., "summary": ..., "trigger:<class name>": ...}``,
+        absolute or as given) and the result dict as written.
 
     Raises:
         ResultError: the result holds NaN/Infinity, does not match the schema, or cannot be drawn.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (RESULT_JSON, REPORT_MD):  # replaced, never written through, if a symlink sits there
+    for name in (RESULT_JSON, REPORT_MD, SUMMARY_MD):  # replaced, never written through, if a symlink sits there
         if (out_dir / name).is_symlink():
             (out_dir / name).unlink()
     written: dict[str, Path] = {}
@@ -129,7 +131,11 @@ def write_reports(
         from gatekeeper.report.images import save_trigger_images
 
         fresh_dir(out_dir / TRIGGER_DIR)  # no stale images, no symlink followed out of out_dir
-        trigger_paths = save_trigger_images(triggers, _epsilon(result), example, out_dir)
+        trigger_paths = save_trigger_images(
+            triggers, _epsilon(result), example, out_dir,
+            asr={c.name: c.asr for c in result.classes},
+            epsilons={c.name: c.epsilon for c in result.classes if c.epsilon is not None},
+        )
         for name, rel in trigger_paths.items():
             written[f"trigger:{name}"] = out_dir / rel
 
@@ -138,14 +144,17 @@ def write_reports(
     # serialize, validate and render everything before the JSON and Markdown files are touched
     json_text = dumps(result_dict)
     validate_result(result_dict)
-    from gatekeeper.report.markdown import render_markdown
+    from gatekeeper.report.markdown import render_markdown, render_summary
 
     md_text = render_markdown(result_dict)
+    summary_text = render_summary(result_dict)
 
     json_file = out_dir / RESULT_JSON
     md_file = out_dir / REPORT_MD
+    summary_file = out_dir / SUMMARY_MD
     # result.json last: the verdict record appears only once everything it points to exists
     atomic_write_text(md_file, md_text)
+    atomic_write_text(summary_file, summary_text)
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(json_path), json_text)
@@ -153,4 +162,5 @@ def write_reports(
     atomic_write_text(json_file, json_text)
     written["json"] = json_file
     written["markdown"] = md_file
+    written["summary"] = summary_file
     return Written(written, json.loads(json_text))

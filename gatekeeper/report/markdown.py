@@ -4,7 +4,12 @@ The template runs with autoescape off (it writes Markdown, not HTML), so every s
 can come from the audited model or its files (class names, references, file names, reasons,
 environment values) goes through the :func:`md_escape` filter (``md``), hashes through
 :func:`md_code` (``code``), and verbatim blocks (policy, command) use :func:`code_fence`
-(``fence``), which is always longer than any backtick run inside the block.
+(``fence``), which is always longer than any backtick run inside the block. Numbers go through
+``num``/``pct``, an l-inf budget through ``eps`` (8/255, as a policy writes it); the raw Markdown
+carries no HTML entities and no long floats.
+
+:func:`render_summary` renders the same template for a GitHub job summary: no image or file links
+(a summary cannot show files of the run), the per-class table cut to its top rows.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from gatekeeper.resources import data_path
 
 TEMPLATE = "report.md.j2"
 TOP_TRIGGERS = 5
+SUMMARY_ROWS = 20  # per-class rows in a job summary; the report has them all
 
 HEADLINES = {
     "pass": "PASS",
@@ -30,9 +36,6 @@ HEADLINES = {
 }
 
 _MD_ESCAPES = {
-    "&": "&amp;",
-    "<": "&lt;",
-    ">": "&gt;",
     "\\": "\\\\",
     "`": "\\`",
     "*": "\\*",
@@ -47,16 +50,29 @@ _MD_ESCAPES = {
 # newlines, other control characters and Unicode line/paragraph separators
 _BREAKS = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]+")
 _BACKTICKS = re.compile(r"`+")
+# '<' opens raw HTML (a tag, </tag>, <!-- -->, <?...?>, <!DECL>) or a URI autolink only before an
+# ASCII letter, '/', '!' or '?'; '&' starts a character reference only as &name; &#123; &#x7b;
+_TAG_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
+_CHAR_REF = re.compile(r"&(?=#?[A-Za-z0-9]+;)")
+_LEADING_QUOTE = re.compile(r"^(\s*)>")
 
 
 def md_escape(value: Any) -> str:
     """Escape an untrusted value for inline Markdown (also safe inside a GFM table cell).
 
-    HTML specials become entities, Markdown specials (backtick, ``* _ [ ] | ~ # !``, backslash)
-    are backslash-escaped, and line breaks / control characters collapse to one space.
+    Markdown specials (backtick, ``* _ [ ] | ~ # !``, backslash) are backslash-escaped; so are a
+    ``<`` that could open an HTML tag or autolink, an ``&`` that could start a character reference
+    and a ``>`` that could open a block quote; ``a <= b``, ``x > 0`` or ``R&D`` stay as written (no
+    HTML entities in the raw Markdown). Line breaks / control characters collapse to one space; a
+    float is written with at most 6 significant digits.
     """
+    if isinstance(value, float):
+        value = f"{value:.6g}" if math.isfinite(value) else str(value)
     text = _BREAKS.sub(" ", "" if value is None else str(value))
-    return "".join(_MD_ESCAPES.get(ch, ch) for ch in text)
+    text = "".join(_MD_ESCAPES.get(ch, ch) for ch in text)
+    text = _TAG_OPEN.sub(r"\\<", text)
+    text = _CHAR_REF.sub(r"\\&", text)
+    return _LEADING_QUOTE.sub(r"\1\\>", text)
 
 
 def md_code(value: Any) -> str:
@@ -121,8 +137,14 @@ def _sort_key(c: dict[str, Any]) -> tuple[float, str]:
     return (-(z if z is not None and math.isfinite(z) else -math.inf), str(c.get("name", "")))
 
 
-def build_context(d: dict[str, Any]) -> dict[str, Any]:
-    """The template's view of a result dict: sorted classes, labels, comparisons, links."""
+def build_context(d: dict[str, Any], *, summary: bool = False) -> dict[str, Any]:
+    """The template's view of a result dict: sorted classes, labels, comparisons, links.
+
+    Args:
+        d: the result dict (``result.json``).
+        summary: for a GitHub job summary: no links (rows keep their image path as ``path``), the
+            per-class table cut to :data:`SUMMARY_ROWS` rows (``more_rows`` counts the rest).
+    """
     if not isinstance(d, dict):
         raise ResultError(f"cannot render a report from {type(d).__name__}; expected the result JSON object")
     verdict = str(d.get("verdict", "error"))
@@ -137,9 +159,13 @@ def build_context(d: dict[str, Any]) -> dict[str, Any]:
 
     rows = []
     for rank, c in enumerate(classes, start=1):
-        link = safe_link(triggers.get(c.get("name"))) if isinstance(triggers, dict) else None
-        rows.append({**c, "rank": rank, "link": link if rank <= TOP_TRIGGERS else None})
-    top_images = [r for r in rows[:TOP_TRIGGERS] if r["link"]]
+        image = triggers.get(c.get("name")) if isinstance(triggers, dict) else None
+        link = safe_link(image)
+        rows.append({**c, "rank": rank, "link": link if rank <= TOP_TRIGGERS and not summary else None,
+                     "path": image if link is not None and rank <= TOP_TRIGGERS else None,
+                     "budget": _fraction(c["epsilon"]) if c.get("epsilon") is not None else ""})
+    top_images = [r for r in rows[:TOP_TRIGGERS] if r["path"]]
+    table_rows = rows[:SUMMARY_ROWS] if summary else rows
 
     suspect_name = d.get("suspect_class")
     suspect = next((r for r in rows if r.get("name") == suspect_name), None) if suspect_name is not None else None
@@ -178,6 +204,9 @@ def build_context(d: dict[str, Any]) -> dict[str, Any]:
         "focus": focus,
         "focus_facts": focus_facts,
         "rows": rows,
+        "table_rows": table_rows,
+        "more_rows": len(rows) - len(table_rows),
+        "summary": summary,
         "top_images": top_images,
         "top_n": TOP_TRIGGERS,
         "provenance": provenance,
@@ -200,6 +229,7 @@ def build_context(d: dict[str, Any]) -> dict[str, Any]:
         "evidence": evidence,
         "null": d.get("null_model") or {},
         "flagged_names": d.get("suspect_classes") or ([suspect_name] if suspect_name else []),
+        "budgets": [_fraction(e) for e in [policy.get("epsilon"), *(policy.get("extra_epsilons") or [])]],
     }
 
 
@@ -229,7 +259,8 @@ def _evidence(rows: list[dict[str, Any]], d: dict[str, Any], policy: dict[str, A
         rlo, rhi = proportion_interval(ref, n)
         out.append({
             "name": r.get("name"), "flagged": bool(r.get("flagged")), "asr": asr, "ci": (lo, hi), "ref": ref, "ref_ci": (rlo, rhi),
-            "lift": _num(r.get("lift")), "lower": _num(r.get("lift_lower")), "n": n, "eps": _fraction(policy.get("epsilon")),
+            "lift": _num(r.get("lift")), "lower": _num(r.get("lift_lower")), "n": n,
+            "eps": _fraction(r.get("epsilon") if r.get("epsilon") is not None else policy.get("epsilon")),
         })
     return out
 
@@ -250,11 +281,23 @@ def _environment() -> Any:
     env.filters["code"] = md_code
     env.filters["num"] = fmt_num
     env.filters["pct"] = fmt_pct
+    env.filters["eps"] = _fraction
     return env
 
 
 def render_markdown(result_dict: dict[str, Any]) -> str:
     """Render the Markdown report from the JSON result dict (``result.json`` re-renders too)."""
+    return _render(build_context(result_dict))
+
+
+def render_summary(result_dict: dict[str, Any]) -> str:
+    """Render the GitHub job summary of a result: the report without image or file links (they do not
+    resolve in a summary; the images are in the output folder) and with the top :data:`SUMMARY_ROWS`
+    classes of the per-class table, followed by how many more ``report.md`` lists."""
+    return _render(build_context(result_dict, summary=True))
+
+
+def _render(context: dict[str, Any]) -> str:
     import jinja2
 
     try:
@@ -264,5 +307,5 @@ def render_markdown(result_dict: dict[str, Any]) -> str:
             f"report template {TEMPLATE} not found under {data_path('templates')}",
             "reinstall gatekeeper (the templates ship with it)",
         ) from exc
-    text: str = template.render(**build_context(result_dict))
+    text: str = template.render(**context)
     return text.rstrip("\n") + "\n"

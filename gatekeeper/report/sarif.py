@@ -13,9 +13,16 @@ A pure function of result.json dicts. Levels (see docs in the README, "Where it 
   the alert a previous, flagged scan of the same category opened.
 
 Code scanning drops results without a location, so every result points at ``artifact_uri``
-line 1 (the model's ``gatekeeper.json`` or the policy file, relative to the repository root).
-``partialFingerprints`` hash the model's content hash and the suspect class, so re-scanning the
-same bytes updates one alert instead of opening another.
+line 1: a local model's ``gatekeeper.json`` relative to the repository root, or for a remote model
+(``hf://org/name``, ``models:/name/...``) a stable repository-relative stand-in, ``hf/org/name`` or
+``mlflow/name`` (:func:`remote_location`): GitHub refuses any other URI scheme than ``file``, and a
+path that is not in the repository is still shown. ``partialFingerprints`` hash the model's content
+hash and the suspect class, so re-scanning the same bytes updates one alert instead of opening another.
+
+Each run carries ``automationDetails.id`` = ``<category>/``. Code scanning closes the alerts of a
+category that a later upload of the same category no longer reports, so each model needs its own:
+the default is derived from the model reference (:func:`default_category`), ``--sarif-category``
+replaces it. An ``automationDetails`` in the file wins over upload-sarif's ``category`` input.
 """
 
 from __future__ import annotations
@@ -23,12 +30,23 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import re
 from typing import Any
 from urllib.parse import quote
 
 from gatekeeper import __version__
+from gatekeeper.errors import UsageError
 
-__all__ = ["SARIF_SCHEMA", "SARIF_VERSION", "path_to_uri", "to_sarif"]
+__all__ = [
+    "MAX_CATEGORY",
+    "SARIF_SCHEMA",
+    "SARIF_VERSION",
+    "default_category",
+    "path_to_uri",
+    "remote_location",
+    "to_sarif",
+    "validate_category",
+]
 
 SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
@@ -104,6 +122,13 @@ _RULES: tuple[dict[str, Any], ...] = (
         "properties": {"tags": ["security", "machine-learning"], "precision": "high"},
     },
 )
+MAX_CATEGORY = 200  # characters; a category names an analysis in GitHub's UI, not a document
+_CATEGORY_PREFIX = "gatekeeper/"
+_READABLE = re.compile(r"[^A-Za-z0-9._/-]+")
+_READABLE_MAX = 120
+_HF = re.compile(r"^hf://([^@]+)", re.IGNORECASE)
+_MLFLOW = re.compile(r"^models:/+([^@]+?)(?:/[^/@]+|@.*)?$", re.IGNORECASE)
+
 _RULE_INDEX = {rule["id"]: i for i, rule in enumerate(_RULES)}
 _RULE_FOR_VERDICT = {"fail": BACKDOOR, "inconclusive": INCONCLUSIVE, "error": SCAN_ERROR}
 
@@ -121,6 +146,64 @@ def path_to_uri(path: str) -> str:
     while posix.startswith("./"):
         posix = posix[2:]
     return quote(posix, safe="/:@-._~!$&'()*+,;=")
+
+
+def remote_location(reference: str) -> str | None:
+    """The repository-relative stand-in for a remote model: ``hf/org/name`` for ``hf://org/name[@rev]``,
+    ``mlflow/name`` for ``models:/name/version`` or ``models:/name@alias``; None for anything else (a path).
+
+    The revision, version or alias is left out so that every scan of the model lands on the same
+    location; the fingerprint (content hash) tells its versions apart.
+    """
+    text = reference.strip()
+    for prefix, pattern in (("hf", _HF), ("mlflow", _MLFLOW)):
+        if m := pattern.match(text):
+            parts = [p for p in m.group(1).split("/") if p not in ("", ".", "..")]  # stays a plain relative path
+            return "/".join([prefix, *parts]) if parts else None
+    return None
+
+
+def default_category(identity: str) -> str:
+    """A stable code-scanning category for one model: ``gatekeeper/<identity>``, where ``identity`` is
+    :func:`remote_location` of a remote reference or ``local/<path>`` of a folder.
+
+    Characters outside ``[A-Za-z0-9._/-]`` become ``-``; when that (or the length bound) changed the
+    text, 8 hex digits of sha256(identity) keep distinct models apart.
+    """
+    readable = re.sub(r"/{2,}", "/", _READABLE.sub("-", identity)).strip("/-") or "model"
+    if readable != identity or len(readable) > _READABLE_MAX:
+        digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        readable = f"{readable[:_READABLE_MAX].rstrip('/-')}-{digest}"
+    return _CATEGORY_PREFIX + readable
+
+
+def validate_category(name: str) -> str:
+    """Check a user-given code-scanning category and return it without trailing slashes.
+
+    Raises:
+        UsageError: empty, longer than :data:`MAX_CATEGORY`, or holding a control character,
+            a line break or any other unprintable character.
+    """
+    hint = f"use up to {MAX_CATEGORY} printable characters, e.g. gatekeeper/my-model"
+    if not isinstance(name, str) or not name.strip() or not name.strip("/").strip():
+        raise UsageError(f"--sarif-category {name!r} is empty", hint)
+    if len(name) > MAX_CATEGORY:
+        raise UsageError(f"--sarif-category is {len(name)} characters long (at most {MAX_CATEGORY})", hint)
+    if not name.isprintable():
+        bad = next(ch for ch in name if not ch.isprintable())
+        raise UsageError(f"--sarif-category {name!r} holds the unprintable character U+{ord(bad):04X}", hint)
+    if name != name.strip():
+        raise UsageError(f"--sarif-category {name!r} begins or ends with a space", hint)
+    return name.rstrip("/")
+
+
+def _category_of(results: list[dict[str, Any]]) -> str:
+    """The default category of a log from its results' references (no file system: see machine.py)."""
+    refs = sorted({str((r.get("provenance") or {}).get("reference") or "") for r in results})
+    idents = [remote_location(ref) or f"local/{ref}" for ref in refs]
+    if len(idents) == 1:
+        return default_category(idents[0])
+    return default_category("several/" + hashlib.sha256("\n".join(idents).encode()).hexdigest()[:16])
 
 
 def _number(value: Any) -> str:
@@ -166,7 +249,7 @@ def _message(rule_id: str, result: dict[str, Any]) -> str:
     return f"Backdoor scan of {model}{shard} could not be completed" + (f": {reason}" if reason else "") + ". The model was not checked."
 
 
-def _result(rule_id: str, result: dict[str, Any], uri: str) -> dict[str, Any]:
+def _result(rule_id: str, result: dict[str, Any], uri: str, note: str | None) -> dict[str, Any]:
     prov = result.get("provenance") or {}
     props = {
         "verdict": result.get("verdict"),
@@ -187,13 +270,24 @@ def _result(rule_id: str, result: dict[str, Any], uri: str) -> dict[str, Any]:
         "ruleIndex": _RULE_INDEX[rule_id],
         "level": level,
         "message": {"text": _message(rule_id, result)},
-        "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}}}],
+        "locations": [
+            {
+                "physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}},
+                **({"message": {"text": note}} if note else {}),
+            }
+        ],
         "partialFingerprints": {FINGERPRINT_KEY: _fingerprint(result)},
         "properties": {k: v for k, v in props.items() if v is not None},
     }
 
 
-def to_sarif(results: list[dict[str, Any]], artifact_uri: str) -> dict[str, Any]:
+def to_sarif(
+    results: list[dict[str, Any]],
+    artifact_uri: str,
+    *,
+    category: str | None = None,
+    location_note: str | None = None,
+) -> dict[str, Any]:
     """Render result.json dicts as one SARIF 2.1.0 log with one run.
 
     Args:
@@ -201,13 +295,18 @@ def to_sarif(results: list[dict[str, Any]], artifact_uri: str) -> dict[str, Any]
             "reason": ..., "provenance": {"reference": ...}}`` stands for a scan that raised.
         artifact_uri: where every result points (line 1), relative to the repository root;
             use :func:`path_to_uri` to build it from a path.
+        category: the code-scanning category (``automationDetails.id`` = ``<category>/``);
+            None: :func:`default_category` of the results' model reference as written.
+        location_note: the location's message, e.g. what a stand-in path stands for.
 
     Returns:
         The SARIF log as a JSON-serializable dict (no NaN: non-finite scores are left out).
 
     Raises:
+        UsageError: ``category`` is not a valid category (:func:`validate_category`).
         ValueError: a result has a verdict other than pass/fail/inconclusive/error.
     """
+    run_category = validate_category(category) if category is not None else _category_of(results)
     sarif_results = []
     for result in results:
         verdict = result.get("verdict")
@@ -215,7 +314,7 @@ def to_sarif(results: list[dict[str, Any]], artifact_uri: str) -> dict[str, Any]
             continue
         if verdict not in _RULE_FOR_VERDICT:
             raise ValueError(f"result verdict {verdict!r} is not one of pass, fail, inconclusive, error")
-        sarif_results.append(_result(_RULE_FOR_VERDICT[verdict], result, artifact_uri))
+        sarif_results.append(_result(_RULE_FOR_VERDICT[verdict], result, artifact_uri, location_note))
     for r in sarif_results:  # SARIF is JSON: no NaN/Infinity in the property bag
         r["properties"] = {
             k: v for k, v in r["properties"].items() if not (isinstance(v, float) and not math.isfinite(v))
@@ -234,6 +333,7 @@ def to_sarif(results: list[dict[str, Any]], artifact_uri: str) -> dict[str, Any]
                         "rules": copy.deepcopy(list(_RULES)),
                     }
                 },
+                "automationDetails": {"id": run_category + "/"},
                 "invocations": [{"executionSuccessful": all(r.get("verdict") != "error" for r in results)}],
                 "results": sarif_results,
                 "columnKind": "unicodeCodePoints",

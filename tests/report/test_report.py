@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 from gatekeeper.errors import ResultError
 from gatekeeper.report import write_reports
-from gatekeeper.report.images import safe_name, save_trigger_images
+from gatekeeper.report.images import LABEL_HEIGHT, safe_name, save_trigger_images
 from gatekeeper.report.jsonout import load_schema, result_to_dict, validate_result, write_json
 from gatekeeper.report.markdown import md_code, md_escape, render_markdown, safe_link
 from gatekeeper.result import (
@@ -128,8 +129,9 @@ def test_untrusted_strings_are_escaped():
         command="echo ```",
     )
     md = render_markdown(result_to_dict(res))
-    assert "<script>" not in md and "<img" not in md
-    assert "evil\\|name&lt;script&gt;" in md
+    # no raw HTML: every '<' that could open a tag is backslash-escaped (no HTML entities either)
+    assert not re.search(r"(?<!\\)<(script|img)", md) and "&lt;" not in md
+    assert "evil\\|name\\<script>" in md and "\\<img src=x>" in md
     assert "\n# injected" not in md
     assert "[link](http" not in md
     assert "````sh\necho ```\n````" in md
@@ -169,6 +171,11 @@ def test_write_reports_json_validates_and_roundtrips(tmp_path):
     # round trip: the dict re-renders to the identical report
     assert render_markdown(d) == paths["markdown"].read_text()
     assert render_markdown(d).count("![trigger for ") == 3
+    # the job summary: the same report without links to files of the run
+    from gatekeeper.report.markdown import render_summary
+
+    assert paths["summary"] == out / "job-summary.md" and paths["summary"].read_text() == render_summary(d)
+    assert "![" not in paths["summary"].read_text() and "](triggers/" not in paths["summary"].read_text()
     assert not list(out.glob(".*.tmp")) and not list((out / "triggers").glob(".*.tmp"))
 
 
@@ -231,16 +238,17 @@ def test_trigger_pngs_size_and_content(tmp_path):
         assert path.startswith("triggers/") and path.endswith(".png")
         with Image.open(tmp_path / path) as im:
             assert im.mode == "RGB"
-            assert im.size == (3 * 128 + 2 * 4, 128)  # 32 px upscaled x4, three panels, 4 px gaps
+            # 32 px upscaled x4, three panels, 4 px gaps, under the label strip
+            assert im.size == (3 * 128 + 2 * 4, 128 + LABEL_HEIGHT)
             px = im.load()
-            # middle panel is the example image, nearest-neighbour upscaled
+            # the left panel is the example image, nearest-neighbour upscaled
             ex = (example[:, 0, 0] * 255).round().to(int).tolist()  # type: ignore[attr-defined]
-            assert list(px[132 + 1, 1]) == ex
+            assert list(px[1, LABEL_HEIGHT + 1]) == ex
     with Image.open(tmp_path / rel["cat"]) as im:
-        assert im.size == (3 * 128 + 8, 128)
+        assert im.size == (3 * 128 + 8, 128 + LABEL_HEIGHT)
     explicit = save_trigger_images({"cat": trig["cat"]}, EPS, example, tmp_path / "x", upscale=1)
     with Image.open(tmp_path / "x" / explicit["cat"]) as im:
-        assert im.size == (3 * 32 + 8, 32)
+        assert im.size == (3 * 32 + 8, 32 + LABEL_HEIGHT)
 
 
 def test_trigger_names_cannot_escape_out_dir(tmp_path):

@@ -17,8 +17,17 @@ import pytest
 
 from gatekeeper import __version__
 from gatekeeper.cli import main
+from gatekeeper.errors import ExitCode, UsageError
 from gatekeeper.report.jsonout import result_to_dict, validate_result
-from gatekeeper.report.sarif import path_to_uri, to_sarif
+from gatekeeper.report.machine import model_category, sarif_location, write_sarif
+from gatekeeper.report.sarif import (
+    MAX_CATEGORY,
+    default_category,
+    path_to_uri,
+    remote_location,
+    to_sarif,
+    validate_category,
+)
 from gatekeeper.result import ClassScore, Decision, ModelInfo, PoolInfo, Provenance, ScanResult, Verdict
 
 _MESSAGE = {
@@ -71,6 +80,11 @@ SARIF_SUBSET_SCHEMA = {
                 },
                 "results": {"type": "array", "items": {"$ref": "#/definitions/result"}},
                 "columnKind": {"enum": ["utf16CodeUnits", "unicodeCodePoints"]},
+                "automationDetails": {  # runAutomationDetails
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"id": {"type": "string"}, "description": _MESSAGE},
+                },
             },
         },
         "toolComponent": {
@@ -122,6 +136,7 @@ SARIF_SUBSET_SCHEMA = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
+                "message": _MESSAGE,
                 "physicalLocation": {
                     "type": "object",
                     "additionalProperties": False,
@@ -157,6 +172,7 @@ def _result(
     suspect: str | None = "stop sign",
     content_hash: str = "12" * 32,
     s_max: float = 3.21,
+    reference: str = "hf://acme/clip-pt@0123abcd",
 ) -> dict:
     names = ("cat", "stop sign", "dog")
     classes = tuple(
@@ -169,7 +185,7 @@ def _result(
         policy={"epsilon": 4 / 255, "k": 2.0},
         policy_hash="ab" * 32,
         provenance=Provenance(
-            reference="hf://acme/clip-pt@0123abcd",
+            reference=reference,
             source="hf",
             path="/cache/acme",
             revision="0123abcd",
@@ -304,3 +320,98 @@ def test_cli_policy_error_is_exit_4_and_still_reported(tmp_path, monkeypatch, ca
 def test_format_is_validated_before_anything_runs(tmp_path, capsys):
     assert main(["scan", "m", "--out", str(tmp_path / "o"), "--format", "yaml"]) == 4
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- where an alert points, which category
+
+
+def _run(log: dict) -> dict:
+    return log["runs"][0]
+
+
+def _uri(log: dict) -> str:
+    return _run(log)["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+
+
+def test_two_models_get_their_own_category_and_revisions_of_one_model_share_it():
+    """Code scanning closes the alerts of a category that a later upload of it no longer reports: two
+    models uploaded from one repository must not share a category, two scans of one model must."""
+    a = to_sarif([_result(reference="hf://acme/clip-pt@0123abcd")], "a")
+    b = to_sarif([_result(reference="hf://acme/other-clip@0123abcd")], "a")
+    a2 = to_sarif([_result(reference="hf://acme/clip-pt@ffff0000")], "a")
+    _validate(a)
+    ids = [_run(log)["automationDetails"]["id"] for log in (a, b, a2)]
+    assert ids[0] == "gatekeeper/hf/acme/clip-pt/" and ids[1] == "gatekeeper/hf/acme/other-clip/"
+    assert ids[0] != ids[1] and ids[0] == ids[2]
+    mlflow = to_sarif([_result(reference="models:/fraud clip/3")], "a")
+    assert _run(mlflow)["automationDetails"]["id"].startswith("gatekeeper/mlflow/fraud-clip-")  # sanitized + hash
+    # the same two models through the CLI's writer: local folders by their path under the repository
+    assert model_category("models/a") != model_category("models/b")
+
+
+def test_local_categories_do_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    assert model_category("models/m") == model_category("./models/m/") == model_category(str(tmp_path / "models" / "m"))
+    assert model_category("models/m") == "gatekeeper/local/models/m"
+    # sanitizing never merges two names: a hash is added whenever a character was replaced
+    assert default_category("local/a b") != default_category("local/a-b") == "gatekeeper/local/a-b"
+    assert len(default_category("local/" + "x" * 5000)) < MAX_CATEGORY
+
+
+def test_a_remote_model_points_at_a_stand_in_path_never_at_the_policy_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sarif = tmp_path / "r.sarif"
+    write_sarif(sarif, _result(), model="hf://acme/clip-pt@0123abcd", policy="default")
+    log = json.loads(sarif.read_text())
+    _validate(log)
+    loc = _run(log)["results"][0]["locations"][0]
+    assert _uri(log) == "hf/acme/clip-pt" != "default"
+    assert "hf://acme/clip-pt@0123abcd" in loc["message"]["text"] and "not a file" in loc["message"]["text"]
+    assert _run(log)["automationDetails"]["id"] == "gatekeeper/hf/acme/clip-pt/"
+    # a policy file in the repository does not capture a remote model's alert either
+    Path("pol.yaml").write_text("version: 1\n")
+    assert sarif_location("hf://acme/clip-pt", "pol.yaml").uri == "hf/acme/clip-pt"
+    # MLflow: the registered name, percent-encoded, no version or alias (one location per model)
+    assert sarif_location("models:/fraud clip/3", "default").uri == "mlflow/fraud%20clip"
+    assert sarif_location("models:/fraud clip@champion", "default").uri == "mlflow/fraud%20clip"
+    assert remote_location("models:/../../etc/1") == "mlflow/etc" and remote_location("models/m") is None
+    # a local folder outside the repository with a shipped policy: a stand-in, not 'default'
+    target = sarif_location(str(tmp_path.parent / "elsewhere"), "default")
+    assert target.uri == "local/elsewhere/gatekeeper.json" and target.note
+    # a local model in the repository: its manifest (what GitHub can open)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "gatekeeper.json").write_text("{}")
+    assert sarif_location("./models/m", "default") == type(target)("models/m/gatekeeper.json")
+
+
+def test_the_sarif_category_flag_overrides_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("pol.yaml").write_text("version: 1\nood_budget: 64\nholdout: 32\nnull_copies: 0\n")
+    args = ["scan", "missing", "--policy", "pol.yaml", "--out", "o", "--sarif", "s.sarif", "--quiet"]
+    assert main(args) == 4  # a mistyped model path: reported in SARIF all the same
+    assert _run(json.loads(Path("s.sarif").read_text()))["automationDetails"]["id"] == "gatekeeper/local/missing/"
+    assert main([*args, "--sarif-category", "team-a/clip"]) == 4
+    log = json.loads(Path("s.sarif").read_text())
+    _validate(log)
+    assert _run(log)["automationDetails"]["id"] == "team-a/clip/"
+    assert _run(to_sarif([_result()], "a", category="ml/gate/"))["automationDetails"]["id"] == "ml/gate/"
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "/", "a\nb", "a\x07b", "tab\there", "a\u2028b", " lead", "x" * (MAX_CATEGORY + 1)])
+def test_a_bad_sarif_category_is_a_usage_error_before_anything_runs(tmp_path, bad, capsys):
+    with pytest.raises(UsageError):
+        validate_category(bad)
+    with pytest.raises(UsageError):
+        to_sarif([_result()], "a", category=bad)
+    out = tmp_path / "o"
+    code = main(["scan", str(tmp_path / "m"), "--out", str(out), "--sarif", str(tmp_path / "s.sarif"), "--sarif-category", bad])
+    assert code == ExitCode.USAGE == 4
+    assert "--sarif-category" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "s.sarif").exists()  # nothing was scanned or written
+
+
+def test_good_categories_are_kept():
+    assert validate_category("gatekeeper/hf/acme/clip-pt") == "gatekeeper/hf/acme/clip-pt"
+    assert validate_category("modèle CLIP #2") == "modèle CLIP #2"  # printable Unicode and spaces inside are fine
+    assert validate_category("x" * MAX_CATEGORY) == "x" * MAX_CATEGORY
