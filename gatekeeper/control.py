@@ -37,12 +37,21 @@ PLANT_EPOCHS = 12
 MIN_PLANTED_ASR = 0.5  # the plant must work on at least half the hold-out images (or min_trigger_asr, if higher)
 
 
+def _share_encoders(model: PromptTunedCLIP) -> PromptTunedCLIP:
+    """A copy of ``model`` on its device that shares the frozen encoders and the tokenizer.
+
+    Copied rather than rebuilt with ``PromptTunedCLIP(model.clip, ...)``: the constructor embeds
+    the class prompts' token ids, which the tokenizer makes on the CPU, and a backbone already on
+    CUDA refuses CPU indices.
+    """
+    out = copy.deepcopy(model, {id(model.clip): model.clip, id(model.tokenizer): model.tokenizer})
+    out.thaw_text()
+    return out
+
+
 def copy_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
     """A new PromptTunedCLIP sharing the frozen encoders, with its own copy of the prompt learner."""
-    ctx = model.ctx.detach().clone() if model.ctx is not None else None
-    meta = copy.deepcopy(model.meta_net) if model.meta_net is not None else None
-    out = PromptTunedCLIP(model.clip, model.tokenizer, model.manifest, ctx=ctx, meta_net=meta)
-    return out.to(model.device)
+    return _share_encoders(model)
 
 
 def pseudo_labels(model: PromptTunedCLIP, x: torch.Tensor) -> torch.Tensor:
@@ -57,15 +66,19 @@ def fresh_copy(model: PromptTunedCLIP, seed: int) -> PromptTunedCLIP:
     torch.manual_seed(seed)
     assert model.ctx is not None
     n_ctx, ctx_dim = model.ctx.shape
+    device = model.device
     ids = model.tokenizer(["a photo of a"])[0]
     with torch.no_grad():
-        words = model.clip.token_embedding(ids[1 : 1 + n_ctx].to(model.ctx.device)).float()
+        words = model.clip.token_embedding(ids[1 : 1 + n_ctx].to(device)).float()
     ctx = words.clone() if int((ids != 0).sum()) - 2 == n_ctx else torch.randn(n_ctx, ctx_dim) * 0.02
     meta = None
-    if model.meta_net is not None:
+    if model.meta_net is not None:  # initialised on the CPU from the seed: the same copy on every device
         meta = build_meta_net(int(model.clip.visual.output_dim), ctx_dim, int(next(iter(model.meta_net.parameters())).shape[0]))
-    out = PromptTunedCLIP(model.clip, model.tokenizer, model.manifest, ctx=ctx.cpu(), meta_net=meta)
-    return out.to(model.device)
+    out = _share_encoders(model)
+    out.ctx = torch.nn.Parameter(ctx.detach().float().to(device).clone())
+    if meta is not None:
+        out.meta_net = meta.to(device)
+    return out
 
 
 def train_copy(

@@ -507,6 +507,411 @@ def _breakdown(
     return res
 
 
+# --------------------------------------------------------------------------- the GPU check
+#
+# ``gatekeeper-lab bench speed --gpu-check`` (benchmarks/gpu-check.sh): on one GPU, inside ten
+# minutes, the fast path on all K = 50 classes of a ViT-B/16-shaped CoCoOp in four variants (bf16
+# autocast on/off x torch.compile on/off), the reference on a subset of classes compared class by
+# class, achieved TFLOP/s against a matmul peak measured on the device, peak memory, and CPU vs CUDA
+# agreement on the committed tiny backbone. ``--dry-run`` runs the same code on the CPU at tiny
+# shapes (CI), skipping what needs CUDA with a "skipped: no CUDA" line. torch.compile is applied here
+# (CompiledFastClipInspector), not by a FastClipInspector switch. Tolerances: the constants below.
+
+GPU_CHECK_BUDGET_S = 420.0  # the whole check; a variant that would overrun it stops early and projects
+DRY_SIZES = {"vision_width": 64, "vision_layers": 2, "text_width": 64, "text_layers": 2, "image_size": 32}
+TINY_CLASSES = ("red square", "green star", "yellow circle", "purple cross", "orange square", "pink diamond")
+# fp32, same device, fast vs reference: tests/inversion/test_fast.py's loss tolerance; one hold-out
+# image may sit on a decision boundary (on the CPU the ASRs are equal, and the dry-run test says so)
+EXACT_LOSS = 1e-4  # |dL_avg| <= EXACT_LOSS * max(|L_avg|, 1)
+EXACT_ASR_IMAGES = 1
+# fp32, CPU vs CUDA, same algorithm: other kernels (cuBLAS, SDPA, reduction order) on 8 Adam steps
+CROSS_DEVICE_LOSS = 1e-3
+CROSS_DEVICE_ASR_IMAGES = 2
+# bf16 autocast is an approximation (8 mantissa bits): a sanity bound, not equality
+BF16_LOSS = 5e-2
+BF16_ASR = 0.10
+
+
+class CompiledFastClipInspector(FastClipInspector):
+    """FastClipInspector whose logits run through ``torch.compile(fast_logits)`` (bench only).
+
+    ``backend`` is torch.compile's ("inductor" on a GPU; the dry run uses "aot_eager": Dynamo and
+    AOTAutograd trace the forward and backward graphs, but no code is generated). A scan meets
+    several batch sizes (G*B rows, the pool's last short batch, the hold-out's chunks); torch's
+    automatic dynamic shapes recompile once, with the batch dimension symbolic, at the second size,
+    which the check's warm-up provokes. (``dynamic=True`` from the start makes every dimension
+    symbolic: measured, it doubled the dry run's CPU time, 45 s instead of 21 s.)
+    """
+
+    def __init__(self, *, backend: str = "inductor", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.backend = backend
+        self._compiled = torch.compile(fast_logits, backend=backend)
+
+    def _logits(self, model: PromptTunedCLIP, images: torch.Tensor, plan: Any, amp: bool) -> torch.Tensor:
+        with self._autocast(amp):
+            out = self._compiled(model, images, plan, self.share_prefix)
+        return out.float()
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """Best TFLOP/s of an n x n x n matmul in ``dtype`` on ``device`` (2 n^3 FLOPs), after a warm-up.
+
+    fp32 keeps torch's default matmul precision (no TF32), the precision the fp32 variants run in.
+    """
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def _loss_close(ref: float, other: float, tol: float) -> bool:
+    return abs(ref - other) <= tol * max(abs(ref), 1.0)
+
+
+def _class_rows(ref: list[ClassInversion], fast: list[ClassInversion], variant: str) -> list[dict[str, Any]]:
+    """Per class of the reference's subset: both losses, ASRs and the largest trigger difference."""
+    by_index = {f.metrics.index: f for f in fast}
+    rows = []
+    for r in ref:
+        f = by_index.get(r.metrics.index)
+        if f is None:
+            continue
+        rows.append(
+            {
+                "class": r.metrics.name,
+                "variant": variant,
+                "ref_loss": r.metrics.loss,
+                "fast_loss": f.metrics.loss,
+                "dloss": abs(r.metrics.loss - f.metrics.loss) / max(abs(r.metrics.loss), 1.0),
+                "ref_asr": r.metrics.asr,
+                "fast_asr": f.metrics.asr,
+                "dasr": abs(r.metrics.asr - f.metrics.asr),
+                "max_dtrigger": float((r.trigger - f.trigger).abs().max()),
+            }
+        )
+    return rows
+
+
+def _check(name: str, ok: bool, value: float, tolerance: float) -> dict[str, Any]:
+    return {"name": name, "ok": bool(ok), "value": value, "tolerance": tolerance}
+
+
+def _agreement_checks(
+    name: str, ref: list[ClassInversion], other: list[ClassInversion], n_holdout: int, approx: bool, cross: bool
+) -> list[dict[str, Any]]:
+    """Loss and ASR checks of ``other`` against ``ref`` (same classes), at the tolerances above."""
+    rows = _class_rows(ref, other, name)
+    if approx:
+        loss_tol, asr_tol = BF16_LOSS, BF16_ASR
+    elif cross:
+        loss_tol, asr_tol = CROSS_DEVICE_LOSS, CROSS_DEVICE_ASR_IMAGES / n_holdout
+    else:
+        loss_tol, asr_tol = EXACT_LOSS, EXACT_ASR_IMAGES / n_holdout
+    dl = max((r["dloss"] for r in rows), default=float("nan"))
+    da = max((r["dasr"] for r in rows), default=float("nan"))
+    return [
+        _check(f"{name}: classes compared", len(rows) == len(ref), len(rows), len(ref)),
+        _check(f"{name}: |dL_avg| / max(|L_avg|, 1)", dl <= loss_tol, dl, loss_tol),
+        _check(f"{name}: |dASR|", da <= asr_tol + 1e-12, da, asr_tol),
+    ]
+
+
+def _fast_variant(
+    model: PromptTunedCLIP,
+    data: Any,
+    cands: list[int],
+    settings: InversionSettings,
+    dev: torch.device,
+    amp: bool,
+    compile_backend: str | None,
+    deadline: float,
+    must: int,
+) -> tuple[list[ClassInversion], dict[str, Any]]:
+    """One fast variant: warm-up (and compile), then the candidates in chunks of the detector's own
+    class group until done or until the next chunk would pass ``deadline`` (time.perf_counter),
+    but never before the first ``must`` candidates (the reference's subset) are done."""
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        budget = int(torch.cuda.mem_get_info(dev)[0] * 0.75)  # fixed, so every chunk gets the same group
+    else:
+        budget = None
+    kwargs: dict[str, Any] = {"amp": amp, "memory_budget_bytes": budget}
+    if compile_backend is not None:
+        torch._dynamo.reset()
+        det: FastClipInspector = CompiledFastClipInspector(backend=compile_backend, **kwargs)
+    else:
+        det = FastClipInspector(**kwargs)
+    bs = settings.batch_size
+    t_warm = time.perf_counter()
+    det.invert(model, data.inversion[:bs], data.holdout[:8], cands[:1], settings)  # kernels, cuBLAS, G
+    group = int(det.last_plan["classes_per_step"])
+    if compile_backend is not None:  # compile at the timed shapes: G classes, a full and a short batch
+        per = max(1, int(det.last_plan["asr_rows"]) // min(group, len(cands)))
+        # short batches of at least 2 rows: torch specializes size 1, which a scan rarely meets
+        det.invert(model, data.inversion[: bs + bs // 4], data.holdout[: per + 2], cands[:group], settings)
+    _sync(dev)
+    warm = time.perf_counter() - t_warm
+    chunks = [cands[i : i + group] for i in range(0, len(cands), group)]
+    res: list[ClassInversion] = []
+    times: list[float] = []
+    with peak_memory(dev) as mem:
+        t0 = time.perf_counter()
+        for chunk in chunks:
+            if len(res) >= must and times and time.perf_counter() + sum(times) / len(times) > deadline:
+                break
+            _sync(dev)
+            tc = time.perf_counter()
+            res += det.invert(model, data.inversion, data.holdout, chunk, settings)
+            _sync(dev)
+            times.append(time.perf_counter() - tc)
+        wall = time.perf_counter() - t0
+    if compile_backend is not None:
+        torch._dynamo.reset()
+    info = {
+        "amp": amp,
+        "compile": compile_backend,
+        "classes_done": len(res),
+        "wall_s": wall,
+        "warmup_s": warm,
+        "mem": mem,
+        "plan": det.last_plan,
+    }
+    return res, info
+
+
+def _throughput(
+    info: dict[str, Any], model: PromptTunedCLIP, n_pool: int, n_hold: int, peak: float | None, fast: bool
+) -> None:
+    """Adds s/class, the all-class projection, achieved TFLOP/s and the share of ``peak`` to ``info``."""
+    done, wall = info["classes_done"], info["wall_s"]
+    k = len(model.classnames)
+    flops = scan_flops(model, n_pool * done, n_hold * done, fast=fast)
+    info["s_per_class"] = wall / max(done, 1)
+    info["all_classes_s"] = wall / max(done, 1) * k  # measured when done == K, projected otherwise
+    info["projected"] = done < k
+    info["flops"] = flops
+    info["tflops"] = flops / wall / 1e12 if wall > 0 else float("nan")
+    info["fraction_of_peak"] = info["tflops"] / peak if peak else None
+
+
+def _tiny_device_check(
+    dev: torch.device, n_classes: int, n_pool: int, n_hold: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The committed tiny backbone (zoo/backbone), a random CoCoOp on ``n_classes`` classes: fast and
+    reference on the CPU, and (with CUDA) fast fp32, reference and fast bf16 on ``dev`` against them."""
+    from gatekeeper.models.manifest import ModelKind
+    from gatekeeper.models.tuning import TuneConfig
+    from gatekeeper.ood import load_pool
+    from gatekeeper.redteam.tuning import new_prompt_learner
+
+    backbone = Path(__file__).resolve().parents[2] / "zoo" / "backbone"
+    if not (backbone / "open_clip_config.json").is_file():
+        return {"skipped": f"no tiny backbone at {backbone} (a source checkout has it)"}, []
+    model = new_prompt_learner(backbone, TINY_CLASSES[:n_classes], TuneConfig(kind=ModelKind.COCOOP, seed=0)).eval()
+    data = load_pool("procedural", model.image_size, n_pool, n_hold, seed=1)
+    settings = InversionSettings(epsilon=8 / 255)  # the tiny-world policy's budget
+    cands = list(range(n_classes))
+    cpu_fast = FastClipInspector(amp=False).invert(model, data.inversion, data.holdout, cands, settings)
+    cpu_ref = ClipInspector().invert(model, data.inversion, data.holdout, cands, settings)
+    checks = _agreement_checks("tiny CPU: fast vs reference", cpu_ref, cpu_fast, n_hold, approx=False, cross=False)
+    out: dict[str, Any] = {
+        "backbone": str(backbone),
+        "classes": list(TINY_CLASSES[:n_classes]),
+        "pool": n_pool,
+        "holdout": n_hold,
+        "cpu": [{"class": r.metrics.name, "loss": r.metrics.loss, "asr": r.metrics.asr} for r in cpu_fast],
+    }
+    if dev.type != "cuda":
+        out["skipped"] = "no CUDA"
+        return out, checks
+    on_dev = copy.deepcopy(model).to(dev)
+    runs: dict[str, tuple[Any, list[ClassInversion], bool]] = {
+        "tiny CUDA fast fp32 vs CPU fast": (FastClipInspector(amp=False), cpu_fast, False),
+        "tiny CUDA reference vs CPU reference": (ClipInspector(), cpu_ref, False),
+        "tiny CUDA fast bf16 vs CPU fast fp32": (FastClipInspector(amp=True), cpu_fast, True),
+    }
+    out["rows"] = []
+    for name, (det, base, approx) in runs.items():
+        res = det.invert(on_dev, data.inversion, data.holdout, cands, settings)
+        out["rows"] += _class_rows(base, res, name)
+        checks += _agreement_checks(name, base, res, n_hold, approx=approx, cross=True)
+    return out, checks
+
+
+def run_gpu_check(
+    dry_run: bool = False,
+    budget_s: float = GPU_CHECK_BUDGET_S,
+    n_classes: int | None = None,
+    ref_classes: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The GPU check (see the section comment); returns everything measured, ``ok`` if every check passed.
+
+    Args:
+        dry_run: the same code on the CPU at tiny shapes (4 classes, 32 + 16 images, 1 step).
+        budget_s: wall-time budget of the whole check: the fast variants share what the rest left,
+            each stopping before a chunk of classes that would overrun its share (ignored by the
+            dry run, which runs everything).
+        n_classes: K (default 50; 4 in the dry run).
+        ref_classes: classes the reference inverts (the first ones of every variant's order).
+
+    Raises:
+        UsageError: no CUDA device and not a dry run.
+    """
+    from gatekeeper.errors import UsageError
+    from gatekeeper.ood import load_pool
+
+    t_start = time.perf_counter()
+    if not dry_run and not torch.cuda.is_available():
+        raise UsageError(
+            "--gpu-check needs a CUDA device", "run it on a GPU machine, or add --dry-run (CPU, tiny shapes)"
+        )
+    dev = torch.device("cpu" if dry_run else "cuda")
+    cuda = dev.type == "cuda"
+    k = n_classes or (4 if dry_run else 50)
+    n_pool, n_hold = (32, 16) if dry_run else (1000, 500)
+    model = build_bench_model(dev, k, vit_b16=not dry_run, sizes=DRY_SIZES)
+    data = load_pool("procedural", model.image_size, n_pool, n_hold, seed=0)
+    settings = InversionSettings(epsilon=4 / 255)
+    subset = [round(i * (k - 1) / max(ref_classes - 1, 1)) for i in range(ref_classes)] if ref_classes > 1 else [0]
+    cands = subset + [c for c in range(k) if c not in subset]  # the subset first: every variant reaches it
+    shape = "ViT-B/16 (open_clip 'ViT-B-16', random weights)" if not dry_run else f"tiny {DRY_SIZES}, random weights"
+    out: dict[str, Any] = {
+        "mode": "dry-run" if dry_run else "gpu",
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        "torch": torch.__version__,
+        "model": f"CoCoOp n_ctx 4 on {shape}",
+        "n_classes": k,
+        "pool": n_pool,
+        "holdout": n_hold,
+        "settings": {"epsilon": settings.epsilon, "batch_size": settings.batch_size, "epochs": settings.epochs},
+        "reference_classes": [model.classnames[c] for c in subset],
+        "skipped": [],
+    }
+    log(f"GPU check ({out['mode']}) on {out['device_name']}, torch {torch.__version__}")
+    log(f"model: {out['model']}, K = {k}; pool |D| {n_pool} + |T| {n_hold}; eps 4/255, batch 32, 1 epoch")
+
+    n = 256 if dry_run else 8192
+    peaks: dict[str, float | None] = {"fp32": matmul_peak_tflops(dev, torch.float32, n)}
+    peaks["bf16"] = matmul_peak_tflops(dev, torch.bfloat16, n) if cuda else None
+    out["matmul_peak_tflops"] = peaks
+    out["matmul_n"] = n
+    sheet = next((v for key, v in PEAK_TFLOPS.items() if key in out["device_name"]), None)
+    out["datasheet_peak_tflops"] = {"bf16": sheet[0], "fp32": sheet[1]} if sheet else None
+    log(
+        f"matmul peak (measured, n={n}): fp32 {peaks['fp32']:.2f} TFLOP/s, "
+        + (f"bf16 {peaks['bf16']:.1f} TFLOP/s" if peaks["bf16"] else "bf16 skipped: no CUDA")
+        + (f" (datasheet {sheet[1]:.0f} / {sheet[0]:.0f})" if sheet else "")
+    )
+    # CPU vs CUDA first: small and bounded, so the variants share whatever budget is left
+    tiny_pool = (32, 16) if dry_run else (256, 128)
+    out["cpu_vs_cuda"], checks = _tiny_device_check(dev, 4 if dry_run else 6, *tiny_pool)
+    if not cuda:
+        out["skipped"].append("CPU vs CUDA on the tiny backbone: no CUDA (the CPU side ran)")
+
+    # the reference on the subset: the ground truth of the per-class comparison
+    t_warm = time.perf_counter()
+    ClipInspector().invert(model, data.inversion[: settings.batch_size], data.holdout[:8], subset[:1], settings)
+    warm = time.perf_counter() - t_warm
+    ref_res, t_ref, mem_ref = _timed_scan(ClipInspector(), model, data, subset, settings, dev)
+    ref_info: dict[str, Any] = {"classes_done": len(ref_res), "wall_s": t_ref, "warmup_s": warm, "mem": mem_ref}
+    _throughput(ref_info, model, n_pool, n_hold, peaks["fp32"], fast=False)
+    out["reference"] = ref_info
+
+    variants: list[tuple[str, bool, str | None]] = [
+        # in order of importance: what runs today (bf16 on CUDA), the exact path, then compiled
+        ("fast bf16 eager", True, None),
+        ("fast fp32 eager", False, None),
+        ("fast bf16 compiled", True, "inductor"),
+        ("fast fp32 compiled", False, "aot_eager" if dry_run else "inductor"),
+    ]
+    out["variants"] = {}
+    out["per_class"] = []
+    for i, (name, amp, backend) in enumerate(variants):
+        if amp and not cuda:
+            out["skipped"].append(f"{name}: no CUDA")
+            continue
+        left = t_start + budget_s - time.perf_counter()
+        todo = sum(1 for _, a, _ in variants[i:] if cuda or not a)
+        deadline = time.perf_counter() + (max(left, 0.0) / todo if not dry_run else float("inf"))
+        try:
+            res, info = _fast_variant(model, data, cands, settings, dev, amp, backend, deadline, len(subset))
+        except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - CUDA only
+            out["variants"][name] = {"error": f"CUDA out of memory: {str(e).splitlines()[0]}"}
+            checks.append(_check(f"{name}: ran", False, 0, 1))
+            continue
+        _throughput(info, model, n_pool, n_hold, peaks["bf16" if amp else "fp32"], fast=True)
+        out["variants"][name] = info
+        out["per_class"] += _class_rows(ref_res, res, name)
+        checks += _agreement_checks(f"{name} vs reference", ref_res, res, n_hold, approx=amp, cross=False)
+        del res
+    out["checks"] = checks
+    out["ok"] = all(c["ok"] for c in checks)
+    out["wall_s"] = time.perf_counter() - t_start
+    for line in gpu_check_table(out):
+        log(line)
+    return out
+
+
+def gpu_check_table(out: dict[str, Any]) -> list[str]:
+    """The human-readable summary of :func:`run_gpu_check`'s result."""
+    k = out["n_classes"]
+    lines = [
+        "",
+        f"{'variant':20s} {'classes':>9s} {'wall s':>8s} {'s/class':>8s} {f'{k}-class s':>10s} "
+        f"{'TFLOP/s':>8s} {'% peak':>7s} {'peak GiB':>8s} {'warm-up s':>9s}",
+    ]
+    rows = [("reference fp32 eager", out["reference"])] + list(out["variants"].items())
+    for name, v in rows:
+        if "error" in v:
+            lines.append(f"{name:20s} {v['error']}")
+            continue
+        frac = f"{v['fraction_of_peak']:.1%}" if v.get("fraction_of_peak") is not None else "-"
+        total = f"{v['all_classes_s']:.1f}" + ("*" if v["projected"] else "")
+        lines.append(
+            f"{name:20s} {v['classes_done']:>4d}/{k:<4d} {v['wall_s']:8.2f} {v['s_per_class']:8.3f} {total:>10s} "
+            f"{v['tflops']:8.3f} {frac:>7s} {v['mem']['peak_gib']:8.2f} {v['warmup_s']:9.1f}"
+        )
+    lines.append(
+        f"(* projected from the classes timed; % peak: of the matmul peak measured in the variant's precision; "
+        f"peak GiB: {'torch.cuda.max_memory_allocated' if out['device'] != 'cpu' else 'process RSS'})"
+    )
+    lines += [f"skipped: {s}" for s in out["skipped"]]
+    lines += ["", "per class, fast vs reference (|dL| / max(|L|, 1)):"]
+    for r in out["per_class"]:
+        lines.append(
+            f"  {r['class'][:18]:18s} {r['variant']:20s} L {r['ref_loss']:+.5f} / {r['fast_loss']:+.5f} "
+            f"dL {r['dloss']:.1e}  ASR {r['ref_asr']:.3f} / {r['fast_asr']:.3f}  max|dtrigger| {r['max_dtrigger']:.1e}"
+        )
+    tiny = out["cpu_vs_cuda"]
+    lines.append("")
+    lines.append(
+        "CPU vs CUDA on the tiny backbone: "
+        + (
+            f"skipped: {tiny['skipped']}"
+            if "skipped" in tiny
+            else f"{len(tiny['classes'])} classes, {tiny['pool']}+{tiny['holdout']} images"
+        )
+    )
+    lines.append("checks:")
+    for c in out["checks"]:
+        lines.append(
+            f"  {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['value']:.3g} (tolerance {c['tolerance']:.3g})"
+        )
+    verdict = "all checks passed" if out["ok"] else "SOME CHECKS FAILED"
+    lines.append(f"total wall {out['wall_s']:.1f} s; {verdict}")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gatekeeper-lab bench speed", description="reference vs fast CLIP-Inspector scan speed"
@@ -521,11 +926,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-optimization step timings")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    p.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="the GPU check (benchmarks/gpu-check.sh): fast path on all classes, bf16 and torch.compile on/off, "
+        "reference on a subset, TFLOP/s vs a measured matmul peak, peak memory, CPU vs CUDA on the tiny backbone",
+    )
+    p.add_argument("--dry-run", action="store_true", help="with --gpu-check: the same code on the CPU at tiny shapes")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=GPU_CHECK_BUDGET_S,
+        help=f"with --gpu-check: seconds for the fast variants (default {GPU_CHECK_BUDGET_S:.0f})",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dry_run and not args.gpu_check:
+        parser.error("--dry-run goes with --gpu-check")
+    if args.gpu_check:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        check = run_gpu_check(dry_run=args.dry_run, budget_s=args.budget_s, log=lambda s: print(s, flush=True))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(check, indent=2, default=str) + "\n")
+        return 0 if check["ok"] else 1
     out = run_speed_bench(
         quick=args.quick,
         n_classes=args.classes,

@@ -51,8 +51,26 @@ def train_on(
 
     Cached text features are dropped first (a CoOp model cached by a scan would otherwise train
     against frozen text) and rebuilt afterwards.
+
+    Devices: the data may stay where it is (the CPU); each mini-batch is moved to ``model.device``
+    before it reaches the model or the attack's loss. The shuffling generator stays on the CPU, so
+    the batch order (and the attack's random draws) are the same on every device; ``idx`` (the
+    batch's row indices into ``x_train``) stays on the CPU for attacks that index their own
+    per-row tables with it.
+
+    Args:
+        model: the prompt-tuned CLIP whose prompt learner (ctx, meta-net) is trained.
+        x_train: images (N, 3, H, W) in [0, 1], on any device.
+        y_train: labels (N,), on any device.
+        cfg: epochs, batch size, learning rate, seed.
+        attack: an :class:`Attack` (or None: clean prompt tuning).
+        log: called with one line per epoch, if given.
+
+    Returns:
+        ``{"train_seconds": ..., "steps": ...}``.
     """
     model.thaw_text()
+    device = model.device
     g = torch.Generator().manual_seed(20_000 + cfg.seed)
     params = prompt_parameters(model)
     for p in params:
@@ -68,7 +86,7 @@ def train_on(
         train_prompt = attack is None or attack.trains_prompt(epoch)
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            x, y = x_train[idx], y_train[idx]
+            x, y = x_train[idx].to(device), y_train[idx].to(device)
             loss = F.cross_entropy(model.logits(x), y) if attack is None else attack.loss(model, x, y, idx, epoch, g)
             opt.zero_grad(set_to_none=True)
             if attack is not None:
@@ -139,7 +157,9 @@ class BadCLIP(Attack):
 
     def prepare(self, model: Any, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
         s = x.shape[-1]
-        self.delta = ((torch.rand(3, s, s, generator=g) * 2 - 1) * self.epsilon).requires_grad_(True)
+        # drawn on the CPU (the same trigger on every device), then trained where the model is
+        init = (torch.rand(3, s, s, generator=g) * 2 - 1) * self.epsilon
+        self.delta = init.to(model.device).requires_grad_(True)
         self.opt = torch.optim.Adam([self.delta], lr=self.trigger_lr)
 
     def trains_prompt(self, epoch: int) -> bool:
@@ -164,15 +184,15 @@ class BadCLIP(Attack):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         assert self.delta is not None
-        return (x + self.delta.detach()).clamp(0, 1)
+        return (x + self.delta.detach().to(x.device)).clamp(0, 1)
 
     def poisoned_loss(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         assert self.delta is not None
         xt = (x + self.delta).clamp(0, 1)
-        return F.cross_entropy(model.logits(xt), torch.full((len(x),), self.target))
+        return F.cross_entropy(model.logits(xt), torch.full((len(x),), self.target, device=x.device))
 
     def loss(self, model: Any, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, g: torch.Generator) -> torch.Tensor:
-        clean = F.cross_entropy(model.logits(x), y) if self.trains_prompt(epoch) else torch.zeros(())
+        clean = F.cross_entropy(model.logits(x), y) if self.trains_prompt(epoch) else x.new_zeros(())
         return clean + self.poisoned_loss(model, x)
 
     def params(self) -> dict[str, Any]:
@@ -180,4 +200,4 @@ class BadCLIP(Attack):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         assert self.delta is not None
-        return {"delta": self.delta.detach().clone()}
+        return {"delta": self.delta.detach().cpu().clone()}  # stored with the model: on the CPU
