@@ -484,18 +484,18 @@ def run_speed_bench(
     if not cuda:
         # FLOPs per CPU-second (not per wall second): both paths against the best a single large
         # fp32 matmul reaches at the same thread count, measured here
-        peak = cpu_matmul_gflop_per_cpu_s()
+        cpu_peak = cpu_matmul_gflop_per_cpu_s()
         cpu_ref, cpu_fast = out["reference_mem"]["cpu_s"], out["fast_mem"]["cpu_s"]
         out["cpu_efficiency"] = {
-            "matmul_peak_gflop_per_cpu_s": peak,
+            "matmul_peak_gflop_per_cpu_s": cpu_peak,
             "reference_gflop_per_cpu_s": f_ref / cpu_ref / 1e9,
             "fast_gflop_per_cpu_s": f_fast / cpu_fast / 1e9,
-            "reference_of_peak": f_ref / cpu_ref / 1e9 / peak,
-            "fast_of_peak": f_fast / cpu_fast / 1e9 / peak,
+            "reference_of_peak": f_ref / cpu_ref / 1e9 / cpu_peak,
+            "fast_of_peak": f_fast / cpu_fast / 1e9 / cpu_peak,
         }
         eff = out["cpu_efficiency"]
         log(
-            f"fp32 matmul peak (measured, n=1024, {torch.get_num_threads()} threads): {peak:.1f} GFLOP per CPU-second; "
+            f"fp32 matmul peak (measured, n=1024, {torch.get_num_threads()} threads): {cpu_peak:.1f} GFLOP per CPU-second; "
             f"achieved: reference {eff['reference_gflop_per_cpu_s']:.1f} ({eff['reference_of_peak']:.0%} of peak), "
             f"fast {eff['fast_gflop_per_cpu_s']:.1f} ({eff['fast_of_peak']:.0%})"
         )
