@@ -357,6 +357,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``gatekeeper`` console script."""
+    if argv is None:  # a process of its own: keep the scan's large blocks mapped (gatekeeper/_alloc.py)
+        from gatekeeper._alloc import heap_mode
+
+        heap_mode()
     return run(build_parser, COMMANDS, argv)
 
 

@@ -1,0 +1,30 @@
+"""bench speed at tiny shapes, in a process of its own (it switches the allocator one way)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+_RUN = """
+import json, sys
+from gatekeeper.bench.speed import run_speed_bench
+out = run_speed_bench(vision_width=64, vision_layers=1, text_width=64, text_layers=1, n_classes=4, pool=8,
+                      device="cpu", candidates=1, holdout=4, threads=1, breakdown=False, log=lambda s: None)
+json.dump(out, open(sys.argv[1], "w"), default=str)
+"""
+
+
+def test_speed_bench_compares_both_allocators_and_reports_efficiency(tmp_path: Path) -> None:
+    path = tmp_path / "speed.json"
+    subprocess.run([sys.executable, "-c", _RUN, str(path)], check=True, timeout=600)
+    out = json.loads(path.read_text())
+    assert out["equal"]["asr_equal"] and out["equal"]["same_cstar"]
+    assert out["allocator"] == "heap"  # glibc here: the headline is the allocator-neutral run
+    assert out["speedup"] == out["reference_s"] / out["fast_s"]
+    assert out["default_allocator"]["speedup"] > 0
+    eff = out["cpu_efficiency"]
+    assert eff["matmul_peak_gflop_per_cpu_s"] > 0
+    assert eff["fast_of_peak"] == eff["fast_gflop_per_cpu_s"] / eff["matmul_peak_gflop_per_cpu_s"]
+    assert set(out["heap_allocator_faults"]) == {"fast", "reference"}
