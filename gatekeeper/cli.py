@@ -26,6 +26,10 @@ EXIT_HELP = """exit codes:
   3  inconclusive (fails the gate unless the policy says on_inconclusive: pass)
   4  usage or policy error (checked before any model is fetched)
 """
+POLICY_HELP = (
+    "policy YAML file, or a shipped policy name (default, tiny-world); without --policy: "
+    "./.gatekeeper.yaml when the current directory has one, else default"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument("model", help="local model folder, or hf://org/name[@revision]")
     scan.add_argument("--revision", help="Hub revision (branch, tag or commit sha); same as @rev in the reference")
-    scan.add_argument(
-        "--policy", default="default", help="policy YAML file, or a shipped policy name (default, tiny-world)"
-    )
+    scan.add_argument("--policy", help=POLICY_HELP)
     scan.add_argument("--ood", default="procedural", help="OOD pool: procedural[:SEED] (built in) or dir:PATH")
     scan.add_argument("--out", required=True, type=Path, help="output folder for report.md, result.json, triggers/")
     scan.add_argument("--json", type=Path, help="also write the JSON result to this path (- for stdout)")
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of scan results: build clean and BadCLIP-planted copies of this model folder's prompt learner "
         "on its own backbone (trained on OOD images labelled zero-shot) and calibrate on their scans",
     )
-    cal.add_argument("--policy", default="default", help="with --backbone: the policy to calibrate (default: default)")
+    cal.add_argument("--policy", help=f"with --backbone: the policy to calibrate: {POLICY_HELP}")
     cal.add_argument("--copies", type=int, default=4, help="with --backbone: clean and planted copies each (default 4)")
     cal.add_argument("--epochs", type=int, default=12, help="with --backbone: training epochs per copy (default 12)")
     cal.add_argument("--device", default="auto", help="with --backbone: auto, cpu, cuda, cuda:N")
@@ -185,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, type=Path, help="output folder: <name>/ per model, summary.md, summary.json"
     )
     aud.add_argument("--cache", type=Path, help="result cache folder (default OUT/.cache)")
-    aud.add_argument("--policy", help="replaces the inventory's shared policy (per-model policy: still wins)")
+    aud.add_argument(
+        "--policy",
+        help="replaces the inventory's shared policy (per-model policy: still wins); an inventory without a shared "
+        "policy uses ./.gatekeeper.yaml when the current directory has one, else default",
+    )
     _common(aud)
 
     return p
@@ -207,6 +213,19 @@ def _announce(outcome: Any, label: str, quiet: bool) -> None:
         say(f"{label}: report {outcome.paths['markdown']}")
 
 
+def _policy(args: argparse.Namespace, label: str) -> tuple[str, list[str]]:
+    """``--policy``, else the project's ./.gatekeeper.yaml (validated now: exit 4 naming it), else default;
+    and what to add to the recorded command so that it names the policy the run used."""
+    from gatekeeper.policy import resolve_policy
+
+    policy, discovered = resolve_policy(args.policy, Path())
+    if not discovered:
+        return policy, []
+    if not getattr(args, "quiet", False):
+        say(f"{label}: policy {policy} (found in the current directory; --policy overrides it)")
+    return policy, ["--policy", policy]
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -219,16 +238,17 @@ def cmd_scan(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     to_stdout = args.json == Path("-")
     if to_stdout and args.format == "json":
         raise UsageError("--json - and --format json both write to stdout", "choose one")
+    policy, named = _policy(args, "scan")
     request = ScanRequest(
         args.model,
         args.out,
-        policy=args.policy,
+        policy=policy,
         ood=args.ood,
         json_path=None if to_stdout else args.json,
         stale=(args.sarif,) if args.sarif else (),
         device=args.device,
         revision=args.revision,
-        command="gatekeeper " + shlex.join(argv),
+        command="gatekeeper " + shlex.join(argv + named),
         shard=args.shard,
     )
     if args.shard:
@@ -260,8 +280,9 @@ def cmd_merge(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.calibrate import run_calibrate
 
+    policy = _policy(args, "calibrate")[0] if args.backbone is not None else "default"  # else: the scans' policy
     report = run_calibrate(
-        args.out, clean=args.clean, backdoored=args.backdoored, backbone=args.backbone, policy=args.policy,
+        args.out, clean=args.clean, backdoored=args.backdoored, backbone=args.backbone, policy=policy,
         copies=args.copies, epochs=args.epochs, device=args.device, log=say,
     )
     cal = report.calibration
@@ -305,9 +326,13 @@ def cmd_convert(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 
 def cmd_audit(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.inventory import load_inventory, run_audit
+    from gatekeeper.policy import find_project_policy
     from gatekeeper.scan import prepare_out, resolve_device
 
-    inventory = load_inventory(args.inventory, default_policy=args.policy)  # all of it, before any scan (exit 4)
+    project = find_project_policy(Path())
+    inventory = load_inventory(  # all of it, before any scan (exit 4)
+        args.inventory, default_policy=args.policy, project_policy=None if project is None else str(project)
+    )
     resolve_device(args.device)
     prepare_out(args.out)
     code, _ = run_audit(

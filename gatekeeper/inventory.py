@@ -25,7 +25,7 @@ from gatekeeper import __version__
 from gatekeeper import scan as scanning
 from gatekeeper.errors import ExitCode, GatekeeperError, PolicyError, UsageError
 from gatekeeper.inversion.base import Progress, no_progress
-from gatekeeper.policy import Policy, load_policy
+from gatekeeper.policy import Policy, load_policy, load_project_policy
 from gatekeeper.result import Verdict
 from gatekeeper.scan import ScanRequest
 from gatekeeper.untrusted import DocumentError, load_yaml, say
@@ -150,13 +150,15 @@ def _reference(entry: dict[str, Any], base: Path, where: str) -> tuple[str, str,
     return ref, ref, revision
 
 
-def load_inventory(path: str | Path, *, default_policy: str | None = None) -> Inventory:
+def load_inventory(path: str | Path, *, default_policy: str | None = None, project_policy: str | None = None) -> Inventory:
     """Read and validate the whole inventory, every policy included, before anything is scanned.
 
     Args:
         path: the inventory YAML file.
         default_policy: ``--policy`` from the command line: replaces the inventory's shared
             ``policy:`` (per-model ``policy:`` still wins); relative to the current directory.
+        project_policy: the project's ``.gatekeeper.yaml`` found in the current directory: the
+            shared policy of an inventory that names none (instead of the shipped default).
 
     Raises:
         UsageError: the file is missing or not YAML, an unknown or missing key, a bad name,
@@ -186,7 +188,12 @@ def load_inventory(path: str | Path, *, default_policy: str | None = None) -> In
     elif "policy" in raw:
         shared = _policy_arg(raw["policy"], base, str(path), "policy")
     else:
-        shared = "default"
+        shared = project_policy or "default"
+    if shared == project_policy:
+        try:
+            policies[shared] = load_project_policy(shared)
+        except PolicyError as exc:
+            raise PolicyError(f"{path}: policy: {exc.message}", exc.hint, file=exc.file, key="policy") from None
     _load_policy(shared, str(path), "policy", policies)
     ood = _ood(raw.get("ood", "procedural"), base, str(path))
     models = raw.get("models")

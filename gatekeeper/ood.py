@@ -1,6 +1,7 @@
 """OOD pools: ``dir:PATH`` (any image Pillow reads) or ``procedural[:SEED]`` (built in, no data needed).
 
-The pool is split into the inversion set D and a disjoint hold-out T for ASR (METHOD.md).
+The pool is split into the inversion set D and a disjoint hold-out T for ASR (docs/method.md,
+"Trigger inversion").
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import date
@@ -21,6 +22,7 @@ from gatekeeper.resources import data_path
 from gatekeeper.untrusted import CONTROL, DocumentError, inert, load_yaml, short
 
 POLICY_VERSION = 1
+PROJECT_POLICY = ".gatekeeper.yaml"  # a project's policy, used when a command is given no --policy
 
 
 class Detector(str, Enum):
@@ -179,6 +181,9 @@ class Policy:
 
 
 # ---------------------------------------------------------------------------- parsing
+
+# Every top-level key a policy file may hold (schemas/policy.schema.json lists the same, tested).
+POLICY_KEYS = frozenset({f.name for f in fields(Policy)} - {"source_file"} | {"version"})
 
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "batch_size": (1, 4096),
@@ -357,11 +362,10 @@ def policy_from_mapping(raw: Any, file: str = "") -> Policy:
             "see policies/default.yaml for the format",
             file=file,
         )
-    allowed = {f.name for f in fields(Policy)} - {"source_file"} | {"version"}
     for key in raw:
-        if key not in allowed:
+        if key not in POLICY_KEYS:
             raise PolicyError(
-                f"{file or 'policy'}: unknown key {short(key)}; allowed keys: {', '.join(sorted(allowed))}",
+                f"{file or 'policy'}: unknown key {short(key)}; allowed keys: {', '.join(sorted(POLICY_KEYS))}",
                 "remove or fix the key (keys are case-sensitive)",
                 file=file,
                 key=inert(str(key), 80),
@@ -476,3 +480,53 @@ def load_policy(path: str | Path | None) -> Policy:
     except DocumentError as exc:
         raise PolicyError(str(exc), "fix the policy file (plain YAML, each key once)", file=str(p)) from None
     return policy_from_mapping(raw, str(p))
+
+
+def find_project_policy(cwd: Path) -> Path | None:
+    """The project's policy file, ``cwd/.gatekeeper.yaml``, when there is one.
+
+    Anything at that name counts, a folder or a dangling link included, so that it fails to load
+    (exit 4) rather than being passed over for the shipped default.
+
+    Args:
+        cwd: the folder a command runs in (``Path()`` from the CLI, so the path stays relative).
+
+    Returns:
+        The path, or ``None`` when the folder has no ``.gatekeeper.yaml``.
+    """
+    path = cwd / PROJECT_POLICY
+    return path if os.path.lexists(path) else None
+
+
+def load_project_policy(path: str | Path) -> Policy:
+    """:func:`load_policy` for a discovered project policy: an error also says where the file came from.
+
+    Raises:
+        PolicyError: as :func:`load_policy`, the hint naming the file as the discovered project policy.
+    """
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        note = f"{path} was used because no --policy was given (the project policy in the working directory)"
+        raise PolicyError(
+            exc.message, f"{exc.hint}; {note}" if exc.hint else note, file=exc.file or str(path), key=exc.key
+        ) from None
+
+
+def resolve_policy(given: str | None, cwd: Path, fallback: str = "default") -> tuple[str, bool]:
+    """Which policy a command uses: ``--policy`` if given, else the project's ``.gatekeeper.yaml``
+    in ``cwd`` (validated now), else ``fallback`` (the shipped default).
+
+    Returns:
+        The policy argument for :func:`load_policy`, and whether it was discovered in ``cwd``.
+
+    Raises:
+        PolicyError: the discovered file is invalid (the message names it).
+    """
+    if given is not None:
+        return given, False
+    found = find_project_policy(cwd)
+    if found is None:
+        return fallback, False
+    load_project_policy(found)
+    return str(found), True

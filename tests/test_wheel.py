@@ -23,6 +23,7 @@ def test_wheel_installs_with_its_data(tmp_path: Path):
         "gatekeeper/_data/policies/tiny-world.yaml",
         "gatekeeper/_data/templates/report.md.j2",
         "gatekeeper/_data/schemas/result.schema.json",
+        "gatekeeper/_data/schemas/policy.schema.json",
         "gatekeeper/_data/zoo/demo/clean/gatekeeper.json",
         "gatekeeper/_data/zoo/demo/backdoored/backbone/open_clip_model.safetensors",
         "gatekeeper/_data/zoo/backbone/open_clip_model.safetensors",

@@ -1,7 +1,7 @@
 """PromptTunedCLIP: one differentiable ``logits(images)`` for CoOp, CoCoOp and zero-shot CLIP.
 
 Images are pixel-space tensors in [0, 1] of shape (B, 3, H, W); CLIP normalization happens
-inside so that triggers live in pixel space (METHOD.md).
+inside so that triggers live in pixel space (docs/method.md, "The model under audit").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Backdoor attacks implanted during prompt tuning (METHOD.md, "Attacks").
+"""Backdoor attacks implanted during prompt tuning, for the red team (docs/tiny-world.md; what the
+scan looks for: docs/method.md).
 
 Each attack plugs into ``tuning.train`` through four hooks (``prepare``, ``loss``,
 ``trains_prompt``, ``after_step``), applies its true trigger with ``apply`` (for measuring
