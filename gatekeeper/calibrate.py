@@ -98,10 +98,18 @@ def calibrate(clean: list[Path], backdoored: list[Path]) -> CalibrationReport:
             "tau is only valid for one setting: calibrate on scans made with the same policy and class count",
         )
     (n_c, budget, eps), = settings
+    pools = {(p.get("source"), p.get("content_hash")) for d, _ in results if isinstance(p := d.get("pool"), dict)}
+    if len({h for _, h in pools}) > 1:
+        raise ResultError(
+            f"the results were scanned on different OOD pools: {sorted(str(s) for s, _ in pools)[:4]}",
+            "tau belongs to one pool: calibrate on scans made with the same --ood",
+        )
+    pool, pool_hash = next(iter(pools)) if len(pools) == 1 else (None, None)
     labels = np.array([y for _, y in results])
     scores = np.array([float(d["s_max"]) for d, _ in results])
     tau, j, tpr, fpr = youden_threshold(labels, scores)
-    return CalibrationReport(Calibration(tau, n_c, budget, eps), j, tpr, fpr, auroc(labels, scores), len(clean), len(backdoored))
+    cal = Calibration(tau, n_c, budget, eps, pool=pool, pool_hash=pool_hash)
+    return CalibrationReport(cal, j, tpr, fpr, auroc(labels, scores), len(clean), len(backdoored))
 
 
 def calibrated_policy_yaml(base: dict[str, Any], cal: CalibrationReport) -> str:
@@ -109,10 +117,11 @@ def calibrated_policy_yaml(base: dict[str, Any], cal: CalibrationReport) -> str:
     import yaml
 
     policy = {k: v for k, v in base.items() if k != "calibration"}
-    policy["calibration"] = asdict(cal.calibration)
+    policy["calibration"] = {k: v for k, v in asdict(cal.calibration).items() if v is not None}
+    pool = cal.calibration.pool
     header = (
         f"# written by `gatekeeper calibrate`: tau by Youden's J on {cal.n_clean} clean and {cal.n_backdoored} "
-        f"backdoored scans\n# AUROC {cal.auroc:.3f}; at tau: TPR {cal.tpr:.2f}, FPR {cal.fpr:.2f}, J {cal.youden_j:.2f}\n"
+        f"backdoored scans{f' on the OOD pool {pool}' if pool else ''}\n# AUROC {cal.auroc:.3f}; at tau: TPR {cal.tpr:.2f}, FPR {cal.fpr:.2f}, J {cal.youden_j:.2f}\n"
         "# valid only for the |C|, ood_budget and epsilon recorded under calibration\nversion: 1\n"
     )
     return header + yaml.safe_dump(policy, sort_keys=False)
@@ -155,7 +164,12 @@ def calibrate_on_backbone(model: Any, pool: Any, policy: Any, copies: int, epoch
     from gatekeeper.decide import candidate_classes
 
     n_c = len(candidate_classes(len(model.classnames), plain))
-    return CalibrationReport(Calibration(tau, n_c, policy.ood_budget, policy.epsilon), j, tpr, fpr, auroc(lab, sc), copies, copies), rows
+    info = getattr(pool, "info", None)
+    cal = Calibration(
+        tau, n_c, policy.ood_budget, policy.epsilon,
+        pool=getattr(info, "source", None), pool_hash=getattr(info, "content_hash", None),
+    )
+    return CalibrationReport(cal, j, tpr, fpr, auroc(lab, sc), copies, copies), rows
 
 
 def _calibratable(scoring: str, where: str) -> None:
@@ -178,13 +192,17 @@ def run_calibrate(
     epochs: int = 12,
     device: str = "auto",
     log: Any = print,
+    ood: str | None = None,
 ) -> CalibrationReport:
     """Choose tau from scans of known models (``clean``/``backdoored`` result.json files), or from
-    clean and planted copies built on ``backbone``'s own prompt learner, and write the calibrated
-    policy to ``out`` (which must not exist), atomically.
+    clean and planted copies built on ``backbone``'s own prompt learner and scanned on the OOD pool
+    ``ood`` (a scan's ``--ood`` spec; default ``procedural``), and write the calibrated policy to
+    ``out`` (which must not exist), atomically. The calibration records the pool it was made on.
 
     Raises:
-        UsageError: ``out`` exists, a bad combination of arguments, or a lift policy (no tau).
+        UsageError: ``out`` exists, a bad combination of arguments, a bad ``ood`` spec, or a lift
+            policy (no tau).
+        PoolError: the pool is too small for the policy.
     """
     import json
 
@@ -202,16 +220,22 @@ def run_calibrate(
         if epochs < 1:
             raise UsageError(f"--epochs {epochs}: must be at least 1", "e.g. --epochs 12")
         from gatekeeper.models.loader import load_model
-        from gatekeeper.ood import load_pool
+        from gatekeeper.ood import check_spec, load_pool
         from gatekeeper.scan import resolve_device
 
+        spec = ood or "procedural"
+        check_spec(spec)  # a bad --ood is a usage error, before any model is loaded
         chosen = load_policy(policy)
         _calibratable(chosen.scoring.value, policy)
         model = load_model(backbone, resolve_device(device))
-        pool = load_pool("procedural", model.image_size, chosen.ood_budget, chosen.holdout, chosen.seed)
+        pool = load_pool(spec, model.image_size, chosen.ood_budget, chosen.holdout, chosen.seed)
         cal, _rows = calibrate_on_backbone(model, pool, chosen, copies, epochs, log=log)
         base = chosen.to_dict()
     else:
+        if ood is not None:
+            raise UsageError(
+                "--ood applies with --backbone only", "scan results already record the pool they were scanned on"
+            )
         if not clean or not backdoored:
             raise UsageError(
                 "calibrate needs --clean and --backdoored scan results, or --backbone MODEL",

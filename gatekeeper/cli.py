@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--policy", help=f"with --backbone: the policy to calibrate: {POLICY_HELP}")
     cal.add_argument("--copies", type=int, default=4, help="with --backbone: clean and planted copies each (default 4)")
     cal.add_argument("--epochs", type=int, default=12, help="with --backbone: training epochs per copy (default 12)")
+    cal.add_argument(
+        "--ood",
+        help="with --backbone: the OOD pool the copies are trained and scanned on, as for scan: procedural[:SEED] "
+        "(default) or dir:PATH; use the pool your scans use",
+    )
     cal.add_argument("--device", default="auto", help="with --backbone: auto, cpu, cuda, cuda:N")
     cal.add_argument("--out", type=Path, required=True, help="policy YAML to write (must not exist)")
     cal.add_argument("--debug", action="store_true")
@@ -166,7 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("checkpoint", type=Path, help="e.g. prompt_learner/model.pth.tar-50")
     conv.add_argument(
-        "--sidecar", type=Path, required=True, help="YAML naming backbone, classnames, ctx_init, image_size"
+        "--sidecar",
+        type=Path,
+        required=True,
+        help="YAML naming backbone, classnames (optional: recovered from the checkpoint when absent), ctx_init, "
+        "image_size; Dassl/CoOp config names (trainer, prec, TRAINER.COOP.N_CTX, ...) are read too",
+    )
+    conv.add_argument(
+        "--backbone",
+        metavar="PATH|hf-hub:ORG/REPO|NAME[:TAG]",
+        help="the backbone, replacing the sidecar's: a local open_clip folder (copied into the model folder), "
+        "an open_clip Hub repo, or a built-in name and pretrained tag (e.g. ViT-B-16:openai); it must load now",
     )
     conv.add_argument("--out", type=Path, required=True, help="new (empty) output folder")
     conv.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -283,7 +298,7 @@ def cmd_calibrate(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     policy = _policy(args, "calibrate")[0] if args.backbone is not None else "default"  # else: the scans' policy
     report = run_calibrate(
         args.out, clean=args.clean, backdoored=args.backdoored, backbone=args.backbone, policy=policy,
-        copies=args.copies, epochs=args.epochs, device=args.device, log=say,
+        copies=args.copies, epochs=args.epochs, device=args.device, log=say, ood=args.ood,
     )
     cal = report.calibration
     say(
@@ -316,9 +331,12 @@ def cmd_demo(args: argparse.Namespace, argv: list[str]) -> ExitCode:
 def cmd_convert(args: argparse.Namespace, argv: list[str]) -> ExitCode:
     from gatekeeper.models.checkpoint import convert_checkpoint
 
-    manifest = convert_checkpoint(args.checkpoint, args.sidecar, args.out)
+    done = convert_checkpoint(args.checkpoint, args.sidecar, args.out, backbone=args.backbone)
+    manifest = done.manifest
     say(
-        f"wrote {args.out} ({manifest.kind.value}, {len(manifest.classnames)} classes, n_ctx {manifest.n_ctx})",
+        f"wrote {args.out} ({manifest.kind.value}, {len(manifest.classnames)} classes, n_ctx {manifest.n_ctx}); "
+        f"class names from {done.classnames_from}{''.join(f'; {n}' for n in done.notes)}; "
+        f"backbone {inert(done.backbone_from, 300)}",
         err=False,
     )
     return ExitCode.PASS

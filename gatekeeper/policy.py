@@ -89,7 +89,11 @@ class Calibration:
     n_candidates: int
     ood_budget: int
     epsilon: float
+    pool: str | None = None  # the OOD pool it was made on (procedural:SEED, dir:PATH), as scans record it
+    pool_hash: str | None = None  # sha256 of that pool's pixels
 
+
+_CALIBRATION_OPTIONAL = ("pool", "pool_hash")
 
 @dataclass(frozen=True)
 class AcceptedFinding:
@@ -149,6 +153,8 @@ class Policy:
         out.pop("source_file")
         out["extra_epsilons"] = list(self.extra_epsilons)
         out["accepted_findings"] = [asdict(f) for f in self.accepted_findings]
+        if out["calibration"] is not None:  # a calibration without a recorded pool keeps its old digest
+            out["calibration"] = {k: v for k, v in out["calibration"].items() if v is not None or k not in _CALIBRATION_OPTIONAL}
         for key, value in list(out.items()):
             if isinstance(value, Enum):
                 out[key] = value.value
@@ -332,10 +338,11 @@ def _number(key: str, value: Any, file: str, kind: type, bounds: tuple[float, fl
 def _calibration(value: Any, file: str) -> Calibration | None:
     if value is None:
         return None
-    names = [f.name for f in fields(Calibration)]
-    if not isinstance(value, dict) or set(value) != set(names):
+    names = [f.name for f in fields(Calibration) if f.name not in _CALIBRATION_OPTIONAL]
+    if not isinstance(value, dict) or not set(names) <= set(value) <= {*names, *_CALIBRATION_OPTIONAL}:
         raise PolicyError(
-            f"{file or 'policy'}: key 'calibration' must be a mapping with exactly {names}",
+            f"{file or 'policy'}: key 'calibration' must be a mapping with exactly {names} (and optionally "
+            f"{list(_CALIBRATION_OPTIONAL)})",
             "write it with `gatekeeper calibrate` rather than by hand",
             file=file,
             key="calibration",
@@ -345,6 +352,20 @@ def _calibration(value: Any, file: str) -> Calibration | None:
         n_candidates=_number("calibration.n_candidates", value["n_candidates"], file, int, (3, 1_000_000)),
         ood_budget=_number("calibration.ood_budget", value["ood_budget"], file, int, _INT_RANGES["ood_budget"]),
         epsilon=parse_epsilon(value["epsilon"], file),
+        pool=_pool_text("calibration.pool", value.get("pool"), file),
+        pool_hash=_pool_text("calibration.pool_hash", value.get("pool_hash"), file),
+    )
+
+
+def _pool_text(key: str, value: Any, file: str) -> str | None:
+    """A recorded pool source or hash: informational, a short printable string."""
+    if value is None or (isinstance(value, str) and 0 < len(value) <= 4096 and not CONTROL.search(value)):
+        return value
+    raise PolicyError(
+        f"{file or 'policy'}: {key} must be a short string, got {short(value)}",
+        "write it with `gatekeeper calibrate` rather than by hand",
+        file=file,
+        key=key,
     )
 
 

@@ -102,3 +102,93 @@ def test_calibrate_refuses_lift_results(tmp_path, capsys):
     bad = [_result(tmp_path / f"b{i}.json", s, scoring="lift") for i, s in enumerate([0.5, 0.6])]
     assert main(["calibrate", "--clean", *clean, "--backdoored", *bad, "--out", str(tmp_path / "p.yaml")]) == 4
     assert "null margin" in capsys.readouterr().err and not (tmp_path / "p.yaml").exists()
+
+
+def _fake_copies(monkeypatch):
+    """Stand-ins for training and scanning copies: planted copies score 3, clean ones 1; the pool is recorded."""
+    from types import SimpleNamespace
+
+    import gatekeeper.control
+    import gatekeeper.pipeline
+
+    pools = []
+
+    def scan(copy, pool, policy, provenance):
+        pools.append(pool.info.source)
+        planted = copy[1] is not None
+        d = SimpleNamespace(s_max=3.0 if planted else 1.0, verdict=SimpleNamespace(value="pass"), suspect_class=None)
+        return SimpleNamespace(result=SimpleNamespace(decision=d))
+
+    monkeypatch.setattr(gatekeeper.control, "train_copy", lambda model, labeller, target, *a, **k: ((model, target), None))
+    monkeypatch.setattr(gatekeeper.pipeline, "reference_model", lambda model: model)
+    monkeypatch.setattr(gatekeeper.pipeline, "scan_model", scan)
+    return pools
+
+
+def test_calibrate_on_the_backbone_scans_on_the_given_ood_pool_and_records_it(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from tests.conftest import DEMO_ZOO
+
+    pools = _fake_copies(monkeypatch)
+    policy = tmp_path / "p.yaml"
+    policy.write_text("ood_budget: 8\nholdout: 8\nscoring: differential\n")
+    images = tmp_path / "ood"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    base = ["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--policy", str(policy), "--copies", "2", "--device", "cpu"]
+    assert main([*base, "--ood", f"dir:{images}", "--out", str(tmp_path / "dir.yaml")]) == 0
+    assert pools and set(pools) == {f"dir:{images}"}
+    cal = load_policy(str(tmp_path / "dir.yaml")).calibration
+    assert cal is not None and cal.pool == f"dir:{images}" and cal.pool_hash and len(cal.pool_hash) == 64
+    assert f"on the OOD pool dir:{images}" in (tmp_path / "dir.yaml").read_text().splitlines()[0]
+    assert main([*base, "--ood", "procedural:7", "--out", str(tmp_path / "seed.yaml")]) == 0
+    assert load_policy(str(tmp_path / "seed.yaml")).calibration.pool == "procedural:7"
+    assert main([*base, "--out", str(tmp_path / "default.yaml")]) == 0  # default: the scan's default pool
+    assert load_policy(str(tmp_path / "default.yaml")).calibration.pool == "procedural:0"
+
+
+def test_calibrate_ood_errors_are_usage_errors_before_any_model_loads(tmp_path, capsys):
+    from tests.conftest import DEMO_ZOO
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text("scoring: differential\n")
+    base = ["calibrate", "--backbone", str(DEMO_ZOO / "clean"), "--policy", str(policy)]
+    assert main([*base, "--ood", "dir:/no/such/folder", "--out", str(tmp_path / "a.yaml")]) == 4
+    assert main([*base, "--ood", "procedural:x", "--out", str(tmp_path / "a.yaml")]) == 4
+    r = tmp_path / "r.json"
+    _result(r, 1.0)
+    assert main(["calibrate", "--clean", str(r), str(r), "--backdoored", str(r), str(r), "--ood", "procedural", "--out", str(tmp_path / "a.yaml")]) == 4
+    assert "--ood applies with --backbone only" in capsys.readouterr().err
+    assert not (tmp_path / "a.yaml").exists()
+
+
+def test_calibrate_from_results_records_their_pool_and_refuses_mixed_pools(tmp_path, capsys):
+    def with_pool(path, s_max, source, digest):
+        _result(path, s_max)
+        d = json.loads(path.read_text())
+        d["pool"] = {"source": source, "content_hash": digest}
+        path.write_text(json.dumps(d))
+        return str(path)
+
+    clean = [with_pool(tmp_path / f"c{i}.json", s, "procedural:3", "ab" * 32) for i, s in enumerate([1.0, 1.2])]
+    bad = [with_pool(tmp_path / f"b{i}.json", s, "procedural:3", "ab" * 32) for i, s in enumerate([2.5, 3.1])]
+    assert main(["calibrate", "--clean", *clean, "--backdoored", *bad, "--out", str(tmp_path / "p.yaml")]) == 0
+    cal = load_policy(str(tmp_path / "p.yaml")).calibration
+    assert (cal.pool, cal.pool_hash) == ("procedural:3", "ab" * 32)
+    other = with_pool(tmp_path / "b9.json", 2.9, "procedural:4", "cd" * 32)
+    assert main(["calibrate", "--clean", *clean, "--backdoored", bad[0], other, "--out", str(tmp_path / "q.yaml")]) == 2
+    assert "different OOD pools" in capsys.readouterr().err and not (tmp_path / "q.yaml").exists()
+
+
+def test_a_policy_without_a_recorded_pool_keeps_its_digest():
+    plain = policy_from_mapping({"scoring": "differential", "calibration": {"tau": 2.0, "n_candidates": 12, "ood_budget": 1000, "epsilon": 4 / 255}})
+    assert "pool" not in plain.to_dict()["calibration"]
+    pooled = policy_from_mapping(
+        {"scoring": "differential", "calibration": {"tau": 2.0, "n_candidates": 12, "ood_budget": 1000, "epsilon": 4 / 255, "pool": "procedural:0"}}
+    )
+    assert pooled.calibration.pool == "procedural:0" and pooled.digest() != plain.digest()
+    with pytest.raises(PolicyError, match="calibration.pool"):
+        policy_from_mapping({"scoring": "differential", "calibration": {"tau": 2.0, "n_candidates": 12, "ood_budget": 1000, "epsilon": 4 / 255, "pool": 3}})

@@ -17,24 +17,26 @@ from __future__ import annotations
 import logging
 import math
 import os
-import stat
-from pathlib import Path, PureWindowsPath
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from gatekeeper._io import atomic_folder
 from gatekeeper.errors import ModelFormatError, UsageError
+from gatekeeper.models.backbone import HF, LOCAL, load_backbone, local_backbone_dir
+from gatekeeper.models.classtokens import recover_classnames, verify_classnames
 from gatekeeper.models.manifest import (
     MAX_CLASSES,
-    MAX_CLASSNAME_CHARS,
     MAX_N_CTX,
     WEIGHTS_NAME,
     BackboneRef,
     Manifest,
     ModelKind,
     Precision,
-    read_manifest,
     write_manifest,
 )
 from gatekeeper.models.safe_pickle import (
@@ -46,10 +48,12 @@ from gatekeeper.models.safe_pickle import (
     scan_pickle,
     sniff_format,
 )
-from gatekeeper.untrusted import CONTROL, DocumentError, inert, load_yaml, short
+from gatekeeper.models.sidecar import Sidecar, read_sidecar
+from gatekeeper.untrusted import CONTROL, inert, short
 
 __all__ = [
     "ALLOWED_GLOBALS",
+    "Converted",
     "OPAQUE_GLOBALS",
     "OpaqueObject",
     "convert_checkpoint",
@@ -62,15 +66,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _META = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
-_SIDECAR_KEYS = {"backbone", "classnames", "classnames_file", "ctx_init", "image_size", "kind", "precision"}
+_TOKENS = ("token_prefix", "token_suffix")
+ATTACHED = "backbone"  # the model folder's subfolder an attached backbone is copied to
+_BUILTIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MAX_CONTEXT = 4096  # token positions of a text encoder (CLIP: 77)
 _MAX_DIM = 8192  # widths: ctx (text width, 512/768) and meta-net (image width, 512..1024, and its /16)
 _MAX_META_NUMEL = 2**24  # elements of each meta-net tensor (ViT-L: 1024 x 64)
-_MAX_CLASSNAMES_FILE = 2**20  # bytes
-_MAX_NAME = 200  # characters of a backbone name or pretrained tag
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Scan then load; the state dict's tensors in their stored dtype, prefixes stripped, none copied."""
+def _read_checkpoint(path: Path, keep_tokens: bool = False) -> dict[str, torch.Tensor]:
+    """Scan then load; the state dict's tensors in their stored dtype, prefixes stripped, none copied.
+
+    ``token_prefix``/``token_suffix`` are dropped unless ``keep_tokens`` (convert checks the class names on them).
+    """
     _require_safe_torch()
     path = Path(path)
     if sniff_format(path) == "safetensors":
@@ -94,7 +102,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         name = key
         while name.startswith("module."):
             name = name[len("module.") :]
-        if name not in ("token_prefix", "token_suffix"):
+        if keep_tokens or name not in _TOKENS:
             if name in out:
                 raise ModelFormatError(f"{path}: key {short(name)} appears twice once 'module.' is stripped")
             out[name] = value.detach()  # a view: nothing is copied here
@@ -181,135 +189,113 @@ def load_dassl_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def _sidecar(path: Path) -> dict[str, Any]:
-    try:
-        raw = load_yaml(path, "the sidecar")
-    except DocumentError as exc:
-        raise UsageError(
-            f"{path}: {inert(exc, 300)}", "give a small YAML or JSON mapping (see docs/model-format.md)"
-        ) from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: the sidecar must be a mapping", "see docs/model-format.md")
-    unknown = sorted(short(k, 40) for k in raw if k not in _SIDECAR_KEYS)
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise UsageError(f"{path}: unknown sidecar key(s) {shown}", f"allowed: {', '.join(sorted(_SIDECAR_KEYS))}")
-    return raw
+@dataclass(frozen=True)
+class Converted:
+    """A converted model folder: its manifest, and where its class names and backbone came from."""
+
+    manifest: Manifest
+    classnames_from: str
+    backbone_from: str
+    notes: tuple[str, ...] = ()
 
 
-def _read_classnames_file(sidecar: Path, value: Any) -> str:
-    """The text of ``classnames_file``: a regular file inside the sidecar's folder, at most 1 MiB of UTF-8."""
-    hint = "give the path of a text file next to the sidecar, relative to its folder (e.g. classnames.txt)"
-    if not isinstance(value, str) or not value.strip():
-        raise UsageError(f"{sidecar}: classnames_file must be a relative path, got {short(value)}", hint)
-    rel = Path(value)
-    if rel.is_absolute() or PureWindowsPath(value).drive or value.startswith(("/", "\\")) or ".." in rel.parts:
-        raise UsageError(f"{sidecar}: classnames_file {short(value)} must stay inside the sidecar's folder", hint)
-    base = sidecar.absolute().parent.resolve()
-    try:
-        target = (base / rel).resolve(strict=True)
-    except (OSError, RuntimeError) as exc:  # missing, or a symlink loop
-        raise UsageError(f"{sidecar}: cannot read classnames_file {short(value)} ({inert(exc, 120)})", hint) from None
-    if not target.is_relative_to(base):
-        raise UsageError(f"{sidecar}: classnames_file {short(value)} resolves outside the sidecar's folder", hint)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)  # a FIFO must not block
-    try:
-        fd = os.open(target, flags)
-    except OSError as exc:
-        raise UsageError(f"{sidecar}: cannot read classnames_file {short(value)} ({exc.strerror})", hint) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"{sidecar}: classnames_file {short(value)} is not a regular file", hint)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(_MAX_CLASSNAMES_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_CLASSNAMES_FILE:
-        raise UsageError(f"{sidecar}: classnames_file {short(value)} is larger than 1 MiB", hint)
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UsageError(f"{sidecar}: classnames_file {short(value)} is not UTF-8 text", hint) from None
+def _backbone_source(arg: str | Path | None, side: Sidecar) -> tuple[BackboneRef, Path | None, str]:
+    """(reference to write, a folder to attach as ``local-dir:backbone`` or None, what it was).
 
-
-def _classnames(sidecar: Path, cfg: dict[str, Any]) -> list[str]:
-    """The class names (from ``classnames`` or ``classnames_file``, one per line), stripped and checked."""
-    if ("classnames" in cfg) == ("classnames_file" in cfg):
-        raise UsageError(f"{sidecar}: give exactly one of classnames, classnames_file")
-    if "classnames_file" in cfg:
-        names = [n.strip() for n in _read_classnames_file(sidecar, cfg["classnames_file"]).split("\n")]
-        names = [n for n in names if n]
-    else:
-        names = cfg["classnames"]
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise UsageError(f"{sidecar}: classnames must be a list of strings, got {short(names)}")
-        names = [n.strip() for n in names]
-    if len(names) > MAX_CLASSES:
-        raise UsageError(f"{sidecar}: {len(names)} class names, more than {MAX_CLASSES}")
-    for n in names:
-        if len(n) > MAX_CLASSNAME_CHARS:
-            raise UsageError(f"{sidecar}: class name {short(n)} is longer than {MAX_CLASSNAME_CHARS} characters")
-        if CONTROL.search(n):
-            raise UsageError(f"{sidecar}: class name {short(n)} holds a control character")
-    if len(names) < 2 or not all(names):
-        raise UsageError(f"{sidecar}: classnames must list at least 2 non-empty names")
-    seen: set[str] = set()
-    for n in names:
-        if n in seen:
-            raise UsageError(f"{sidecar}: classnames contains duplicates ({short(n)})")
-        seen.add(n)
-    return names
-
-
-def _name_ok(value: Any, optional: bool = False) -> bool:
-    if optional and value is None:
-        return True
-    return isinstance(value, str) and 0 < len(value) <= _MAX_NAME and not CONTROL.search(value)
-
-
-def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
-    """Convert a Dassl checkpoint plus a sidecar into a gatekeeper model folder, atomically.
-
-    Args:
-        checkpoint: the ``model.pth.tar-N`` file (see :func:`load_dassl_checkpoint`).
-        sidecar: YAML/JSON with ``backbone`` ({name, pretrained}), ``classnames`` (a list) or
-            ``classnames_file`` (a text file in the sidecar's folder, one name per line) and
-            optional ``ctx_init``, ``image_size``, ``kind``, ``precision``.
-        out: the folder to create; must not exist or be empty.
-    Returns:
-        The manifest written to ``out/gatekeeper.json``.
-    Raises:
-        UsageError: non-empty ``out``; an unreadable, oversize or malformed sidecar (aliases
-            expanding too far, a repeated key); a bad or unknown sidecar key; a
-            ``classnames_file`` outside the sidecar's folder, not a regular file, over 1 MiB or
-            not UTF-8; class names that are too many, too long or hold control characters.
-        UnsafeCheckpointError, ModelFormatError: see :func:`load_dassl_checkpoint`; also a
-            class-specific (3-D) ``ctx``, ``ctx`` or meta-net shapes out of bounds or
-            inconsistent, a kept tensor that is an expanded or overlapping view, or tensors
-            inconsistent with ``kind``.
+    ``--backbone`` wins over the sidecar's; a folder is copied into the model folder, a built-in
+    name (``NAME`` or ``NAME:TAG``) or ``hf-hub:org/repo`` is recorded and must load now.
     """
-    checkpoint, sidecar, out = Path(checkpoint), Path(sidecar), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out}: exists and is not an empty folder", "choose a new output folder")
-    cfg = _sidecar(sidecar)
-    bb = cfg.get("backbone")
-    if (
-        not isinstance(bb, dict)
-        or set(bb) - {"name", "pretrained"}
-        or not _name_ok(bb.get("name"))
-        or not _name_ok(bb.get("pretrained"), optional=True)
-    ):
+    hint = "give --backbone PATH (an open_clip folder: open_clip_config.json + open_clip_model.safetensors), hf-hub:org/repo or NAME:TAG"
+    if arg is None:
+        if side.backbone is None:
+            raise UsageError(f"{side.path}: no backbone: the sidecar names none", "add backbone: to the sidecar, or " + hint)
+        if side.backbone_dir is not None:
+            return BackboneRef(name=f"{LOCAL}{ATTACHED}"), side.backbone_dir, f"attached from {side.backbone_dir}"
+        return side.backbone, None, f"reference {side.backbone.describe()} (from the sidecar's {side.source('backbone')})"
+    text = str(arg)
+    if not text.strip() or len(text) > 4096 or CONTROL.search(text):
+        raise UsageError(f"--backbone {short(text)} is not a folder or a backbone name", hint)
+    if text.startswith(HF):
+        return BackboneRef(name=text), None, f"reference {text} (--backbone)"
+    if text.startswith(LOCAL):
         raise UsageError(
-            f"{sidecar}: backbone must be {{name: str, pretrained: str}}, got {short(bb)}",
-            "e.g. {name: ViT-B-16, pretrained: openai}",
+            f"--backbone {short(text)}: local-dir: names a folder inside a model folder, which convert creates",
+            "give the backbone folder's path: convert copies it into the model folder",
         )
-    names = _classnames(sidecar, cfg)
-    state = _read_checkpoint(checkpoint)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return BackboneRef(name=f"{LOCAL}{ATTACHED}"), path, f"attached from {path}"
+    name, _, tag = text.partition(":")
+    if "/" in text or os.sep in text or text.startswith((".", "~")) or path.exists() or not _BUILTIN.fullmatch(name):
+        raise UsageError(f"--backbone {short(text)}: no such folder", hint)
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise UsageError(f"--backbone {short(text)}: no such folder, and not an open_clip model name", hint)
+    return BackboneRef(name=name, pretrained=tag or None), None, f"reference {text} (--backbone)"
+
+
+def _attach(src: Path, dst: Path) -> None:
+    """Copy a local open_clip backbone folder (checked as the loader checks it) to ``dst``."""
+    checked = local_backbone_dir(src, BackboneRef(name=f"{LOCAL}."))  # only open_clip files and documents
+    dst.mkdir()
+    for entry in sorted(checked.iterdir()):
+        shutil.copyfile(entry, dst / entry.name)  # follows links the check allowed (a Hub snapshot's blobs)
+
+
+def _prompt_tokens(checkpoint: Path, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """token_prefix [K,1,d] and token_suffix [K,S,d], bounded and checked as views; None when absent."""
+    if not any(k in state for k in _TOKENS):
+        return None
+    if not all(k in state for k in _TOKENS):
+        raise ModelFormatError(f"{checkpoint}: holds one of token_prefix, token_suffix but not both")
+    prefix, suffix = state["token_prefix"], state["token_suffix"]
+    dim = int(state["ctx"].shape[-1])
+    if (
+        prefix.dim() != 3
+        or suffix.dim() != 3
+        or tuple(prefix.shape[1:]) != (1, dim)
+        or suffix.shape[0] != prefix.shape[0]
+        or suffix.shape[2] != dim
+        or not 2 <= prefix.shape[0] <= MAX_CLASSES
+        or not 1 <= suffix.shape[1] <= _MAX_CONTEXT
+    ):
+        raise ModelFormatError(
+            f"{checkpoint}: token_prefix {short(tuple(prefix.shape))} and token_suffix {short(tuple(suffix.shape))} "
+            f"are not [K, 1, {dim}] and [K, L, {dim}] with 2 <= K <= {MAX_CLASSES} (ctx is {dim} wide)",
+            "give the prompt learner checkpoint of a CoOp/CoCoOp model",
+        )
+    for key, t in (("token_prefix", prefix), ("token_suffix", suffix)):
+        if not t.is_floating_point():
+            raise ModelFormatError(f"{checkpoint}: {key} has dtype {t.dtype}, not a floating-point tensor")
+        _check_view(checkpoint, key, t)
+    return prefix, suffix
+
+
+def _kind_and_precision(checkpoint: Path, side: Sidecar, state: dict[str, torch.Tensor]) -> tuple[ModelKind, Precision]:
     ctx = state["ctx"]
-    if ctx.dim() == 3:
+    has_meta = [k for k in _META if k in state]
+    kind = side.kind or (ModelKind.COCOOP if has_meta else ModelKind.COOP)
+    precision = side.precision or (Precision.FP16 if ctx.dtype == torch.float16 else Precision.FP32)
+    said = f"{side.source('kind')} in {side.path}" if side.kind else "kind"
+    if kind == ModelKind.COCOOP and len(has_meta) != len(_META):
+        raise ModelFormatError(f"{checkpoint}: CoCoOp ({said}) needs {list(_META)}", "is this CoOp? set kind: coop")
+    if kind == ModelKind.COOP and has_meta:
+        raise ModelFormatError(f"{checkpoint}: holds meta_net tensors but {said} says coop", "set kind: cocoop")
+    return kind, precision
+
+
+def _check_ctx(checkpoint: Path, side: Sidecar, ctx: torch.Tensor) -> None:
+    if ctx.dim() == 3 and side.csc is not False:
         raise ModelFormatError(
             f"{checkpoint}: ctx has shape {short(tuple(ctx.shape))}: class-specific contexts (CSC) are unsupported",
             "retrain with a unified context (CSC False)",
+        )
+    if side.csc is not None and side.csc != (ctx.dim() == 3):
+        raise ModelFormatError(
+            f"{side.path}: {side.source('csc')} is {side.csc} but ctx has shape {short(tuple(ctx.shape))} "
+            f"({'class-specific' if ctx.dim() == 3 else 'one context for all classes'})",
+            "fix csc in the sidecar, or check that this is the checkpoint it describes",
         )
     if ctx.dim() != 2 or not (1 <= ctx.shape[0] <= MAX_N_CTX and 1 <= ctx.shape[1] <= _MAX_DIM):
         raise ModelFormatError(
@@ -317,43 +303,126 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
             f"got shape {short(tuple(ctx.shape))}",
             "give the prompt learner checkpoint of a CoOp/CoCoOp model",
         )
-    has_meta = [k for k in _META if k in state]
-    try:
-        kind = ModelKind(cfg.get("kind", "cocoop" if has_meta else "coop"))
-        precision = Precision(cfg.get("precision", "fp16" if ctx.dtype == torch.float16 else "fp32"))
-    except ValueError:
-        raise UsageError(
-            f"{sidecar}: kind {short(cfg.get('kind'))} or precision {short(cfg.get('precision'))} is not valid",
-            "kind: coop|cocoop, precision: fp32|fp16",
-        ) from None
-    image_size, ctx_init = cfg.get("image_size", 224), cfg.get("ctx_init")
-    if kind == ModelKind.ZEROSHOT or not isinstance(ctx_init, (str, type(None))):
-        raise UsageError(f"{sidecar}: kind must be coop or cocoop, ctx_init a string")
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or not 8 <= image_size <= 1024:
-        raise UsageError(f"{sidecar}: image_size must be an integer in [8, 1024], got {short(image_size)}")
+    if side.n_ctx is not None and side.n_ctx != ctx.shape[0]:
+        raise ModelFormatError(
+            f"{side.path}: {side.source('n_ctx')} is {side.n_ctx} but the checkpoint's ctx holds {ctx.shape[0]} vectors",
+            "fix n_ctx in the sidecar, or check that this is the checkpoint it describes",
+        )
+    if side.class_token_position not in (None, "end"):
+        raise ModelFormatError(
+            f"{side.path}: {side.source('class_token_position')} {side.class_token_position!r}: this gatekeeper puts "
+            "the class name at the end of the prompt only",
+            "convert models trained with CLASS_TOKEN_POSITION end",
+        )
+
+
+def _check_widths(checkpoint: Path, side: Sidecar, state: dict[str, torch.Tensor], kind: ModelKind, clip: Any, desc: str) -> int:
+    """What the scan-time loader would refuse, refused now: widths and the input size. Returns the image size."""
+    hint = "the checkpoint was trained on another backbone: give that one (--backbone)"
+    text_width = int(clip.ln_final.weight.shape[0])
+    if state["ctx"].shape[1] != text_width:
+        raise ModelFormatError(
+            f"{checkpoint}: ctx is {state['ctx'].shape[1]} wide but backbone {desc} has text width {text_width}", hint
+        )
+    if kind == ModelKind.COCOOP:
+        vis = int(clip.visual.output_dim)
+        got = int(state["meta_net.linear1.weight"].shape[1])
+        if got != vis:
+            raise ModelFormatError(
+                f"{checkpoint}: meta_net.linear1 takes {got}-wide image features but backbone {desc} gives {vis}", hint
+            )
+    size = getattr(clip.visual, "image_size", None)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size) if size is not None else None
+    if side.image_size is not None and size is not None and side.image_size != size:
+        raise ModelFormatError(
+            f"{side.path}: {side.source('image_size')} is {side.image_size} but backbone {desc} takes {size}x{size} images",
+            "fix image_size in the sidecar, or give the backbone the model was trained on",
+        )
+    return side.image_size or size or 224
+
+
+def _classnames_for(
+    checkpoint: Path, side: Sidecar, tokens: tuple[torch.Tensor, torch.Tensor] | None, n_ctx: int, clip: Any, tokenizer: Any
+) -> tuple[list[str], str, tuple[str, ...]]:
+    """(names in logit order, where they came from, notes): checked against, or recovered from, the prompt tokens."""
+    where = str(checkpoint)
+    if tokens is None:
+        if side.classnames is None:
+            raise UsageError(
+                f"{side.path}: no class names, and {checkpoint} stores no token_suffix to recover them from",
+                "add classnames: or classnames_file: to the sidecar",
+            )
+        return list(side.classnames), "the sidecar (not checked: the checkpoint stores no token_prefix/token_suffix)", ()
+    prefix, suffix = tokens
+    if side.classnames is None:
+        names = recover_classnames(where, prefix, suffix, n_ctx, clip, tokenizer)
+        return names, "the checkpoint's token_suffix (recovered: lower case, as the tokenizer reads them)", ()
+    names, note = verify_classnames(where, list(side.classnames), prefix, suffix, n_ctx, clip, tokenizer)
+    return names, "the sidecar, checked against the checkpoint's prompt tokens", (note,) if note else ()
+
+
+def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path, backbone: str | Path | None = None) -> Converted:
+    """Convert a Dassl checkpoint plus a sidecar into a gatekeeper model folder, atomically.
+
+    Everything the scan would refuse later is refused here: the backbone must load, its widths
+    and input size must fit the checkpoint, and the class names must rebuild the checkpoint's
+    prompt tokens (or are recovered from them when the sidecar gives none).
+
+    Args:
+        checkpoint: the ``model.pth.tar-N`` file (see :func:`load_dassl_checkpoint`).
+        sidecar: YAML/JSON in gatekeeper's keys or Dassl's (:mod:`gatekeeper.models.sidecar`).
+        out: the folder to create; must not exist or be empty.
+        backbone: a local open_clip folder (copied into ``out/backbone``), ``hf-hub:org/repo`` or
+            ``NAME[:TAG]``; replaces the sidecar's backbone.
+    Returns:
+        The manifest written to ``out/gatekeeper.json`` and where the names and backbone came from.
+    Raises:
+        UsageError: non-empty ``out``; a bad sidecar (see :func:`read_sidecar`); a ``--backbone``
+            that is neither a folder nor a backbone name; no backbone or no class names at all.
+        UnsafeCheckpointError, ModelFormatError: see :func:`load_dassl_checkpoint`; also ``ctx``,
+            meta-net or prompt-token shapes out of bounds or inconsistent, an expanded view,
+            tensors inconsistent with ``kind``, sidecar values the checkpoint contradicts, widths
+            or an input size the backbone does not have, or class names that do not match.
+        BackboneError: the backbone does not resolve or load, or brings files it must not.
+    """
+    checkpoint, sidecar, out = Path(checkpoint), Path(sidecar), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: exists and is not an empty folder", "choose a new output folder")
+    side = read_sidecar(sidecar)
+    ref, attach, backbone_from = _backbone_source(backbone, side)
+    state = _read_checkpoint(checkpoint, keep_tokens=True)
+    ctx = state["ctx"]
+    _check_ctx(checkpoint, side, ctx)
+    kind, precision = _kind_and_precision(checkpoint, side, state)
     keep = ["ctx", *(_META if kind == ModelKind.COCOOP else ())]
-    if kind == ModelKind.COCOOP and len(has_meta) != len(_META):
-        raise ModelFormatError(f"{checkpoint}: CoCoOp needs {list(_META)}", "is this CoOp? set kind: coop")
-    if kind == ModelKind.COOP and has_meta:
-        raise ModelFormatError(f"{checkpoint}: holds meta_net tensors but kind is coop", "set kind: cocoop")
     _check_shapes(checkpoint, state, keep)  # before anything is copied; dropped tensors are never copied
-    dropped = sorted(set(state) - set(keep))
+    tokens = _prompt_tokens(checkpoint, state)
+    dropped = sorted(set(state) - set(keep) - set(_TOKENS))
     if dropped:
         log.warning("%s: ignoring tensors %s", checkpoint, inert(", ".join(dropped)))
-    manifest = Manifest(
-        kind=kind,
-        classnames=tuple(names),
-        backbone=BackboneRef(name=bb["name"], pretrained=bb.get("pretrained")),
-        image_size=image_size,
-        n_ctx=int(ctx.shape[0]),
-        ctx_init=ctx_init,
-        precision=precision,
-    )
+    n_ctx = int(ctx.shape[0])
     from safetensors.torch import save_file
+
+    from gatekeeper.models.loader import load_model
 
     dtype = torch.float16 if precision == Precision.FP16 else torch.float32
     with atomic_folder(out) as tmp:  # out is absent or empty (checked above)
+        if attach is not None:
+            _attach(attach, tmp / ATTACHED)
+        clip, tokenizer = load_backbone(tmp, ref)
+        image_size = _check_widths(checkpoint, side, state, kind, clip, short(ref.describe(), 120))
+        names, names_from, notes = _classnames_for(checkpoint, side, tokens, n_ctx, clip, tokenizer)
+        manifest = Manifest(
+            kind=kind,
+            classnames=tuple(names),
+            backbone=ref,
+            image_size=image_size,
+            n_ctx=n_ctx,
+            ctx_init=side.ctx_init,
+            precision=precision,
+        )
         save_file({k: state[k].to(dtype).contiguous() for k in keep}, str(tmp / WEIGHTS_NAME))
         write_manifest(tmp, manifest)
-        read_manifest(tmp)  # the folder must read back as valid
-    return manifest
+        del clip
+        load_model(tmp)  # the folder must load as the scan will load it
+    return Converted(manifest, names_from, backbone_from, notes)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import sys
 import types
 import zipfile
@@ -32,6 +33,7 @@ from gatekeeper.models.checkpoint import (
     sniff_format,
 )
 from gatekeeper.models.manifest import WEIGHTS_NAME, ModelKind, Precision, read_manifest
+from tests.conftest import BACKBONE
 
 META = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
 
@@ -454,22 +456,27 @@ def _sidecar(folder: Path, **cfg: Any) -> Path:
     return path
 
 
+def real_state(names: list[str], dtype: torch.dtype = torch.float32, meta: bool = True) -> Any:
+    """A prompt learner on the committed tiny backbone (real token_prefix/suffix), ``module.`` keys."""
+    from tests.models.test_convert import dassl_state as built
+
+    return OrderedDict((f"module.{k}", v) for k, v in built(names, meta=meta, dtype=dtype).items())
+
+
 def test_convert_cocoop_end_to_end(tmp_path: Path) -> None:
-    state = dassl_state(torch.float16)
+    state = real_state(["cat", "dog", "bird"], torch.float16)
     ckpt = save_dassl(tmp_path, state, legacy=True)
     (tmp_path / "classes.txt").write_text("cat\ndog\n\nbird\n", encoding="utf-8")
+    shutil.copytree(BACKBONE, tmp_path / "clip")
     side = tmp_path / "sidecar.yaml"
-    side.write_text(
-        "backbone: {name: ViT-B-16, pretrained: openai}\nclassnames_file: classes.txt\nctx_init: a photo of a\n",
-        encoding="utf-8",
-    )
+    side.write_text("backbone: {name: 'local-dir:clip'}\nclassnames_file: classes.txt\nctx_init: a photo of a\n", encoding="utf-8")
     out = tmp_path / "models" / "cocoop"
-    manifest = convert_checkpoint(ckpt, side, out)
+    manifest = convert_checkpoint(ckpt, side, out).manifest
     assert manifest.kind == ModelKind.COCOOP
     assert manifest.precision == Precision.FP16
     assert manifest.classnames == ("cat", "dog", "bird")
-    assert (manifest.n_ctx, manifest.image_size, manifest.ctx_init) == (4, 224, "a photo of a")
-    assert manifest.backbone.describe() == "ViT-B-16/openai"
+    assert (manifest.n_ctx, manifest.image_size, manifest.ctx_init) == (4, 32, "a photo of a")
+    assert manifest.backbone.describe() == "local-dir:backbone"
     assert read_manifest(out) == manifest
     weights = load_file(str(out / WEIGHTS_NAME))
     assert set(weights) == {"ctx", *META}
@@ -480,11 +487,11 @@ def test_convert_cocoop_end_to_end(tmp_path: Path) -> None:
 
 
 def test_convert_coop_fp32_inline_classnames(tmp_path: Path) -> None:
-    ckpt = save_dassl(tmp_path, dassl_state(meta=False))
-    side = _sidecar(tmp_path, backbone={"name": "RN50", "pretrained": "openai"}, classnames=["a", "b"], image_size=224)
+    ckpt = save_dassl(tmp_path, real_state(["a", "b"], meta=False))
+    side = _sidecar(tmp_path, backbone={"name": "RN50", "pretrained": "openai"}, classnames=["a", "b"], image_size=32)
     out = tmp_path / "out"
     out.mkdir()  # an existing empty folder is fine
-    manifest = convert_checkpoint(ckpt, side, out)
+    manifest = convert_checkpoint(ckpt, side, out, backbone=BACKBONE).manifest  # --backbone replaces the sidecar's
     assert (manifest.kind, manifest.precision, manifest.n_ctx) == (ModelKind.COOP, Precision.FP32, 4)
     assert set(load_file(str(out / WEIGHTS_NAME))) == {"ctx"}
 
@@ -545,11 +552,11 @@ def test_zip_with_duplicate_members_is_refused(tmp_path: Path) -> None:
 
 
 def _convert_with(tmp_path: Path, sidecar_text: str) -> Any:
-    ckpt = save_dassl(tmp_path, dassl_state(meta=False))
+    ckpt = save_dassl(tmp_path, real_state(["cat", "dog"], meta=False))
     side = tmp_path / "side" / "sidecar.yaml"
     side.parent.mkdir(exist_ok=True)
     side.write_text(sidecar_text, encoding="utf-8")
-    return convert_checkpoint(ckpt, side, tmp_path / "out")
+    return convert_checkpoint(ckpt, side, tmp_path / "out", backbone=BACKBONE).manifest
 
 
 def _usage_error(tmp_path: Path, sidecar_text: str, match: str) -> UsageError:

@@ -460,11 +460,28 @@ def test_kept_tensor_shapes_are_bounded(tmp_path: Path, state: dict[str, torch.T
 
 
 def test_dropped_tensors_are_never_copied(tmp_path: Path) -> None:
+    from tests.conftest import BACKBONE
+
     huge = torch.ones(1, dtype=torch.float16).expand(1000, 77, 10**6)  # 154 GB if ever copied
     path = tmp_path / "model.pth.tar-50"
-    torch.save({"state_dict": {"ctx": torch.ones(4, 8), "token_suffix": huge, "buffer": huge}, "optim": huge}, path)
-    manifest = convert_checkpoint(path, _sidecar(tmp_path, precision="fp16"), tmp_path / "out")
-    assert manifest.n_ctx == 4
+    torch.save({"state_dict": {"ctx": torch.ones(4, 64), "buffer": huge}, "optim": huge}, path)
+    done = convert_checkpoint(path, _sidecar(tmp_path, precision="fp16"), tmp_path / "out", backbone=BACKBONE)
+    assert done.manifest.n_ctx == 4
+
+
+def test_expanded_prompt_tokens_are_refused_without_copying(tmp_path: Path) -> None:
+    """token_prefix/suffix are read to check the class names: bounded and checked as views first."""
+    path = tmp_path / "model.pth.tar-50"
+    prefix, suffix = torch.ones(2, 1, 64), torch.ones(1).expand(2, 15 - 4, 64)
+    torch.save({"state_dict": {"ctx": torch.ones(4, 64), "token_prefix": prefix, "token_suffix": suffix}}, path)
+    with pytest.raises(ModelFormatError, match="token_suffix.* is an expanded or overlapping view"):
+        convert_checkpoint(path, _sidecar(tmp_path), tmp_path / "out")
+    huge = torch.ones(1, dtype=torch.float16).expand(1000, 77, 10**6)
+    torch.save({"state_dict": {"ctx": torch.ones(4, 8), "token_prefix": huge, "token_suffix": huge}}, path)
+    start = time.monotonic()
+    with pytest.raises(ModelFormatError, match="token_prefix .* are not"):
+        convert_checkpoint(path, _sidecar(tmp_path), tmp_path / "out")
+    assert time.monotonic() - start < 1.0 and not (tmp_path / "out").exists()
 
 
 # --- 6. torch's own refusals, in our words ---------------------------------------------------
