@@ -24,6 +24,7 @@ from gatekeeper.tracking import ScanProgress, Stage, Tracker, no_ticks, pass_lab
 MODEL = "model"
 REFERENCE = "public backbone"
 CONTROL_SCAN = "positive control: scan, "
+EFFECTS = "trigger effects"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ScanOutput:
     result: ScanResult
     triggers: dict[str, torch.Tensor]  # class name -> delta (3, H, W)
     example: torch.Tensor  # one hold-out OOD image, for the report's before/after picture
+    grid_images: torch.Tensor | None = None  # the first hold-out images, for the trigger effects' grids
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -282,11 +284,28 @@ def scan_model(
     track = Tracker(plan_scan(model, policy, len(candidates)), progress)
     inspection = inspect_candidates(model, pool, policy, candidates, track)
     result = conclude(inspection, context_of(model, pool, provenance, command), policy)
+    result = with_trigger_effects(model, pool, policy, result, inspection.triggers, track)
     if policy.positive_control != PositiveControl.OFF and result.decision.verdict in (Verdict.PASS, Verdict.FAIL):
         # on a FAIL too, so every report shows the scan's power on this model; only a PASS can change
         result = with_positive_control(model, pool, policy, result, provenance, track)
     track.finish()
-    return ScanOutput(result, inspection.triggers, inspection.example)
+    from gatekeeper.effect import GRID
+
+    return ScanOutput(result, inspection.triggers, inspection.example, pool.holdout[:GRID] if result.trigger_effects else None)
+
+
+def with_trigger_effects(
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: ScanResult, triggers: dict[str, torch.Tensor], track: Tracker
+) -> ScanResult:
+    """Each flagged class's ASR against its trigger's scale, on the model and the public backbone
+    (``gatekeeper.effect``; one pass of ``track`` when a class is flagged, none otherwise)."""
+    from gatekeeper.effect import trigger_effects
+
+    t0 = time.perf_counter()
+    effects = trigger_effects(model, pool.holdout, result.classes, triggers, policy.epsilon, track.inversion_pass(EFFECTS))
+    if not effects:
+        return result
+    return replace(result, trigger_effects=effects, timings={**result.timings, "trigger_effects_s": round(time.perf_counter() - t0, 3)})
 
 
 def with_positive_control(

@@ -200,7 +200,7 @@ def finish(output: Any, policy: Policy, out: Path, json_path: Path | None) -> Sc
     """report → exit code (shared by a scan and a merge)."""
     from gatekeeper.report import write_reports
 
-    written = write_reports(output.result, output.triggers, output.example, out, json_path)
+    written = write_reports(output.result, output.triggers, output.example, out, json_path, output.grid_images)
     code = output.result.decision.verdict.exit_code(policy.on_inconclusive)
     return ScanOutcome(code, written.result, written.paths)
 
