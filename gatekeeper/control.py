@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,10 +31,12 @@ from gatekeeper.models.manifest import ModelKind
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP, predict
 from gatekeeper.ood import OODPool, procedural_images
 from gatekeeper.result import ControlOutcome
+from gatekeeper.tracking import Tracker
 
 CONTROL_POOL_SEED = 9_090_909  # procedural images for planting: never the scan's own pool
 N_PLANT = 1000
 PLANT_EPOCHS = 12
+PLANTING = "positive control: planting"  # the planting's stage in a scan's progress
 MIN_PLANTED_ASR = 0.5  # the plant must work on at least half the hold-out images (or min_trigger_asr, if higher)
 
 
@@ -82,10 +85,12 @@ def fresh_copy(model: PromptTunedCLIP, seed: int) -> PromptTunedCLIP:
 
 
 def train_copy(
-    model: PromptTunedCLIP, labeller: PromptTunedCLIP, target: int | None, epsilon: float, seed: int, epochs: int = PLANT_EPOCHS, fresh: bool = False
+    model: PromptTunedCLIP, labeller: PromptTunedCLIP, target: int | None, epsilon: float, seed: int, epochs: int = PLANT_EPOCHS,
+    fresh: bool = False, log: Callable[[str], None] | None = None,
 ) -> tuple[PromptTunedCLIP, Any]:
     """A copy of ``model`` (or a fresh prompt learner of its shape) trained on procedural OOD images
-    labelled by ``labeller``; with ``target``, a BadCLIP backdoor to it is planted (else clean)."""
+    labelled by ``labeller``; with ``target``, a BadCLIP backdoor to it is planted (else clean).
+    ``log`` is called once per epoch."""
     from gatekeeper.models.tuning import BadCLIP, TuneConfig, train_on
 
     x = procedural_images(N_PLANT, model.image_size, CONTROL_POOL_SEED + seed)
@@ -93,13 +98,15 @@ def train_copy(
     trained = fresh_copy(model, seed) if fresh else copy_model(model)
     attack = BadCLIP(target, epsilon=epsilon) if target is not None else None
     torch.manual_seed(seed)
-    train_on(trained, x, y, TuneConfig(kind=model.kind, epochs=epochs, seed=seed), attack)  # re-freezes text
+    train_on(trained, x, y, TuneConfig(kind=model.kind, epochs=epochs, seed=seed), attack, log)  # re-freezes text
     return trained, attack
 
 
-def plant(model: PromptTunedCLIP, target: int, epsilon: float, seed: int) -> tuple[PromptTunedCLIP, Any]:
+def plant(
+    model: PromptTunedCLIP, target: int, epsilon: float, seed: int, epochs: int = PLANT_EPOCHS, log: Callable[[str], None] | None = None
+) -> tuple[PromptTunedCLIP, Any]:
     """A copy of ``model`` with a BadCLIP backdoor to ``target`` planted on pseudo-labelled OOD images."""
-    return train_copy(model, model, target, epsilon, seed)
+    return train_copy(model, model, target, epsilon, seed, epochs, log=log)
 
 
 def choose_target(n_classes: int, top_index: int | None, seed: int) -> int:
@@ -107,8 +114,11 @@ def choose_target(n_classes: int, top_index: int | None, seed: int) -> int:
     return random.Random(seed).choice(choices)
 
 
-def run_control(model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: int | None, scan: Any) -> ControlOutcome:
-    """Plant, check the plant works, scan the copy with ``scan(copy) -> ScanResult``; never raises on a miss."""
+def run_control(
+    model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: int | None, scan: Any, track: Tracker | None = None
+) -> ControlOutcome:
+    """Plant (one stage of ``track``), check the plant works, scan the copy with ``scan(copy) -> ScanResult``;
+    never raises on a miss."""
     from gatekeeper.inversion.clip_inspector import attack_success_rate
 
     t0 = time.perf_counter()
@@ -118,7 +128,8 @@ def run_control(model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: i
     if model.kind == ModelKind.ZEROSHOT:
         return ControlOutcome(name, eps, 0.0, False, "not run", float("nan"), None, 0.0,
                               "a zero-shot model has no prompt learner to plant a backdoor in")
-    planted, attack = plant(model, target, eps, policy.seed)
+    epochs = PLANT_EPOCHS
+    planted, attack = plant(model, target, eps, policy.seed, epochs, (track or Tracker()).training(PLANTING, epochs))
     device = model.device
     planted_asr = attack_success_rate(planted, pool.holdout, attack.delta.detach().to(device), target)
     bound = max(policy.min_trigger_asr, MIN_PLANTED_ASR)

@@ -24,10 +24,10 @@ from typing import Any
 from gatekeeper import __version__
 from gatekeeper import scan as scanning
 from gatekeeper.errors import ExitCode, GatekeeperError, PolicyError, UsageError
-from gatekeeper.inversion.base import Progress, no_progress
 from gatekeeper.policy import Policy, load_policy, load_project_policy
 from gatekeeper.result import Verdict
 from gatekeeper.scan import ScanRequest
+from gatekeeper.tracking import ScanProgress, no_ticks
 from gatekeeper.untrusted import DocumentError, load_yaml, say
 
 INVENTORY_VERSION = 1
@@ -42,7 +42,7 @@ _ENTRY_KEYS = frozenset({"name", "model", "revision", "policy"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _RESERVED = {SUMMARY_MD.lower(), SUMMARY_JSON.lower()}
 
-ProgressFor = Callable[[str], Progress]  # a progress display for the scan of one entry, by label
+ProgressFor = Callable[[str], ScanProgress]  # a progress display for the scan of one entry, by label
 
 
 @dataclass(frozen=True)
@@ -378,7 +378,7 @@ def run_audit(
     cache: Path | None = None,
     device_name: str = "auto",
     quiet: bool = False,
-    progress_for: ProgressFor = lambda label: no_progress,
+    progress_for: ProgressFor = lambda label: no_ticks,
 ) -> tuple[ExitCode, dict[str, Any]]:
     """Audit every entry (from the cache, or with :func:`gatekeeper.scan.run_scan`), write
     summary.md/summary.json; returns (worst code, summary). ``quiet`` silences the per-model lines."""

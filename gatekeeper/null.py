@@ -33,11 +33,12 @@ import torch
 from gatekeeper import __version__
 from gatekeeper.decide import floor_null
 from gatekeeper.evidence import bonferroni_z
-from gatekeeper.inversion.base import ClassInversion, Progress, no_progress
+from gatekeeper.inversion.base import ClassInversion
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
 from gatekeeper.policy import Policy, PositiveControl
 from gatekeeper.result import ClassMetrics, NullModel
+from gatekeeper.tracking import Tracker, pass_labels, training_label
 
 NULL_TRAIN_EPOCHS = 12  # as the positive control's plant
 NULL_SEED_OFFSET = 100  # copy i is tuned from seed policy.seed + 100 + i (calibrate --backbone uses the same)
@@ -110,21 +111,30 @@ def _write(kind: str, key: str, payload: dict[str, Any]) -> None:
         pass  # a read-only home is not an error; the next scan recomputes
 
 
+def copy_label(i: int, copies: int) -> str:
+    """Clean copy ``i``'s name in a scan's progress: ``clean copy 1/2``."""
+    return f"clean copy {i + 1}/{copies}"
+
+
 def reference_inversions(
-    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress = no_progress
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], track: Tracker | None = None
 ) -> list[ClassMetrics]:
     """The policy's inversion on the un-tuned backbone with the model's class names (cached)."""
-    from gatekeeper.pipeline import best_of_restarts, make_inverter, reference_model
+    from gatekeeper.pipeline import REFERENCE, best_of_restarts, make_inverter, reference_model
+
+    track = track or Tracker()
 
     names = [model.classnames[i] for i in candidates]
     key = _key("reference", model, names, policy, pool, {"candidates": candidates})
     hit = _read("reference", key)
     if hit is not None:
         try:
-            return [ClassMetrics(**m) for m in hit["classes"]]
+            metrics = [ClassMetrics(**m) for m in hit["classes"]]
+            track.cached(pass_labels(REFERENCE, policy.epsilon, policy.restarts))
+            return metrics
         except (KeyError, TypeError):
             pass
-    runs = best_of_restarts(make_inverter(policy), reference_model(model), pool, policy, candidates, progress)
+    runs = best_of_restarts(make_inverter(policy), reference_model(model), pool, policy, candidates, track, REFERENCE)
     metrics = [i.metrics for i in runs]
     _write("reference", key, {"classes": [asdict(m) for m in metrics]})
     return metrics
@@ -140,7 +150,7 @@ def measure_null(
     policy: Policy,
     candidates: list[int],
     reference_asr: list[float],
-    progress: Progress = no_progress,
+    track: Tracker | None = None,
 ) -> NullModel:
     """The lift scoring's null margin for this backbone, class list, policy and pool (cached)."""
     from gatekeeper.control import train_copy
@@ -155,18 +165,23 @@ def measure_null(
                                                       "epochs": NULL_TRAIN_EPOCHS, **shape})
     hit = _read("null", key)
     t0 = time.perf_counter()
+    track = track or Tracker()
     if hit is not None and isinstance(hit.get("copy_lifts"), list) and len(hit["copy_lifts"]) == policy.null_copies:
         lifts = [[float(v) for v in row] for row in hit["copy_lifts"]]
         cached, seconds = True, float(hit.get("seconds", 0.0))
+        for i in range(policy.null_copies):
+            who = copy_label(i, policy.null_copies)
+            track.cached([training_label(who, policy.epsilon), *pass_labels(who, policy.epsilon, policy.restarts)])
     else:
         labeller = reference_model(model)
         plain = replace(policy, positive_control=PositiveControl.OFF)
         lifts = []
         for i in range(policy.null_copies):
+            who = copy_label(i, policy.null_copies)
             copy, _ = train_copy(model, labeller, None, policy.epsilon, seed=policy.seed + NULL_SEED_OFFSET + i,
-                                 epochs=NULL_TRAIN_EPOCHS, fresh=True)
+                                 epochs=NULL_TRAIN_EPOCHS, fresh=True, log=track.training(training_label(who, policy.epsilon), NULL_TRAIN_EPOCHS))
             copy.freeze_text()
-            inv = best_of_restarts(make_inverter(plain), copy, pool, plain, candidates, progress)
+            inv = best_of_restarts(make_inverter(plain), copy, pool, plain, candidates, track, who)
             lifts.append(copy_lifts(inv, reference_asr))
         cached, seconds = False, round(time.perf_counter() - t0, 2)
         _write("null", key, {"copy_lifts": lifts, "seconds": seconds})

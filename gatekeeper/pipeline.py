@@ -12,13 +12,19 @@ import torch
 
 from gatekeeper import __version__
 from gatekeeper.decide import apply_accepted, candidate_classes, decide, rule_for, score_classes
-from gatekeeper.inversion.base import ClassInversion, InversionSettings, Inverter, Progress, no_progress
+from gatekeeper.inversion.base import ClassInversion, InversionSettings, Inverter
 from gatekeeper.inversion.clip_inspector import ClipInspector
 from gatekeeper.inversion.fast import FastClipInspector
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
 from gatekeeper.policy import Detector, Implementation, Policy, PositiveControl
 from gatekeeper.result import ClassMetrics, Decision, ModelInfo, NullModel, PoolInfo, Provenance, ScanResult, Verdict
+from gatekeeper.tracking import ScanProgress, Stage, Tracker, no_ticks, pass_labels, training_label
+
+MODEL = "model"
+REFERENCE = "public backbone"
+CONTROL_SCAN = "positive control: scan, "
+EFFECTS = "trigger effects"
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class ScanOutput:
     result: ScanResult
     triggers: dict[str, torch.Tensor]  # class name -> delta (3, H, W)
     example: torch.Tensor  # one hold-out OOD image, for the report's before/after picture
+    grid_images: torch.Tensor | None = None  # the first hold-out images, for the trigger effects' grids
 
 
 def environment(device: torch.device) -> dict[str, str]:
@@ -96,14 +103,16 @@ def restart_rank(m: ClassMetrics) -> tuple[float, float]:
 
 
 def best_of_restarts(
-    detector: Inverter, model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress
+    detector: Inverter, model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int],
+    track: Tracker | None = None, who: str = MODEL,
 ) -> list[ClassInversion]:
     """``policy.restarts`` inversions per class from seeds seed, seed+1, ...; per class the best by
-    :func:`restart_rank` counts."""
+    :func:`restart_rank` counts. Each restart is one pass of ``track``, labelled by ``who``."""
+    track = track or Tracker()
     best: list[ClassInversion] | None = None
-    for r in range(policy.restarts):
+    for r, label in enumerate(pass_labels(who, policy.epsilon, policy.restarts)):
         settings = InversionSettings(policy.epsilon, policy.batch_size, policy.epochs, policy.lr, policy.seed + r)
-        run = detector.invert(model, pool.inversion, pool.holdout, candidates, settings, progress)
+        run = detector.invert(model, pool.inversion, pool.holdout, candidates, settings, track.inversion_pass(label))
         if best is None:
             best = run
         else:
@@ -124,7 +133,7 @@ def reference_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
 
 
 def invert_candidates(
-    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress = no_progress
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], track: Tracker | None = None
 ) -> tuple[list[ClassInversion], float]:
     """The inspect stage on ``candidates``: the policy's detector (with restarts, and the public
     backbone's run for the scorings that compare with it, cached: ``gatekeeper.null``); returns
@@ -134,9 +143,9 @@ def invert_candidates(
     t0 = time.perf_counter()
     model.freeze_text()
     detector = make_inverter(policy)
-    inversions = best_of_restarts(detector, model, pool, policy, candidates, progress)
+    inversions = best_of_restarts(detector, model, pool, policy, candidates, track)
     if rule_for(policy).needs_reference:
-        ref = reference_inversions(model, pool, policy, candidates, progress)
+        ref = reference_inversions(model, pool, policy, candidates, track)
         inversions = [
             ClassInversion(replace(i.metrics, reference_asr=r.asr, reference_loss=r.loss), i.trigger)
             for i, r in zip(inversions, ref, strict=True)
@@ -145,13 +154,13 @@ def invert_candidates(
 
 
 def null_for(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], inversions: list[ClassInversion],
-             progress: Progress = no_progress) -> NullModel | None:
+             track: Tracker | None = None) -> NullModel | None:
     """The lift scoring's null margin at the policy's (single) budget; None for the other scorings."""
     if not rule_for(policy).uses_null:
         return None
     from gatekeeper.null import measure_null
 
-    return measure_null(model, pool, policy, candidates, [i.metrics.reference_asr or 0.0 for i in inversions], progress)
+    return measure_null(model, pool, policy, candidates, [i.metrics.reference_asr or 0.0 for i in inversions], track)
 
 
 def conclude(inspection: Inspection, context: ScanContext, policy: Policy) -> ScanResult:
@@ -185,7 +194,7 @@ def conclude(inspection: Inspection, context: ScanContext, policy: Policy) -> Sc
 
 
 def inspect_candidates(
-    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], progress: Progress = no_progress
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], track: Tracker | None = None
 ) -> Inspection:
     """Invert ``candidates`` at every budget of the policy (with restarts, and the public backbone
     where the rule needs it) and measure the null model where the rule uses one. With several
@@ -198,10 +207,10 @@ def inspect_candidates(
     seconds = 0.0
     for eps in policy.budgets:
         at = policy.at_budget(eps)
-        inversions, s = invert_candidates(model, pool, at, candidates, progress)
+        inversions, s = invert_candidates(model, pool, at, candidates, track)
         per_budget.append([ClassInversion(replace(i.metrics, epsilon=eps), i.trigger) for i in inversions])
         seconds += s
-        null = null_for(model, pool, at, candidates, inversions, progress)
+        null = null_for(model, pool, at, candidates, inversions, track)
         if null is not None:
             nulls.append(null)
     chosen = per_budget[0]
@@ -215,6 +224,40 @@ def inspect_candidates(
     return Inspection(tuple(i.metrics for i in chosen), triggers, pool.holdout[0], seconds, combined)
 
 
+def plan_inspection(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -> list[Stage]:
+    """The stages :func:`inspect_candidates` runs, in order: per budget the model's restarts, the
+    public backbone's (where the rule compares with it) and each clean copy's tuning and restarts
+    (where the rule measures a null)."""
+    from gatekeeper.null import NULL_TRAIN_EPOCHS, copy_label
+
+    rule = rule_for(policy)
+    stages: list[Stage] = []
+    for eps in policy.budgets:
+        stages += [Stage(label, n_candidates) for label in pass_labels(MODEL, eps, policy.restarts)]
+        if rule.needs_reference:
+            stages += [Stage(label, n_candidates) for label in pass_labels(REFERENCE, eps, policy.restarts)]
+        if rule.uses_null and model.ctx is not None:
+            for i in range(policy.null_copies):
+                who = copy_label(i, policy.null_copies)
+                stages.append(Stage(training_label(who, eps), NULL_TRAIN_EPOCHS, "epoch"))
+                stages += [Stage(label, n_candidates) for label in pass_labels(who, eps, policy.restarts)]
+    return stages
+
+
+def plan_scan(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -> list[Stage]:
+    """Every stage :func:`scan_model` may run: the inspection, then the positive control's planting
+    and re-scan where the policy asks for it (the tracker drops what does not run)."""
+    from gatekeeper.control import PLANT_EPOCHS, PLANTING
+    from gatekeeper.models.manifest import ModelKind
+
+    stages = plan_inspection(model, policy, n_candidates)
+    if policy.positive_control != PositiveControl.OFF and model.kind != ModelKind.ZEROSHOT:
+        plain = replace(policy, positive_control=PositiveControl.OFF)
+        stages.append(Stage(PLANTING, PLANT_EPOCHS, "epoch"))
+        stages += [replace(s, label=CONTROL_SCAN + s.label) for s in plan_inspection(model, plain, n_candidates)]
+    return stages
+
+
 def context_of(model: PromptTunedCLIP, pool: OODPool, provenance: Provenance, command: str = "") -> ScanContext:
     return ScanContext(provenance, pool.info, model_info(model), environment(model.device), command)
 
@@ -226,10 +269,11 @@ def scan_model(
     *,
     provenance: Provenance,
     command: str = "",
-    progress: Progress = no_progress,
+    progress: ScanProgress = no_ticks,
 ) -> ScanOutput:
     """Run the policy's detector on ``model`` with ``pool``, decide, and (if the policy asks) run
-    the positive control before a PASS is issued.
+    the positive control before a PASS is issued. ``progress`` gets a tick over the whole scan
+    (:func:`plan_scan`).
 
     Raises:
         PolicyError: fewer candidates than the rule needs, or a calibrated tau that does not apply.
@@ -237,25 +281,49 @@ def scan_model(
     candidates = candidate_classes(len(model.classnames), policy)
     if rule_for(policy).standardised:
         policy.threshold(len(candidates))  # refuse a mismatched tau before spending compute
-    inspection = inspect_candidates(model, pool, policy, candidates, progress)
+    track = Tracker(plan_scan(model, policy, len(candidates)), progress)
+    inspection = inspect_candidates(model, pool, policy, candidates, track)
     result = conclude(inspection, context_of(model, pool, provenance, command), policy)
+    result = with_trigger_effects(model, pool, policy, result, inspection.triggers, track)
     if policy.positive_control != PositiveControl.OFF and result.decision.verdict in (Verdict.PASS, Verdict.FAIL):
         # on a FAIL too, so every report shows the scan's power on this model; only a PASS can change
-        result = with_positive_control(model, pool, policy, result, provenance)
-    return ScanOutput(result, inspection.triggers, inspection.example)
+        result = with_positive_control(model, pool, policy, result, provenance, track)
+    track.finish()
+    from gatekeeper.effect import GRID
+
+    return ScanOutput(result, inspection.triggers, inspection.example, pool.holdout[:GRID] if result.trigger_effects else None)
 
 
-def with_positive_control(model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: ScanResult, provenance: Provenance) -> ScanResult:
+def with_trigger_effects(
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: ScanResult, triggers: dict[str, torch.Tensor], track: Tracker
+) -> ScanResult:
+    """Each flagged class's ASR against its trigger's scale, on the model and the public backbone
+    (``gatekeeper.effect``; one pass of ``track`` when a class is flagged, none otherwise)."""
+    from gatekeeper.effect import trigger_effects
+
+    t0 = time.perf_counter()
+    effects = trigger_effects(model, pool.holdout, result.classes, triggers, policy.epsilon, track.inversion_pass(EFFECTS))
+    if not effects:
+        return result
+    return replace(result, trigger_effects=effects, timings={**result.timings, "trigger_effects_s": round(time.perf_counter() - t0, 3)})
+
+
+def with_positive_control(
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: ScanResult, provenance: Provenance, track: Tracker | None = None
+) -> ScanResult:
     """A PASS stands only if the same scan catches a backdoor planted in a copy of the model."""
     from gatekeeper.control import run_control
 
+    track = track or Tracker()
     plain = replace(policy, positive_control=PositiveControl.OFF)
+    candidates = candidate_classes(len(model.classnames), plain)
 
     def scan(copy: PromptTunedCLIP) -> ScanResult:
-        return scan_model(copy, pool, plain, provenance=provenance).result
+        inspection = inspect_candidates(copy, pool, plain, candidates, track.scoped(CONTROL_SCAN))
+        return conclude(inspection, context_of(copy, pool, provenance), plain)
 
     top = max(result.classes, key=lambda c: c.z).index if result.classes else None
-    outcome = run_control(model, pool, policy, top, scan)
+    outcome = run_control(model, pool, policy, top, scan, track)
     decision = result.decision
     if not outcome.caught and decision.verdict == Verdict.PASS:
         decision = Decision(Verdict.INCONCLUSIVE, decision.s_max, decision.threshold, decision.threshold_kind, None, outcome.reason)

@@ -160,6 +160,37 @@ class ControlOutcome:
 
 
 @dataclass(frozen=True)
+class TriggerEffect:
+    """What a flagged class's inverted trigger δ does as it is scaled: the ASR on the scan's hold-out
+    images at each ``scale`` (the trigger s·δ, inside the budget for s <= 1) on the scanned model
+    and, with the same trigger, on the public backbone; and the scanned model's prediction for the
+    first few hold-out images with δ applied (the report's grid). ``model_asr`` at scale 1 is the
+    class's reported ASR. ``chart`` and ``grid`` are the report's PNGs (relative paths, once drawn)."""
+
+    class_name: str
+    epsilon: float
+    scales: tuple[float, ...]
+    model_asr: tuple[float, ...]
+    backbone_asr: tuple[float, ...]
+    n_images: int
+    predictions: tuple[str, ...]
+    chart: str = ""
+    grid: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TriggerEffect:
+        return cls(
+            str(d["class_name"]), float(d["epsilon"]), tuple(float(v) for v in d["scales"]), tuple(float(v) for v in d["model_asr"]),
+            tuple(float(v) for v in d["backbone_asr"]), int(d["n_images"]), tuple(str(v) for v in d["predictions"]),
+            str(d.get("chart") or ""), str(d.get("grid") or ""),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "scales": list(self.scales), "model_asr": list(self.model_asr),
+                "backbone_asr": list(self.backbone_asr), "predictions": list(self.predictions)}
+
+
+@dataclass(frozen=True)
 class Decision:
     verdict: Verdict
     s_max: float
@@ -198,6 +229,7 @@ class ScanResult:
     shard: str | None = None  # "i/n" for a partial result
     positive_control: ControlOutcome | None = None  # when the policy ran one
     null_model: NullModel | None = None  # lift scoring: the threshold's derivation
+    trigger_effects: tuple[TriggerEffect, ...] = ()  # per flagged class: its trigger's ASR against its scale
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScanResult:
@@ -237,6 +269,7 @@ class ScanResult:
             shard=d.get("shard"),
             positive_control=ControlOutcome.from_dict(d["positive_control"]) if d.get("positive_control") else None,
             null_model=NullModel(**{**null, "copy_max_lifts": tuple(null["copy_max_lifts"])}) if null else None,
+            trigger_effects=tuple(TriggerEffect.from_dict(e) for e in d.get("trigger_effects") or ()),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,5 +299,6 @@ class ScanResult:
             "shard": self.shard,
             "positive_control": self.positive_control.to_dict() if self.positive_control else None,
             "null_model": {**asdict(self.null_model), "copy_max_lifts": list(self.null_model.copy_max_lifts)} if self.null_model else None,
+            "trigger_effects": [e.to_dict() for e in self.trigger_effects],
         }
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from gatekeeper.errors import ExitCode, GatekeeperError, ResourceError, UsageError
-from gatekeeper.inversion.base import Progress, no_progress
 from gatekeeper.policy import Policy, load_policy
+from gatekeeper.tracking import ScanProgress, Tracker, no_ticks
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def prepare_out(out: Path) -> None:
         raise UsageError(f"cannot create output folder {out}: {exc.strerror}", "choose a writable path") from None
 
 
-def run_scan(request: ScanRequest, progress: Progress = no_progress) -> ScanOutcome:
+def run_scan(request: ScanRequest, progress: ScanProgress = no_ticks) -> ScanOutcome:
     """Scan one model to a verdict (or, with ``shard``, to a partial result).
 
     Raises:
@@ -177,17 +177,19 @@ def _memory_errors(device: torch.device) -> Iterator[None]:
 
 
 def _run_shard(
-    model: Any, pool: Any, policy: Policy, provenance: Any, shard: tuple[int, int], out: Path, progress: Progress
+    model: Any, pool: Any, policy: Policy, provenance: Any, shard: tuple[int, int], out: Path, progress: ScanProgress
 ) -> ScanOutcome:
     from gatekeeper.decide import candidate_classes, rule_for
-    from gatekeeper.pipeline import context_of, inspect_candidates
+    from gatekeeper.pipeline import context_of, inspect_candidates, plan_inspection
     from gatekeeper.shard import shard_candidates, write_partial
 
     candidates = candidate_classes(len(model.classnames), policy)
     if rule_for(policy).standardised:
         policy.threshold(len(candidates))
     mine = shard_candidates(candidates, *shard)
-    inspection = inspect_candidates(model, pool, policy, mine, progress)
+    track = Tracker(plan_inspection(model, policy, len(mine)), progress)
+    inspection = inspect_candidates(model, pool, policy, mine, track)
+    track.finish()
     context = context_of(model, pool, provenance)
     path = write_partial(out, shard=shard, candidates=candidates, inspection=inspection, context=context, policy=policy)
     info = {"shard": f"{shard[0]}/{shard[1]}", "classes": len(mine), "partial": str(path)}
@@ -198,7 +200,7 @@ def finish(output: Any, policy: Policy, out: Path, json_path: Path | None) -> Sc
     """report → exit code (shared by a scan and a merge)."""
     from gatekeeper.report import write_reports
 
-    written = write_reports(output.result, output.triggers, output.example, out, json_path)
+    written = write_reports(output.result, output.triggers, output.example, out, json_path, output.grid_images)
     code = output.result.decision.verdict.exit_code(policy.on_inconclusive)
     return ScanOutcome(code, written.result, written.paths)
 

@@ -100,6 +100,7 @@ def write_reports(
     example: torch.Tensor | None,
     out_dir: Path,
     json_path: Path | None = None,
+    grid_images: torch.Tensor | None = None,
 ) -> Written:
     """Write the trigger PNGs, the JSON result, the Markdown report and the job summary into ``out_dir``.
 
@@ -109,6 +110,8 @@ def write_reports(
         example: one OOD image (3, H, W) in [0, 1]; may be None only when ``triggers`` is empty.
         out_dir: report folder, created if missing.
         json_path: an extra copy of the JSON result (``out_dir/result.json`` is always written).
+        grid_images: the first hold-out images (N, 3, H, W), for each ``result.trigger_effects``
+            entry's grid of triggered images (None: charts only).
 
     Returns:
         The paths (``{"json": ..., "markdown": ..., "summary": ..., "trigger:<class name>": ...}``,
@@ -139,7 +142,19 @@ def write_reports(
         for name, rel in trigger_paths.items():
             written[f"trigger:{name}"] = out_dir / rel
 
-    final = dataclasses.replace(result, triggers={**result.triggers, **trigger_paths})
+    effects = result.trigger_effects
+    if effects:
+        from gatekeeper.report.effects import save_effect_images
+
+        if not triggers:
+            fresh_dir(out_dir / TRIGGER_DIR)
+        drawn = save_effect_images(effects, triggers, grid_images, out_dir)
+        effects = tuple(dataclasses.replace(e, chart=drawn[e.class_name][0], grid=drawn[e.class_name][1]) for e in effects)
+        for name, (chart, grid) in drawn.items():
+            written[f"effect:{name}"] = out_dir / chart
+            if grid:
+                written[f"grid:{name}"] = out_dir / grid
+    final = dataclasses.replace(result, triggers={**result.triggers, **trigger_paths}, trigger_effects=effects)
     result_dict = result_to_dict(final)
     # serialize, validate and render everything before the JSON and Markdown files are touched
     json_text = dumps(result_dict)

@@ -180,6 +180,12 @@ def build_context(d: dict[str, Any], *, summary: bool = False) -> dict[str, Any]
 
     lift = kind == "null margin"
     evidence = _evidence(rows, d, policy) if lift else []
+    effects = [
+        {**e, "chart_link": None if summary else safe_link(e.get("chart")), "grid_link": None if summary else safe_link(e.get("grid")),
+         "first": (e["model_asr"][0], e["backbone_asr"][0]), "last": (e["model_asr"][-1], e["backbone_asr"][-1]),
+         "hits": sum(p == e.get("class_name") for p in e.get("predictions") or [])}
+        for e in d.get("trigger_effects") or [] if isinstance(e, dict) and e.get("model_asr") and e.get("backbone_asr")
+    ]
 
     timings = d.get("timings") or {}
     policy_json = json.dumps(policy, indent=2, sort_keys=True, default=str)
@@ -227,6 +233,7 @@ def build_context(d: dict[str, Any], *, summary: bool = False) -> dict[str, Any]
         "schema_version": d.get("schema_version"),
         "lift": lift,
         "evidence": evidence,
+        "effects": effects,
         "null": d.get("null_model") or {},
         "flagged_names": d.get("suspect_classes") or ([suspect_name] if suspect_name else []),
         "budgets": [_fraction(e) for e in [policy.get("epsilon"), *(policy.get("extra_epsilons") or [])]],

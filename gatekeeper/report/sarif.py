@@ -1,4 +1,4 @@
-"""SARIF 2.1.0 for code scanning: one result per model that did not pass.
+"""SARIF 2.1.0 for code scanning: one result per model that did not pass, one suppressed result per accepted finding.
 
 A pure function of result.json dicts. Levels (see docs in the README, "Where it runs"):
 
@@ -11,6 +11,11 @@ A pure function of result.json dicts. Levels (see docs in the README, "Where it 
   (``on_inconclusive``, the action's ``fail-on``), not the alert's.
 - ``pass``: no result. The run is still written (with zero results), so uploading it closes
   the alert a previous, flagged scan of the same category opened.
+- an accepted finding (a flagged class the policy's ``accepted_findings`` lets pass for this exact
+  model, ``accepted_classes`` in result.json): still a ``gatekeeper/backdoor`` result, one per class,
+  carrying a SARIF ``suppressions`` entry (kind ``external``: the acceptance lives in the policy,
+  not beside the model; status ``accepted``; the reviewer's reason and expiry as its
+  justification), so code scanning shows the alert as dismissed rather than open or silently gone.
 
 Code scanning drops results without a location, so every result points at ``artifact_uri``
 line 1: a local model's ``gatekeeper.json`` relative to the repository root, or for a remote model
@@ -219,12 +224,46 @@ def _model_name(result: dict[str, Any]) -> str:
     return f"{ref} (revision {rev})" if rev and f"@{rev}" not in ref else ref
 
 
-def _fingerprint(result: dict[str, Any]) -> str:
-    """sha256 over (model content hash, suspect class); the reference stands in for an unhashed model."""
+def _fingerprint(result: dict[str, Any], cls: str | None = None) -> str:
+    """sha256 over (model content hash, class: the suspect class unless given); the reference stands
+    in for an unhashed model. An accepted class keeps the fingerprint its open alert had."""
     prov = result.get("provenance") or {}
     model = prov.get("content_hash") or f"{prov.get('reference', '')}@{prov.get('revision') or ''}"
-    cls = result.get("suspect_class") or ""
+    cls = cls if cls is not None else result.get("suspect_class") or ""
     return hashlib.sha256(f"{model}\n{cls}".encode()).hexdigest()
+
+
+def _acceptance(result: dict[str, Any], cls: str) -> dict[str, Any]:
+    """The policy's accepted finding for ``cls`` of this model (result.json's effective policy)."""
+    model = (result.get("provenance") or {}).get("content_hash")
+    findings = (result.get("policy") or {}).get("accepted_findings") or []
+    mine = [f for f in findings if isinstance(f, dict) and f.get("class_name") == cls and f.get("model_sha256") == model]
+    return max(mine, key=lambda f: str(f.get("expires") or ""), default={})
+
+
+def _suppression(finding: dict[str, Any]) -> dict[str, Any]:
+    reason = str(finding.get("reason") or "").strip() or "no reason recorded"
+    until = f" (accepted until {finding['expires']})" if finding.get("expires") else ""
+    return {"kind": "external", "status": "accepted", "justification": f"{reason}{until}"}
+
+
+def _accepted_results(result: dict[str, Any], uri: str, note: str | None) -> list[dict[str, Any]]:
+    """One suppressed ``gatekeeper/backdoor`` result per accepted class of ``result``."""
+    out = []
+    for cls in result.get("accepted_classes") or []:
+        finding = _acceptance(result, cls)
+        res = _result(BACKDOOR, result, uri, note, cls)
+        until = f" until {finding['expires']}" if finding.get("expires") else ""
+        res["message"] = {"text": (
+            f"Backdoor finding in {_model_name(result)}: class '{cls}' was flagged (statistic {_number(result.get('s_max'))}, "
+            f"threshold {_number(result.get('threshold'))}) and is a reviewed finding the policy accepts{until}."
+        )}
+        res["suppressions"] = [_suppression(finding)]
+        res["properties"].update(suspectClass=cls, suspectClasses=[cls], accepted=True)
+        if finding.get("expires"):
+            res["properties"]["acceptedUntil"] = finding["expires"]
+        out.append(res)
+    return out
 
 
 def _message(rule_id: str, result: dict[str, Any]) -> str:
@@ -249,7 +288,7 @@ def _message(rule_id: str, result: dict[str, Any]) -> str:
     return f"Backdoor scan of {model}{shard} could not be completed" + (f": {reason}" if reason else "") + ". The model was not checked."
 
 
-def _result(rule_id: str, result: dict[str, Any], uri: str, note: str | None) -> dict[str, Any]:
+def _result(rule_id: str, result: dict[str, Any], uri: str, note: str | None, cls: str | None = None) -> dict[str, Any]:
     prov = result.get("provenance") or {}
     props = {
         "verdict": result.get("verdict"),
@@ -276,7 +315,7 @@ def _result(rule_id: str, result: dict[str, Any], uri: str, note: str | None) ->
                 **({"message": {"text": note}} if note else {}),
             }
         ],
-        "partialFingerprints": {FINGERPRINT_KEY: _fingerprint(result)},
+        "partialFingerprints": {FINGERPRINT_KEY: _fingerprint(result, cls)},
         "properties": {k: v for k, v in props.items() if v is not None},
     }
 
@@ -310,11 +349,11 @@ def to_sarif(
     sarif_results = []
     for result in results:
         verdict = result.get("verdict")
-        if verdict == "pass":
-            continue
-        if verdict not in _RULE_FOR_VERDICT:
+        if verdict != "pass" and verdict not in _RULE_FOR_VERDICT:
             raise ValueError(f"result verdict {verdict!r} is not one of pass, fail, inconclusive, error")
-        sarif_results.append(_result(_RULE_FOR_VERDICT[verdict], result, artifact_uri, location_note))
+        if verdict != "pass":
+            sarif_results.append(_result(_RULE_FOR_VERDICT[verdict], result, artifact_uri, location_note))
+        sarif_results += _accepted_results(result, artifact_uri, location_note)
     for r in sarif_results:  # SARIF is JSON: no NaN/Infinity in the property bag
         r["properties"] = {
             k: v for k, v in r["properties"].items() if not (isinstance(v, float) and not math.isfinite(v))
