@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prompt-tune the models of a named zoo on the tiny CLIP world, implanting each entry's attack, and "
         "write a gatekeeper model folder plus a NAME.truth/ ground-truth sidecar (attack, target, trigger) per model. "
         "Models whose folder and truth already exist are skipped, so an interrupted build resumes. Zoos: demo (1 clean + "
-        "1 BadCLIP, the committed zoo/demo), attacks (every attack on two tasks: the red-team table), bench (40 models "
-        "for `gatekeeper-lab bench detection`). Settings and why: docs/tiny-world.md.",
+        "1 BadCLIP, the committed zoo/demo), attacks (every attack on two tasks: the red-team table), bench (the detection "
+        "benchmark's zoo: clean seeds and every attack on nine tasks, 75 models). Settings and why: docs/tiny-world.md.",
     )
     zb.add_argument("name", help="zoo name: demo, attacks or bench")
     zb.add_argument("--out", type=Path, required=True, help="zoo folder (created; existing models are kept)")

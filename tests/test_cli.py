@@ -73,6 +73,15 @@ def test_bare_commands_print_their_help(capsys):
     assert lab_main([]) == 4 and "zoo" in capsys.readouterr().out
 
 
+def test_zoo_build_help_counts_the_bench_zoo(capsys):
+    from gatekeeper.lab import main as lab_main
+    from gatekeeper.redteam.zoo import zoo_entries
+
+    with pytest.raises(SystemExit):
+        lab_main(["zoo", "build", "--help"])
+    assert f"{len(zoo_entries('bench'))} models" in " ".join(capsys.readouterr().out.split())
+
+
 def test_json_dash_writes_the_full_result_to_stdout(model_factory, tmp_path, fast_policy, capsys):
     folder = model_factory("coop")
     code = main(["scan", str(folder), "--policy", str(fast_policy), "--out", str(tmp_path / "o"), "--json", "-", "--quiet"])
