@@ -29,11 +29,14 @@ from gatekeeper.models.manifest import (
     MAX_CLASSES,
     MAX_CLASSNAME_CHARS,
     MAX_N_CTX,
+    MAX_PROMPT_LEARNER_BYTES,
     WEIGHTS_NAME,
     BackboneRef,
+    ClassTokenPosition,
     Manifest,
     ModelKind,
     Precision,
+    option_problem,
     read_manifest,
     write_manifest,
 )
@@ -62,7 +65,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _META = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
-_SIDECAR_KEYS = {"backbone", "classnames", "classnames_file", "ctx_init", "image_size", "kind", "precision"}
+_SIDECAR_KEYS = {
+    "backbone",
+    "class_token_position",
+    "classnames",
+    "classnames_file",
+    "ctx_init",
+    "image_size",
+    "kind",
+    "precision",
+}
 _MAX_DIM = 8192  # widths: ctx (text width, 512/768) and meta-net (image width, 512..1024, and its /16)
 _MAX_META_NUMEL = 2**24  # elements of each meta-net tensor (ViT-L: 1024 x 64)
 _MAX_CLASSNAMES_FILE = 2**20  # bytes
@@ -134,7 +146,7 @@ def _check_view(where: Path, name: str, t: torch.Tensor) -> None:
 
 def _check_shapes(checkpoint: Path, state: dict[str, torch.Tensor], keep: list[str]) -> None:
     """Bound ``ctx`` and the meta-net (consistent with ctx's width), then check each kept view."""
-    dim = int(state["ctx"].shape[1])
+    dim = int(state["ctx"].shape[-1])
     if len(keep) > 1:
         w1, b1, w2, b2 = (state[k] for k in _META)
         shapes = {k.removeprefix("meta_net."): tuple(state[k].shape) for k in _META}
@@ -267,6 +279,20 @@ def _name_ok(value: Any, optional: bool = False) -> bool:
     return isinstance(value, str) and 0 < len(value) <= _MAX_NAME and not CONTROL.search(value)
 
 
+def _class_token_position(sidecar: Path, cfg: dict[str, Any]) -> ClassTokenPosition:
+    """CoOp's class token position (Dassl's TRAINER.COOP.CLASS_TOKEN_POSITION): the checkpoint
+    cannot tell it, so the sidecar names it; ``end`` when it does not."""
+    value = cfg.get("class_token_position", ClassTokenPosition.END.value)
+    try:
+        return ClassTokenPosition(value)
+    except ValueError:
+        allowed = ", ".join(p.value for p in ClassTokenPosition)
+        raise UsageError(
+            f"{sidecar}: class_token_position {short(value)} is not one of {allowed}",
+            "give the CLASS_TOKEN_POSITION the model was trained with (CoOp's default is end)",
+        ) from None
+
+
 def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
     """Convert a Dassl checkpoint plus a sidecar into a gatekeeper model folder, atomically.
 
@@ -274,7 +300,8 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
         checkpoint: the ``model.pth.tar-N`` file (see :func:`load_dassl_checkpoint`).
         sidecar: YAML/JSON with ``backbone`` ({name, pretrained}), ``classnames`` (a list) or
             ``classnames_file`` (a text file in the sidecar's folder, one name per line) and
-            optional ``ctx_init``, ``image_size``, ``kind``, ``precision``.
+            optional ``ctx_init``, ``image_size``, ``kind``, ``precision`` and
+            ``class_token_position`` (CoOp's ``end``, ``middle`` or ``front``; default ``end``).
         out: the folder to create; must not exist or be empty.
     Returns:
         The manifest written to ``out/gatekeeper.json``.
@@ -282,11 +309,13 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
         UsageError: non-empty ``out``; an unreadable, oversize or malformed sidecar (aliases
             expanding too far, a repeated key); a bad or unknown sidecar key; a
             ``classnames_file`` outside the sidecar's folder, not a regular file, over 1 MiB or
-            not UTF-8; class names that are too many, too long or hold control characters.
-        UnsafeCheckpointError, ModelFormatError: see :func:`load_dassl_checkpoint`; also a
-            class-specific (3-D) ``ctx``, ``ctx`` or meta-net shapes out of bounds or
-            inconsistent, a kept tensor that is an expanded or overlapping view, or tensors
-            inconsistent with ``kind``.
+            not UTF-8; class names that are too many, too long or hold control characters; a
+            ``class_token_position`` other than ``end`` for CoCoOp.
+        UnsafeCheckpointError, ModelFormatError: see :func:`load_dassl_checkpoint`; also
+            ``ctx`` or meta-net shapes out of bounds or inconsistent, class-specific (3-D)
+            ``ctx`` on a CoCoOp model or for another number of classes than the sidecar lists,
+            a prompt learner over :data:`MAX_PROMPT_LEARNER_BYTES`, a kept tensor that is an
+            expanded or overlapping view, or tensors inconsistent with ``kind``.
     """
     checkpoint, sidecar, out = Path(checkpoint), Path(sidecar), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -306,16 +335,18 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
     names = _classnames(sidecar, cfg)
     state = _read_checkpoint(checkpoint)
     ctx = state["ctx"]
-    if ctx.dim() == 3:
+    csc = ctx.dim() == 3  # CoOp's class-specific contexts: [classes, n_ctx, dim]
+    if ctx.dim() not in (2, 3) or not (1 <= ctx.shape[-2] <= MAX_N_CTX and 1 <= ctx.shape[-1] <= _MAX_DIM):
         raise ModelFormatError(
-            f"{checkpoint}: ctx has shape {short(tuple(ctx.shape))}: class-specific contexts (CSC) are unsupported",
-            "retrain with a unified context (CSC False)",
-        )
-    if ctx.dim() != 2 or not (1 <= ctx.shape[0] <= MAX_N_CTX and 1 <= ctx.shape[1] <= _MAX_DIM):
-        raise ModelFormatError(
-            f"{checkpoint}: ctx must be [n_ctx, dim] with n_ctx <= {MAX_N_CTX} and dim <= {_MAX_DIM}, "
-            f"got shape {short(tuple(ctx.shape))}",
+            f"{checkpoint}: ctx must be [n_ctx, dim] (or [classes, n_ctx, dim] with class-specific contexts) "
+            f"with n_ctx <= {MAX_N_CTX} and dim <= {_MAX_DIM}, got shape {short(tuple(ctx.shape))}",
             "give the prompt learner checkpoint of a CoOp/CoCoOp model",
+        )
+    if csc and ctx.shape[0] != len(names):
+        raise ModelFormatError(
+            f"{checkpoint}: ctx has shape {short(tuple(ctx.shape))}: class-specific contexts for {ctx.shape[0]} "
+            f"classes, but the sidecar lists {len(names)} class names",
+            "list the class names the model was trained on, in its label order",
         )
     has_meta = [k for k in _META if k in state]
     try:
@@ -336,7 +367,20 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
         raise ModelFormatError(f"{checkpoint}: CoCoOp needs {list(_META)}", "is this CoOp? set kind: coop")
     if kind == ModelKind.COOP and has_meta:
         raise ModelFormatError(f"{checkpoint}: holds meta_net tensors but kind is coop", "set kind: cocoop")
+    position = _class_token_position(sidecar, cfg)
+    problem = option_problem(kind, csc, position)
+    if problem and csc:
+        raise ModelFormatError(f"{checkpoint}: ctx has shape {short(tuple(ctx.shape))}: {problem}", "is this CoOp? set kind: coop")
+    if problem:
+        raise UsageError(f"{sidecar}: {problem}", "remove class_token_position (or set it to end) for a CoCoOp model")
     _check_shapes(checkpoint, state, keep)  # before anything is copied; dropped tensors are never copied
+    size = sum(math.prod(state[k].shape) for k in keep) * (2 if precision == Precision.FP16 else 4)
+    if size > MAX_PROMPT_LEARNER_BYTES:
+        raise ModelFormatError(
+            f"{checkpoint}: the prompt learner would take {size} bytes as {precision.value}, more than a model "
+            f"folder holds ({MAX_PROMPT_LEARNER_BYTES >> 20} MiB)",
+            "set precision: fp16" if precision == Precision.FP32 else "is this a prompt learner checkpoint?",
+        )
     dropped = sorted(set(state) - set(keep))
     if dropped:
         log.warning("%s: ignoring tensors %s", checkpoint, inert(", ".join(dropped)))
@@ -345,9 +389,11 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path) -> Manifest:
         classnames=tuple(names),
         backbone=BackboneRef(name=bb["name"], pretrained=bb.get("pretrained")),
         image_size=image_size,
-        n_ctx=int(ctx.shape[0]),
+        n_ctx=int(ctx.shape[-2]),
         ctx_init=ctx_init,
         precision=precision,
+        csc=csc,
+        class_token_position=position,
     )
     from safetensors.torch import save_file
 

@@ -31,7 +31,7 @@ from gatekeeper.models.checkpoint import (
     scan_pickle,
     sniff_format,
 )
-from gatekeeper.models.manifest import WEIGHTS_NAME, ModelKind, Precision, read_manifest
+from gatekeeper.models.manifest import WEIGHTS_NAME, ClassTokenPosition, ModelKind, Precision, read_manifest
 
 META = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
 
@@ -508,14 +508,59 @@ def test_convert_unknown_sidecar_key(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_refuses_class_specific_ctx(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_convert_coop_class_specific_ctx(tmp_path: Path, dtype: torch.dtype) -> None:
+    """CoOp with CSC True stores one context per class, [K, n_ctx, d]: kept as is, marked csc."""
+    state = dassl_state(dtype, meta=False, ctx_shape=(3, 4, 8))
+    ckpt = save_dassl(tmp_path, state)
+    side = _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b", "c"], class_token_position="middle")
+    out = tmp_path / "out"
+    manifest = convert_checkpoint(ckpt, side, out)
+    assert (manifest.kind, manifest.csc, manifest.n_ctx) == (ModelKind.COOP, True, 4)
+    assert manifest.class_token_position == ClassTokenPosition.MIDDLE
+    assert read_manifest(out) == manifest
+    weights = load_file(str(out / WEIGHTS_NAME))
+    assert weights["ctx"].dtype == dtype and torch.equal(weights["ctx"], state["module.ctx"])
+
+
+def test_convert_class_specific_ctx_needs_one_context_per_class(tmp_path: Path) -> None:
     ckpt = save_dassl(tmp_path, dassl_state(meta=False, ctx_shape=(3, 4, 8)))
-    side = _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b", "c"])
+    side = _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b"])
     parent = tmp_path / "models"
-    with pytest.raises(ModelFormatError, match="class-specific"):
+    with pytest.raises(ModelFormatError, match="class-specific contexts for 3 classes, but the sidecar lists 2"):
         convert_checkpoint(ckpt, side, parent / "out")
     assert not (parent / "out").exists()
     assert not parent.exists() or not any(parent.iterdir())
+
+
+def test_convert_refuses_coop_options_on_cocoop(tmp_path: Path) -> None:
+    ckpt = save_dassl(tmp_path / "a", dassl_state(ctx_shape=(3, 4, 8)))
+    side = _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b", "c"])
+    with pytest.raises(ModelFormatError, match=r"class-specific contexts \(CSC\) are a CoOp option"):
+        convert_checkpoint(ckpt, side, tmp_path / "out")
+    ckpt = save_dassl(tmp_path / "b", dassl_state())
+    for position in ("middle", "front"):
+        side = _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b"], class_token_position=position)
+        with pytest.raises(UsageError, match=f"class_token_position '{position}' is a CoOp option; cocoop"):
+            convert_checkpoint(ckpt, side, tmp_path / "out")
+    side = _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b"], class_token_position="End")
+    with pytest.raises(UsageError, match="class_token_position 'End' is not one of end, middle, front"):
+        convert_checkpoint(ckpt, side, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_bounds_the_prompt_learner_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What convert writes, load_model reads: no prompt learner over the folder's bound."""
+    import gatekeeper.models.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_PROMPT_LEARNER_BYTES", 3 * 4 * 8 * 2)
+    ckpt = save_dassl(tmp_path, dassl_state(meta=False, ctx_shape=(3, 4, 8)))
+    side = _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b", "c"])
+    with pytest.raises(ModelFormatError, match="would take 384 bytes as fp32") as refused:
+        convert_checkpoint(ckpt, side, tmp_path / "out")
+    assert refused.value.hint == "set precision: fp16"
+    side = _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b", "c"], precision="fp16")
+    assert convert_checkpoint(ckpt, side, tmp_path / "out").csc
 
 
 def test_convert_refuses_malicious_checkpoint(tmp_path: Path) -> None:
