@@ -68,12 +68,14 @@ def fresh_copy(model: PromptTunedCLIP, seed: int) -> PromptTunedCLIP:
 
     torch.manual_seed(seed)
     assert model.ctx is not None
-    n_ctx, ctx_dim = model.ctx.shape
+    shape = tuple(model.ctx.shape)  # (n_ctx, d), or (K, n_ctx, d) with class-specific contexts
+    n_ctx, ctx_dim = shape[-2:]
     device = model.device
     ids = model.tokenizer(["a photo of a"])[0]
     with torch.no_grad():
         words = model.clip.token_embedding(ids[1 : 1 + n_ctx].to(device)).float()
-    ctx = words.clone() if int((ids != 0).sum()) - 2 == n_ctx else torch.randn(n_ctx, ctx_dim) * 0.02
+    fits = int((ids != 0).sum()) - 2 == n_ctx
+    ctx = words.expand(shape).clone() if fits else torch.randn(shape) * 0.02
     meta = None
     if model.meta_net is not None:  # initialised on the CPU from the seed: the same copy on every device
         meta = build_meta_net(int(model.clip.visual.output_dim), ctx_dim, int(next(iter(model.meta_net.parameters())).shape[0]))

@@ -25,7 +25,11 @@ optional bf16 autocast on CUDA, which is an approximation and is named as such.
    When even one class does not fit (very large K), the mini-batch is split into micro-batches
    whose gradients are accumulated: exact in real arithmetic, not bit-identical.
 4. CoOp / zero-shot: the text features do not depend on the image; they are computed once
-   (``model.freeze_text()``) and only the image encoder runs in the loop.
+   (``model.freeze_text()``) and only the image encoder runs in the loop. This holds for every
+   CoOp option (class-specific contexts, class token at the front or in the middle): the cached
+   features are the model's own ``text_features()``. Items 1-2 assume CoCoOp's layout, one
+   context right after SOS for every class; a model whose prompts are laid out otherwise
+   (``shared_end_context`` false) takes the model's own ``logits`` instead.
 5. ``amp`` (CUDA only; default on there, always off on CPU): encoders under bf16 autocast; the
    trigger, the logits and the loss stay fp32. This one is NOT exact (bf16 has 8 mantissa bits).
 
@@ -115,7 +119,7 @@ def text_plan(model: PromptTunedCLIP, truncate: bool = True) -> TextPlan:
     length = int(eot.max()) + 1 if (truncate and causal) else full
     prefix_len = 1 + int(model.manifest.n_ctx)
     shareable = False
-    if model.kind == ModelKind.COCOOP and causal and _standard_blocks(clip):
+    if model.kind == ModelKind.COCOOP and model.shared_end_context and causal and _standard_blocks(clip):
         tp = cast(torch.Tensor, model.token_prefix)
         same_sos = bool((tp == tp[:1]).all())
         shareable = same_sos and int(eot.min()) >= prefix_len and length > prefix_len
@@ -225,8 +229,8 @@ def fast_logits(
 
     For CoOp and zero-shot call ``model.freeze_text()`` first (the cached features are used).
     """
-    if model.kind != ModelKind.COCOOP or plan is None:
-        return model.logits(images)
+    if model.kind != ModelKind.COCOOP or plan is None or not model.shared_end_context:
+        return model.logits(images)  # CoOp/zero-shot: cached text; any other prompt layout: the exact path
     imf = model.image_features(images)
     tf = cocoop_text_features(model, imf, plan, share_prefix)
     return model.logit_scale * torch.einsum("be,bke->bk", imf, tf)

@@ -32,11 +32,14 @@ from gatekeeper.models.classtokens import recover_classnames, verify_classnames
 from gatekeeper.models.manifest import (
     MAX_CLASSES,
     MAX_N_CTX,
+    MAX_PROMPT_LEARNER_BYTES,
     WEIGHTS_NAME,
     BackboneRef,
+    ClassTokenPosition,
     Manifest,
     ModelKind,
     Precision,
+    option_problem,
     write_manifest,
 )
 from gatekeeper.models.safe_pickle import (
@@ -142,7 +145,7 @@ def _check_view(where: Path, name: str, t: torch.Tensor) -> None:
 
 def _check_shapes(checkpoint: Path, state: dict[str, torch.Tensor], keep: list[str]) -> None:
     """Bound ``ctx`` and the meta-net (consistent with ctx's width), then check each kept view."""
-    dim = int(state["ctx"].shape[1])
+    dim = int(state["ctx"].shape[-1])
     if len(keep) > 1:
         w1, b1, w2, b2 = (state[k] for k in _META)
         shapes = {k.removeprefix("meta_net."): tuple(state[k].shape) for k in _META}
@@ -286,10 +289,12 @@ def _kind_and_precision(checkpoint: Path, side: Sidecar, state: dict[str, torch.
 
 
 def _check_ctx(checkpoint: Path, side: Sidecar, ctx: torch.Tensor) -> None:
-    if ctx.dim() == 3 and side.csc is not False:
+    """ctx is [n_ctx, dim], or [classes, n_ctx, dim] with CoOp's class-specific contexts (CSC)."""
+    if ctx.dim() not in (2, 3) or not (1 <= ctx.shape[-2] <= MAX_N_CTX and 1 <= ctx.shape[-1] <= _MAX_DIM):
         raise ModelFormatError(
-            f"{checkpoint}: ctx has shape {short(tuple(ctx.shape))}: class-specific contexts (CSC) are unsupported",
-            "retrain with a unified context (CSC False)",
+            f"{checkpoint}: ctx must be [n_ctx, dim] (or [classes, n_ctx, dim] with class-specific contexts) "
+            f"with n_ctx <= {MAX_N_CTX} and dim <= {_MAX_DIM}, got shape {short(tuple(ctx.shape))}",
+            "give the prompt learner checkpoint of a CoOp/CoCoOp model",
         )
     if side.csc is not None and side.csc != (ctx.dim() == 3):
         raise ModelFormatError(
@@ -297,22 +302,34 @@ def _check_ctx(checkpoint: Path, side: Sidecar, ctx: torch.Tensor) -> None:
             f"({'class-specific' if ctx.dim() == 3 else 'one context for all classes'})",
             "fix csc in the sidecar, or check that this is the checkpoint it describes",
         )
-    if ctx.dim() != 2 or not (1 <= ctx.shape[0] <= MAX_N_CTX and 1 <= ctx.shape[1] <= _MAX_DIM):
+    if side.n_ctx is not None and side.n_ctx != ctx.shape[-2]:
         raise ModelFormatError(
-            f"{checkpoint}: ctx must be [n_ctx, dim] with n_ctx <= {MAX_N_CTX} and dim <= {_MAX_DIM}, "
-            f"got shape {short(tuple(ctx.shape))}",
-            "give the prompt learner checkpoint of a CoOp/CoCoOp model",
-        )
-    if side.n_ctx is not None and side.n_ctx != ctx.shape[0]:
-        raise ModelFormatError(
-            f"{side.path}: {side.source('n_ctx')} is {side.n_ctx} but the checkpoint's ctx holds {ctx.shape[0]} vectors",
+            f"{side.path}: {side.source('n_ctx')} is {side.n_ctx} but the checkpoint's ctx holds {ctx.shape[-2]} vectors",
             "fix n_ctx in the sidecar, or check that this is the checkpoint it describes",
         )
-    if side.class_token_position not in (None, "end"):
+
+
+def _check_options(checkpoint: Path, side: Sidecar, ctx: torch.Tensor, kind: ModelKind) -> ClassTokenPosition:
+    """CSC and the class token position are CoOp options; returns the position (the sidecar's, default end)."""
+    csc = ctx.dim() == 3
+    position = ClassTokenPosition(side.class_token_position or ClassTokenPosition.END.value)
+    problem = option_problem(kind, csc, position)
+    if problem and csc:
+        raise ModelFormatError(f"{checkpoint}: ctx has shape {short(tuple(ctx.shape))}: {problem}", "is this CoOp? set kind: coop")
+    if problem:
+        raise UsageError(
+            f"{side.path}: {problem}", f"remove {side.source('class_token_position')} (or set it to end) for a CoCoOp model"
+        )
+    return position
+
+
+def _check_size(checkpoint: Path, state: dict[str, torch.Tensor], keep: list[str], precision: Precision) -> None:
+    size = sum(math.prod(state[k].shape) for k in keep) * (2 if precision == Precision.FP16 else 4)
+    if size > MAX_PROMPT_LEARNER_BYTES:
         raise ModelFormatError(
-            f"{side.path}: {side.source('class_token_position')} {side.class_token_position!r}: this gatekeeper puts "
-            "the class name at the end of the prompt only",
-            "convert models trained with CLASS_TOKEN_POSITION end",
+            f"{checkpoint}: the prompt learner would take {size} bytes as {precision.value}, more than a model "
+            f"folder holds ({MAX_PROMPT_LEARNER_BYTES >> 20} MiB)",
+            "set precision: fp16" if precision == Precision.FP32 else "is this a prompt learner checkpoint?",
         )
 
 
@@ -320,9 +337,9 @@ def _check_widths(checkpoint: Path, side: Sidecar, state: dict[str, torch.Tensor
     """What the scan-time loader would refuse, refused now: widths and the input size. Returns the image size."""
     hint = "the checkpoint was trained on another backbone: give that one (--backbone)"
     text_width = int(clip.ln_final.weight.shape[0])
-    if state["ctx"].shape[1] != text_width:
+    if state["ctx"].shape[-1] != text_width:
         raise ModelFormatError(
-            f"{checkpoint}: ctx is {state['ctx'].shape[1]} wide but backbone {desc} has text width {text_width}", hint
+            f"{checkpoint}: ctx is {state['ctx'].shape[-1]} wide but backbone {desc} has text width {text_width}", hint
         )
     if kind == ModelKind.COCOOP:
         vis = int(clip.visual.output_dim)
@@ -394,13 +411,15 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path, backbone: str
     ctx = state["ctx"]
     _check_ctx(checkpoint, side, ctx)
     kind, precision = _kind_and_precision(checkpoint, side, state)
+    position = _check_options(checkpoint, side, ctx, kind)
     keep = ["ctx", *(_META if kind == ModelKind.COCOOP else ())]
     _check_shapes(checkpoint, state, keep)  # before anything is copied; dropped tensors are never copied
+    _check_size(checkpoint, state, keep, precision)
     tokens = _prompt_tokens(checkpoint, state)
     dropped = sorted(set(state) - set(keep) - set(_TOKENS))
     if dropped:
         log.warning("%s: ignoring tensors %s", checkpoint, inert(", ".join(dropped)))
-    n_ctx = int(ctx.shape[0])
+    n_ctx = int(ctx.shape[-2])
     from safetensors.torch import save_file
 
     from gatekeeper.models.loader import load_model
@@ -412,6 +431,12 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path, backbone: str
         clip, tokenizer = load_backbone(tmp, ref)
         image_size = _check_widths(checkpoint, side, state, kind, clip, short(ref.describe(), 120))
         names, names_from, notes = _classnames_for(checkpoint, side, tokens, n_ctx, clip, tokenizer)
+        if ctx.dim() == 3 and ctx.shape[0] != len(names):
+            raise ModelFormatError(
+                f"{checkpoint}: ctx has shape {short(tuple(ctx.shape))}: class-specific contexts for {ctx.shape[0]} "
+                f"classes, but the model has {len(names)} class names",
+                "list the class names the model was trained on, in its label order",
+            )
         manifest = Manifest(
             kind=kind,
             classnames=tuple(names),
@@ -420,6 +445,8 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path, backbone: str
             n_ctx=n_ctx,
             ctx_init=side.ctx_init,
             precision=precision,
+            csc=ctx.dim() == 3,
+            class_token_position=position,
         )
         save_file({k: state[k].to(dtype).contiguous() for k in keep}, str(tmp / WEIGHTS_NAME))
         write_manifest(tmp, manifest)

@@ -8,11 +8,18 @@ import torch
 
 from gatekeeper.errors import ModelFormatError
 from gatekeeper.models.backbone import load_backbone
-from gatekeeper.models.manifest import WEIGHTS_NAME, Manifest, ModelKind, Precision, read_manifest, write_manifest
+from gatekeeper.models.manifest import (
+    MAX_PROMPT_LEARNER_BYTES,
+    WEIGHTS_NAME,
+    Manifest,
+    ModelKind,
+    Precision,
+    read_manifest,
+    write_manifest,
+)
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP, build_meta_net, meta_net_hidden
 from gatekeeper.untrusted import inert, short
 
-MAX_PROMPT_LEARNER_BYTES = 64 << 20  # a ViT-L CoCoOp prompt learner is under 1 MiB
 _META_KEYS = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
 
 
@@ -45,7 +52,7 @@ def _check_shape(path: Path, key: str, tensor: torch.Tensor, shape: tuple[int, .
     if tuple(tensor.shape) != shape:
         raise ModelFormatError(
             f"{path}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {shape} from the manifest and backbone",
-            "check n_ctx and the backbone named in gatekeeper.json",
+            "check n_ctx, csc (ctx [K, n_ctx, d]) and the backbone named in gatekeeper.json",
         )
 
 
@@ -76,7 +83,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Prompt
         if "ctx" not in state:
             raise ModelFormatError(f"{wpath}: no 'ctx' tensor", "the prompt learner must hold the learned context")
         ctx = state["ctx"]
-        _check_shape(wpath, "ctx", ctx, (manifest.n_ctx, ctx_dim))
+        # class-specific contexts (CoOp's CSC) hold one context per class, in class order
+        per_class = (len(manifest.classnames),) if manifest.csc else ()
+        _check_shape(wpath, "ctx", ctx, (*per_class, manifest.n_ctx, ctx_dim))
         if manifest.kind == ModelKind.COCOOP:
             missing = [k for k in _META_KEYS if k not in state]
             if missing:

@@ -4,7 +4,7 @@ Layout (documented in docs/model-format.md)::
 
     model/
       gatekeeper.json               manifest (this module)
-      prompt_learner.safetensors    ctx [n_ctx, d] (+ meta_net.* for CoCoOp); absent for zeroshot
+      prompt_learner.safetensors    ctx [n_ctx, d] ([K, n_ctx, d] with csc) (+ meta_net.* for CoCoOp); absent for zeroshot
       backbone/                     optional: open_clip_config.json + open_clip_model.safetensors
 """
 
@@ -37,6 +37,32 @@ class Precision(str, Enum):
     FP16 = "fp16"
 
 
+class ClassTokenPosition(str, Enum):
+    """Where CoOp puts the class-name tokens among the context vectors (CoOp's CLASS_TOKEN_POSITION)."""
+
+    END = "end"  # [SOS][ctx][class][.][EOT]
+    MIDDLE = "middle"  # [SOS][first n_ctx//2 ctx][class][other ctx][.][EOT]
+    FRONT = "front"  # [SOS][class][ctx][.][EOT]
+
+
+def option_problem(kind: ModelKind, csc: bool, position: ClassTokenPosition) -> str | None:
+    """Why a prompt-learner option does not apply to ``kind``, or None when the combination is valid.
+
+    CoOp takes class-specific contexts and any class token position; CoCoOp (one context shifted
+    per image, built with the class token at the end) and zero-shot prompts take neither.
+    """
+    if kind == ModelKind.COOP:
+        return None
+    if csc:
+        return f"class-specific contexts (CSC) are a CoOp option; a {kind.value} model has one context for all classes"
+    if position != ClassTokenPosition.END:
+        return (
+            f"class_token_position {position.value!r} is a CoOp option; {kind.value} prompts put the class "
+            "token at the end"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class BackboneRef:
     """An open_clip model: ``name`` is a built-in name, ``hf-hub:org/repo`` or ``local-dir:SUBFOLDER``.
@@ -62,6 +88,8 @@ class Manifest:
     ctx_init: str | None = None
     precision: Precision = Precision.FP32
     template: str = "a photo of a {}."  # zeroshot prompts only
+    csc: bool = False  # CoOp class-specific contexts: ctx is [K, n_ctx, d]
+    class_token_position: ClassTokenPosition = ClassTokenPosition.END  # CoOp only
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +103,8 @@ class Manifest:
             "precision": self.precision.value,
             "backbone": asdict(self.backbone),
             "template": self.template,
+            "csc": self.csc,
+            "class_token_position": self.class_token_position.value,
         }
 
 
@@ -83,6 +113,9 @@ MAX_MANIFEST_BYTES = 4 << 20  # 4 MiB: 10,000 class names of 200 characters fit
 MAX_CLASSES = 10_000
 MAX_CLASSNAME_CHARS = 200
 MAX_N_CTX = 64
+# prompt_learner.safetensors: a ViT-L CoCoOp prompt learner is under 1 MiB, CoOp with class-specific
+# contexts for 1000 classes (16 x 768 each) 25 MiB in fp16
+MAX_PROMPT_LEARNER_BYTES = 64 << 20
 MAX_TEXT_CHARS = 1000  # template, ctx_init
 MAX_BACKBONE_CHARS = 300
 # characters that would break a log line or hide text: C0/C1 controls, line/paragraph separators,
@@ -205,6 +238,16 @@ def read_manifest(folder: Path) -> Manifest:
             path,
             f"ctx_init must be a string (at most {MAX_TEXT_CHARS} printable characters) or null, got {short(ctx_init)}",
         )
+    csc = raw.get("csc", False)
+    if not isinstance(csc, bool):
+        raise _bad(path, f"csc must be true or false, got {short(csc)}")
+    positions = [p.value for p in ClassTokenPosition]
+    position = raw.get("class_token_position", ClassTokenPosition.END.value)
+    if position not in positions:
+        raise _bad(path, f"class_token_position {short(position)} is not one of {', '.join(positions)}")
+    problem = option_problem(kind, csc, ClassTokenPosition(position))
+    if problem:
+        raise _bad(path, problem, "set csc: false and class_token_position: end, or kind: coop if this is a CoOp model")
     return Manifest(
         kind=kind,
         classnames=names,
@@ -214,6 +257,8 @@ def read_manifest(folder: Path) -> Manifest:
         ctx_init=ctx_init,
         precision=Precision(precision_value),
         template=template,
+        csc=csc,
+        class_token_position=ClassTokenPosition(position),
     )
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gatekeeper.models.manifest import Manifest, ModelKind
+from gatekeeper.models.manifest import ClassTokenPosition, Manifest, ModelKind, option_problem
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -50,20 +50,60 @@ def pixel_normalisation(clip: Any) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def class_name_lengths(tokenizer: Any, classnames: list[str]) -> list[int]:
+    """Tokens of each class name on its own, as CoOp counts them to place the class in its prompt.
+
+    The tokenizer writes [SOS, name tokens, EOT, pad...] and EOT has the highest id, so a name's
+    length is the EOT position minus one.
+    """
+    return [int(row.argmax()) - 1 for row in tokenizer(classnames)]
+
+
+def prompt_order(position: ClassTokenPosition, n_ctx: int, name_lens: list[int], length: int) -> torch.Tensor | None:
+    """Per class, the positions of the end layout [SOS, ctx_1..ctx_n, class, '.', EOT, ...] that make
+    up its prompt at ``position`` (K, length); None for ``end`` (the end layout itself).
+
+    CoOp's PromptLearner cuts the class tokens off the front of each class's suffix (their count is
+    the class name's own token length) and puts them before the context (``front``) or between its
+    first n_ctx // 2 vectors and the rest (``middle``); the '.', EOT and padding follow unchanged.
+    """
+    if position == ClassTokenPosition.END:
+        return None
+    rows = []
+    for m in name_lens:
+        m = max(0, min(m, length - 1 - n_ctx))  # a name cut by the context length keeps what is there
+        ctx = list(range(1, 1 + n_ctx))
+        cls = list(range(1 + n_ctx, 1 + n_ctx + m))
+        rest = list(range(1 + n_ctx + m, length))
+        if position == ClassTokenPosition.FRONT:
+            rows.append([0, *cls, *ctx, *rest])
+        else:
+            half = n_ctx // 2
+            rows.append([0, *ctx[:half], *cls, *ctx[half:], *rest])
+    return torch.tensor(rows, dtype=torch.long)
+
+
 class PromptTunedCLIP(nn.Module):
     """A frozen open_clip CLIP plus a (CoOp/CoCoOp) prompt learner or zero-shot prompts.
 
     Args:
         clip: an open_clip ``CLIP`` (standard text transformer), frozen.
         tokenizer: its tokenizer.
-        manifest: kind, class names, n_ctx, template.
-        ctx: learned context (n_ctx, ctx_dim) for CoOp/CoCoOp; None for zero-shot.
+        manifest: kind, class names, n_ctx, template, and CoOp's options (``csc``,
+            ``class_token_position``).
+        ctx: learned context for CoOp/CoCoOp, (n_ctx, ctx_dim), or (K, n_ctx, ctx_dim) for CoOp
+            with class-specific contexts; None for zero-shot.
         meta_net: CoCoOp's meta-net; None otherwise.
+
+    Raises:
+        ValueError: no ``ctx`` for CoOp/CoCoOp, a ``ctx`` whose shape does not match ``csc``,
+            ``n_ctx`` and the classes, or a CoOp option on a CoCoOp model.
     """
 
     tokenized: torch.Tensor
     token_prefix: torch.Tensor
     token_suffix: torch.Tensor
+    prompt_order: torch.Tensor | None
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
     ctx: nn.Parameter | None
@@ -87,6 +127,7 @@ class PromptTunedCLIP(nn.Module):
         mean, std = pixel_normalisation(clip)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("prompt_order", None, persistent=False)
         self._cached_text: torch.Tensor | None = None
         if self.kind == ModelKind.ZEROSHOT:
             prompts = [manifest.template.format(c) for c in self.classnames]
@@ -94,8 +135,17 @@ class PromptTunedCLIP(nn.Module):
             self.ctx = None
             self.meta_net = None
             return
-        n_ctx = manifest.n_ctx
-        # CoOp convention: "X X ... X {class}." so the ctx slots sit at positions 1..n_ctx.
+        problem = option_problem(self.kind, manifest.csc, manifest.class_token_position)
+        if problem:
+            raise ValueError(problem)
+        n_ctx, k = manifest.n_ctx, len(self.classnames)
+        if ctx is None:
+            raise ValueError("ctx is required for coop/cocoop")
+        want = (k, n_ctx) if manifest.csc else (n_ctx,)
+        if tuple(ctx.shape[:-1]) != want:
+            raise ValueError(f"ctx has shape {tuple(ctx.shape)}; expected {(*want, 'ctx_dim')}")
+        # CoOp convention: "X X ... X {class}." so the ctx slots sit at positions 1..n_ctx; the
+        # other class token positions permute this layout (prompt_order), the EOT stays in place.
         placeholder = " ".join(["X"] * n_ctx)
         tokenized = tokenizer([f"{placeholder} {c}." for c in self.classnames])
         with torch.no_grad():
@@ -103,10 +153,19 @@ class PromptTunedCLIP(nn.Module):
         self.register_buffer("tokenized", tokenized, persistent=False)
         self.register_buffer("token_prefix", emb[:, :1].clone(), persistent=False)  # SOS
         self.register_buffer("token_suffix", emb[:, 1 + n_ctx :].clone(), persistent=False)  # class, ., EOT
-        if ctx is None:
-            raise ValueError("ctx is required for coop/cocoop")
+        position = manifest.class_token_position
+        if position != ClassTokenPosition.END:
+            lens = class_name_lengths(tokenizer, self.classnames)
+            self.prompt_order = prompt_order(position, n_ctx, lens, int(tokenized.shape[1]))
         self.ctx = nn.Parameter(ctx.float().clone())
         self.meta_net = meta_net
+
+    @property
+    def shared_end_context(self) -> bool:
+        """True when every class's prompt is [SOS, the one ctx, class tokens, ...] (CoCoOp, and CoOp
+        without CSC and with the class token at the end): the layout the fast path's prefix sharing
+        relies on."""
+        return self.prompt_order is None and (self.ctx is None or self.ctx.dim() == 2)
 
     # ------------------------------------------------------------------ pieces
 
@@ -144,9 +203,17 @@ class PromptTunedCLIP(nn.Module):
         return F.normalize(x, dim=-1)
 
     def class_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
-        """[SOS, ctx_1..ctx_n, class tokens, '.', EOT] for every class: (K, L, d)."""
+        """Every class's prompt embeddings (K, L, d) from ``ctx`` (n_ctx, d) or, CSC, (K, n_ctx, d).
+
+        At the end: [SOS, ctx_1..ctx_n, class tokens, '.', EOT, ...]; other class token positions
+        rearrange those tokens per class (:func:`prompt_order`).
+        """
         k = self.token_prefix.shape[0]
-        return torch.cat([self.token_prefix, ctx.unsqueeze(0).expand(k, -1, -1), self.token_suffix], dim=1)
+        per_class = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(k, -1, -1)
+        prompts = torch.cat([self.token_prefix, per_class, self.token_suffix], dim=1)
+        if self.prompt_order is None:
+            return prompts
+        return prompts.gather(1, self.prompt_order.unsqueeze(-1).expand(-1, -1, prompts.shape[-1]))
 
     def text_features(self) -> torch.Tensor:
         """Class text features (K, e) for CoOp and zero-shot (image-independent)."""

@@ -231,3 +231,54 @@ def test_summed_loss_gives_each_delta_its_own_gradient(model_factory):
         margin_loss(model.logits(apply_trigger(x, d)), c).backward()
         assert d.grad is not None and deltas.grad is not None
         assert float((deltas.grad[g] - d.grad).abs().max()) <= 1e-5 * max(1.0, float(d.grad.abs().max()))
+
+
+# ------------------------------------------------------------------ CoOp's options
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+@pytest.mark.parametrize("csc", [False, True], ids=["shared", "csc"])
+def test_fast_scan_equals_reference_coop_options(
+    random_backbone: Path, tmp_path: Path, pool, csc: bool, position: str, precision: str
+):
+    """Class-specific contexts and the class token at the front or in the middle: the fast scan
+    (cached text features, class batching) gives the reference's logits, ASR, loss and triggers."""
+    from gatekeeper.models.manifest import Precision
+    from tests.models.test_prompt_options import build
+
+    folder = build(random_backbone, tmp_path / "m", csc=csc, position=position, precision=Precision(precision),
+                   classes=CLASSES)
+    model = load_model(folder)
+    assert model.manifest.csc == csc
+    assert model.shared_end_context == (not csc and position == "end")
+    x = _pixels(6, seed=4)
+    with torch.no_grad():
+        ref_logits = model.logits(x)  # nothing cached: prompts assembled and encoded on every call
+        model.freeze_text()
+        fast_logits_ = fast_logits(model, x, text_plan(model))
+        model.thaw_text()
+    assert float((fast_logits_ - ref_logits).abs().max()) <= 1e-5
+    cands = [4, 0, 2]
+    ref = ClipInspector().invert(model, pool.inversion, pool.holdout, cands, SETTINGS)
+    model.thaw_text()
+    det = FastClipInspector(max_batch_rows=64)
+    fast = det.invert(model, pool.inversion, pool.holdout, cands, SETTINGS)
+    assert det.last_plan["shared_prefix"] is False and det.last_plan["classes_per_step"] == 2
+    _assert_same(ref, fast)
+
+
+def test_prefix_sharing_needs_the_shared_end_layout(model_factory):
+    """The shared-prefix path assumes [SOS, one ctx, class, ...] for every class; a model whose
+    prompts are laid out otherwise is never given a shareable plan, and fast_logits falls back to
+    the model's own logits."""
+    model = load_model(model_factory("cocoop", CLASSES))
+    assert model.shared_end_context and text_plan(model).shareable
+    model.prompt_order = torch.arange(model.tokenized.shape[1]).expand(len(CLASSES), -1).clone()
+    assert not model.shared_end_context and not text_plan(model).shareable
+    seen: list[int] = []
+    hook = model.clip.transformer.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        fast_logits(model, _pixels(2), text_plan(model))
+    hook.remove()
+    assert seen == [model.tokenized.shape[1]]  # the full-length exact path, not the truncated one

@@ -32,7 +32,7 @@ from gatekeeper.models.checkpoint import (
     scan_pickle,
     sniff_format,
 )
-from gatekeeper.models.manifest import WEIGHTS_NAME, ModelKind, Precision, read_manifest
+from gatekeeper.models.manifest import WEIGHTS_NAME, ClassTokenPosition, ModelKind, Precision, read_manifest
 from tests.conftest import BACKBONE
 
 META = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
@@ -515,14 +515,74 @@ def test_convert_unknown_sidecar_key(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_refuses_class_specific_ctx(tmp_path: Path) -> None:
-    ckpt = save_dassl(tmp_path, dassl_state(meta=False, ctx_shape=(3, 4, 8)))
-    side = _sidecar(tmp_path, backbone={"name": "RN50"}, classnames=["a", "b", "c"])
+def csc_state(names: list[str], dtype: torch.dtype = torch.float32, contexts: int | None = None, meta: bool = False) -> Any:
+    """real_state with CoOp's class-specific contexts: ctx [contexts (default: one per class), n_ctx, d]."""
+    state = real_state(names, dtype, meta=meta)
+    n_ctx, dim = state["module.ctx"].shape
+    g = torch.Generator().manual_seed(1)
+    state["module.ctx"] = (torch.randn(contexts or len(names), n_ctx, dim, generator=g) * 0.02).to(dtype)
+    return state
+
+
+def _tiny_sidecar(folder: Path, **cfg: Any) -> Path:
+    return _sidecar(folder, backbone={"name": "RN50"}, image_size=32, **cfg)  # replaced by --backbone BACKBONE
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_convert_coop_class_specific_ctx(tmp_path: Path, dtype: torch.dtype) -> None:
+    """CoOp with CSC True stores one context per class, [K, n_ctx, d]: kept as is, marked csc."""
+    state = csc_state(["a", "b", "c"], dtype)
+    ckpt = save_dassl(tmp_path, state)
+    side = _tiny_sidecar(tmp_path, classnames=["a", "b", "c"], class_token_position="middle")
+    out = tmp_path / "out"
+    manifest = convert_checkpoint(ckpt, side, out, backbone=BACKBONE).manifest
+    assert (manifest.kind, manifest.csc, manifest.n_ctx) == (ModelKind.COOP, True, 4)
+    assert manifest.class_token_position == ClassTokenPosition.MIDDLE
+    assert read_manifest(out) == manifest
+    weights = load_file(str(out / WEIGHTS_NAME))
+    assert weights["ctx"].dtype == dtype and torch.equal(weights["ctx"], state["module.ctx"])
+
+
+def test_convert_class_specific_ctx_needs_one_context_per_class(tmp_path: Path) -> None:
+    ckpt = save_dassl(tmp_path, csc_state(["a", "b"], contexts=3))
+    side = _tiny_sidecar(tmp_path, classnames=["a", "b"])
     parent = tmp_path / "models"
-    with pytest.raises(ModelFormatError, match="class-specific"):
-        convert_checkpoint(ckpt, side, parent / "out")
+    with pytest.raises(ModelFormatError, match="class-specific contexts for 3 classes, but the model has 2 class names"):
+        convert_checkpoint(ckpt, side, parent / "out", backbone=BACKBONE)
     assert not (parent / "out").exists()
     assert not parent.exists() or not any(parent.iterdir())
+
+
+def test_convert_refuses_coop_options_on_cocoop(tmp_path: Path) -> None:
+    ckpt = save_dassl(tmp_path / "a", csc_state(["a", "b", "c"], meta=True))
+    side = _tiny_sidecar(tmp_path, classnames=["a", "b", "c"])
+    with pytest.raises(ModelFormatError, match=r"class-specific contexts \(CSC\) are a CoOp option"):
+        convert_checkpoint(ckpt, side, tmp_path / "out", backbone=BACKBONE)
+    ckpt = save_dassl(tmp_path / "b", real_state(["a", "b"]))
+    for position in ("middle", "front"):
+        side = _tiny_sidecar(tmp_path, classnames=["a", "b"], class_token_position=position)
+        with pytest.raises(UsageError, match=f"class_token_position '{position}' is a CoOp option; cocoop"):
+            convert_checkpoint(ckpt, side, tmp_path / "out", backbone=BACKBONE)
+    side = _tiny_sidecar(tmp_path, classnames=["a", "b"], class_token_position="sideways")
+    with pytest.raises(UsageError, match="class_token_position"):
+        convert_checkpoint(ckpt, side, tmp_path / "out", backbone=BACKBONE)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_bounds_the_prompt_learner_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What convert writes, load_model reads: no prompt learner over the folder's bound."""
+    import gatekeeper.models.checkpoint as checkpoint
+
+    state = csc_state(["a", "b", "c"])
+    numel = state["module.ctx"].numel()
+    monkeypatch.setattr(checkpoint, "MAX_PROMPT_LEARNER_BYTES", numel * 2)
+    ckpt = save_dassl(tmp_path, state)
+    side = _tiny_sidecar(tmp_path, classnames=["a", "b", "c"])
+    with pytest.raises(ModelFormatError, match=f"would take {numel * 4} bytes as fp32") as refused:
+        convert_checkpoint(ckpt, side, tmp_path / "out", backbone=BACKBONE)
+    assert refused.value.hint == "set precision: fp16"
+    side = _tiny_sidecar(tmp_path, classnames=["a", "b", "c"], precision="fp16")
+    assert convert_checkpoint(ckpt, side, tmp_path / "out", backbone=BACKBONE).manifest.csc
 
 
 def test_convert_refuses_malicious_checkpoint(tmp_path: Path) -> None:

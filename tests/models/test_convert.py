@@ -320,12 +320,24 @@ def test_sidecar_alias_errors_name_both_keys(tmp_path: Path, text: str, needle: 
     [
         ("TRAINER.COOP.N_CTX: 16\n", r"TRAINER.COOP.N_CTX is 16 but the checkpoint's ctx holds 4 vectors"),
         ("csc: true\n", r"csc is True but ctx has shape \(4, 64\)"),
-        ("class_token_position: middle\n", r"class_token_position 'middle'"),
         ("kind: cocoop\n", r"CoCoOp \(kind in .*\) needs"),
     ],
-    ids=["n_ctx", "csc", "position", "kind"],
+    ids=["n_ctx", "csc", "kind"],
 )
 def test_sidecar_values_the_checkpoint_contradicts_are_refused(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ModelFormatError, match=needle):
         _convert(tmp_path, NAMES[:4], text)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("position", ["middle", "front"])
+def test_dassl_class_token_position_is_read_and_the_folder_loads(tmp_path: Path, position: str) -> None:
+    """CoOp's CLASS_TOKEN_POSITION from the provider's own config reaches the manifest and the model."""
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.models.manifest import ClassTokenPosition
+
+    text = f"TRAINER: {{NAME: CoOp, COOP: {{N_CTX: 4, CLASS_TOKEN_POSITION: {position}}}}}\nclassnames: {NAMES[:4]}\n"
+    done = _convert(tmp_path, NAMES[:4], text)
+    assert done.manifest.class_token_position == ClassTokenPosition(position)
+    model = load_model(tmp_path / "out")
+    assert model.manifest.class_token_position == ClassTokenPosition(position)
