@@ -27,4 +27,6 @@ def test_speed_bench_compares_both_allocators_and_reports_efficiency(tmp_path: P
     eff = out["cpu_efficiency"]
     assert eff["matmul_peak_gflop_per_cpu_s"] > 0
     assert eff["fast_of_peak"] == eff["fast_gflop_per_cpu_s"] / eff["matmul_peak_gflop_per_cpu_s"]
+    # per CPU-second of the headline (heap allocator) runs
+    assert eff["fast_gflop_per_cpu_s"] == out["flops"]["fast"] / out["headline_cpu_s"]["fast"] / 1e9
     assert set(out["heap_allocator_faults"]) == {"fast", "reference"}
