@@ -278,7 +278,7 @@ def _check_prompt_depth(path: Path, kind: ModelKind, raw: dict[str, Any]) -> int
         if "prompt_depth" in raw:
             raise _bad(path, f"prompt_depth is a MaPLe setting; a {kind.value} model has none", "remove prompt_depth")
         return 0
-    depth = raw.get("prompt_depth")
+    depth: Any = raw.get("prompt_depth")
     if not is_int(depth) or not 1 <= depth <= MAX_PROMPT_DEPTH:
         raise _bad(
             path,

@@ -40,6 +40,18 @@ def maple_keys(depth: int) -> list[str]:
     return keys
 
 
+def maple_lead(ctx_init: str | None, n_ctx: int) -> str | None:
+    """The text MaPLe writes before each class name, or None for CoOp's "X X ... X".
+
+    MaPLe keeps N_CTX when CTX_INIT is given (at most 4 context words) and tokenizes
+    "{CTX_INIT} {name}." as it is: with its shipped config (N_CTX 2, "a photo of a") the stored
+    suffix, and so the prompt, is [SOS, ctx_1, ctx_2, "of", "a", name, ".", EOT].
+    """
+    if ctx_init and n_ctx <= 4:
+        return ctx_init.replace("_", " ")
+    return None
+
+
 def backbone_problem(clip: Any) -> str | None:
     """Why MaPLe cannot run on ``clip``, or None: it needs open_clip's ViT image tower pooling the
     class token and open_clip's own text transformer."""
@@ -103,6 +115,13 @@ class MaPLeCLIP(PromptTunedCLIP):
         if problem:
             raise ValueError(problem)
         super().__init__(clip, tokenizer, manifest, ctx=ctx)
+        lead = maple_lead(manifest.ctx_init, manifest.n_ctx)
+        if lead is not None:  # MaPLe's prompt text: rebuild what PromptTunedCLIP built from "X ... X"
+            tokenized = tokenizer([f"{lead} {c}." for c in self.classnames])
+            with torch.no_grad():
+                emb = clip.token_embedding(tokenized).to(clip.positional_embedding.dtype)
+            self.tokenized, self.token_prefix = tokenized, emb[:, :1].clone()
+            self.token_suffix = emb[:, 1 + manifest.n_ctx :].clone()
         depth, n_ctx = manifest.prompt_depth, manifest.n_ctx
         layers = min(len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks))
         if not 1 <= depth <= layers:

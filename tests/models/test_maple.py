@@ -130,3 +130,164 @@ def test_deep_prompts_change_the_logits_and_gradients_reach_the_image() -> None:
     logits.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     assert set(model.prompt_learner_state()) == set(maple_keys(2))
+
+
+# ------------------------------------------------------------------ convert, scan, refusals
+
+CTX_INIT = "a photo of a"  # MaPLe's shipped config: N_CTX 2 with a four-word CTX_INIT
+
+
+def dassl_maple(tmp_path: Path, depth: int = 2, extra: dict[str, torch.Tensor] | None = None, tamper: str | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A MaPLe checkpoint as Dassl saves it: the whole CustomCLIP's state_dict (prompt_learner.*, the
+    frozen encoders in fp16), PREC fp16 (ctx and proj fp16, the deep prompts float32), SGD state."""
+    from tests.models.test_checkpoint import save_dassl
+
+    clip, tokenizer = tiny_clip()
+    learner = random_learner(clip, depth)
+    learner = {k: v.half() if k in ("ctx", "proj.weight", "proj.bias") else v for k, v in learner.items()}
+    emb = clip.token_embedding(tokenizer([f"{CTX_INIT} {c}." for c in NAMES])).detach().half()
+    full: dict[str, torch.Tensor] = OrderedDict((f"prompt_learner.{k}", v) for k, v in learner.items())
+    full["prompt_learner.token_prefix"], full["prompt_learner.token_suffix"] = emb[:, :1].clone(), emb[:, 1 + N_CTX :].clone()
+    for name, t in clip.state_dict().items():
+        if name.startswith("visual."):
+            full["image_encoder." + name[len("visual.") :]] = t.half().clone()
+        elif name.startswith(("transformer.", "ln_final.", "positional_embedding", "text_projection")):
+            full["text_encoder." + name] = t.half().clone()
+    full["logit_scale"] = clip.logit_scale.detach().half().clone()
+    if tamper:
+        full[tamper] = full[tamper] + 0.05
+    full.update(extra or {})
+    path = save_dassl(tmp_path / "ckpt", {f"prompt_learner.{k}": v for k, v in learner.items()}, state_dict=full)
+    return path, {k: v.float() for k, v in learner.items()}  # the learner as stepped by the optimizer
+
+
+def sidecar(folder: Path, depth: int = 2, **more: Any) -> Path:
+    path = folder / "sidecar.yaml"
+    cfg = {"TRAINER": {"NAME": "MaPLe", "MAPLE": {"N_CTX": N_CTX, "CTX_INIT": CTX_INIT, "PREC": "fp16", "PROMPT_DEPTH": depth}},
+           "classnames": list(NAMES), **more}
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_convert_of_a_dassl_maple_checkpoint_loads_with_the_same_logits(tmp_path: Path) -> None:
+    from gatekeeper.models.checkpoint import convert_checkpoint
+    from gatekeeper.models.loader import load_model
+
+    ckpt, learner = dassl_maple(tmp_path)
+    done = convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "out", backbone=BACKBONE)
+    manifest = read_manifest(tmp_path / "out")
+    assert (manifest.kind, manifest.prompt_depth, manifest.n_ctx, manifest.ctx_init) == (ModelKind.MAPLE, 2, N_CTX, CTX_INIT)
+    assert manifest.classnames == NAMES and manifest.precision.value == "fp32"  # deep prompts were float32: kept exactly
+    assert any("frozen encoder tensors" in n for n in done.notes)
+    stored = load_file(str(tmp_path / "out" / WEIGHTS_NAME))
+    assert set(stored) == set(maple_keys(2))
+    loaded = load_model(tmp_path / "out")
+    clip, tokenizer = tiny_clip()
+    from gatekeeper.models.maple import maple_from_state
+
+    memory = maple_from_state(clip, tokenizer, read_manifest(tmp_path / "out"), learner, Path("mem")).eval()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(images), memory.logits(images), atol=1e-5, rtol=1e-5)
+        # the prompt is MaPLe's: [SOS, ctx_1, ctx_2, "of", "a", name, ".", EOT]
+        torch.testing.assert_close(loaded.token_suffix[:, :2], clip.token_embedding(tokenizer(["of a"])[0][1:3]).expand(4, -1, -1))
+    # class names recovered from the prompt tokens when the sidecar gives none (CTX_INIT's extra words skipped)
+    side = sidecar(tmp_path / "ckpt")
+    cfg = json.loads(side.read_text())
+    del cfg["classnames"]
+    side.write_text(json.dumps(cfg))
+    convert_checkpoint(ckpt, side, tmp_path / "out2", backbone=BACKBONE)
+    assert read_manifest(tmp_path / "out2").classnames == NAMES
+
+
+def test_scan_of_a_converted_maple_model_reaches_a_verdict(tmp_path: Path) -> None:
+    from gatekeeper.cli import main
+    from gatekeeper.models.checkpoint import convert_checkpoint
+    from tests.test_cli import FAST
+
+    ckpt, _ = dassl_maple(tmp_path)
+    convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "model", backbone=BACKBONE)
+    policy = tmp_path / "fast.yaml"
+    policy.write_text(FAST)
+    code = main(["scan", str(tmp_path / "model"), "--policy", str(policy), "--out", str(tmp_path / "o"), "--quiet"])
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert code in (0, 1) and result["model"]["kind"] == "maple"
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"prompt_learner.compound_prompts_text.7": torch.zeros(N_CTX, 64)}, r"unknown tensor|missing"),
+        ({"prompt_learner.VPT": torch.zeros(N_CTX, 96)}, r"unknown tensor.*VPT"),
+        ({"image_encoder.VPT_extra": torch.zeros(3)}, r"no counterpart"),
+    ],
+    ids=["deep-gap", "unknown-prompt", "unknown-frozen"],
+)
+def test_unknown_maple_tensors_are_refused(tmp_path: Path, extra: dict[str, torch.Tensor], match: str) -> None:
+    from gatekeeper.models.checkpoint import convert_checkpoint
+
+    ckpt, _ = dassl_maple(tmp_path, extra=extra)
+    with pytest.raises(ModelFormatError, match=match):
+        convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "out", backbone=BACKBONE)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_changed_frozen_encoders_and_a_wrong_depth_are_refused(tmp_path: Path) -> None:
+    from gatekeeper.errors import UsageError
+    from gatekeeper.models.checkpoint import convert_checkpoint
+
+    ckpt, _ = dassl_maple(tmp_path, tamper="image_encoder.transformer.resblocks.1.mlp.c_fc.weight")
+    with pytest.raises(ModelFormatError, match=r"differs from backbone"):
+        convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "out", backbone=BACKBONE)
+    ckpt, _ = dassl_maple(tmp_path / "b")
+    with pytest.raises((ModelFormatError, UsageError), match=r"PROMPT_DEPTH is 3 but"):
+        convert_checkpoint(ckpt, sidecar(tmp_path / "b", depth=3), tmp_path / "out3", backbone=BACKBONE)
+
+
+def test_the_loader_refuses_unknown_tensors_and_a_depth_deeper_than_the_backbone(tmp_path: Path) -> None:
+    from gatekeeper.models.checkpoint import convert_checkpoint
+    from gatekeeper.models.loader import load_model
+
+    ckpt, _ = dassl_maple(tmp_path)
+    convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "out", backbone=BACKBONE)
+    weights = tmp_path / "out" / WEIGHTS_NAME
+    state = load_file(str(weights))
+    save_file({**state, "compound_prompts_text.5": torch.zeros(N_CTX, 64)}, str(weights))
+    with pytest.raises(ModelFormatError, match=r"unexpected .*compound_prompts_text.5"):
+        load_model(tmp_path / "out")
+    save_file(state, str(weights))
+    manifest = json.loads((tmp_path / "out" / "gatekeeper.json").read_text())
+    (tmp_path / "out" / "gatekeeper.json").write_text(json.dumps({**manifest, "prompt_depth": 3}))
+    with pytest.raises(ModelFormatError, match=r"prompt_depth 3 is deeper than the backbone"):
+        load_model(tmp_path / "out")
+    (tmp_path / "out" / "gatekeeper.json").write_text(json.dumps({**manifest, "kind": "coop"}))
+    with pytest.raises(ModelFormatError, match=r"prompt_depth is a MaPLe setting"):
+        load_model(tmp_path / "out")
+
+
+def resnet_clip() -> Any:
+    import open_clip
+
+    torch.manual_seed(0)
+    return open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 8},
+        text_cfg={"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    ).eval()
+
+
+def test_a_resnet_backbone_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    from gatekeeper.models.checkpoint import convert_checkpoint
+
+    clip, tokenizer = resnet_clip(), tiny_clip()[1]
+    with pytest.raises(ModelFormatError, match=r"MaPLe prompts a ViT image encoder.*ModifiedResNet"):
+        build(clip, tokenizer, random_learner(tiny_clip()[0], 2), 2)
+    folder = tmp_path / "rn"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    cfg = json.loads((BACKBONE / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["vision_cfg"] = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 8}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    ckpt, _ = dassl_maple(tmp_path)
+    with pytest.raises(ModelFormatError, match=r"ViT image encoder"):
+        convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "out", backbone=folder)
