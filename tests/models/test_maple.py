@@ -291,3 +291,22 @@ def test_a_resnet_backbone_is_refused_with_a_clear_message(tmp_path: Path) -> No
     ckpt, _ = dassl_maple(tmp_path)
     with pytest.raises(ModelFormatError, match=r"ViT image encoder"):
         convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "out", backbone=folder)
+
+
+def test_fresh_copies_reset_and_tuning_trains_every_maple_prompt() -> None:
+    from gatekeeper.control import copy_model, fresh_copy
+    from gatekeeper.models.tuning import TuneConfig, train_on
+
+    clip, tokenizer = tiny_clip()
+    model = build(clip, tokenizer, random_learner(clip, 2), 2)
+    before = {k: v.clone() for k, v in model.prompt_learner_state().items()}
+    fresh = fresh_copy(model, seed=1)
+    assert isinstance(fresh, MaPLeCLIP)
+    after = fresh.prompt_learner_state()
+    assert all(not torch.equal(after[k], before[k]) for k in before if k != "ctx")  # nothing of the candidate's kept
+    trained = copy_model(model)
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    train_on(trained, x, torch.arange(16) % 4, TuneConfig(kind=ModelKind.MAPLE, epochs=1, batch_size=8))
+    moved = trained.prompt_learner_state()
+    assert all(not torch.equal(moved[k], before[k]) for k in before)
+    assert all(torch.equal(v, before[k]) for k, v in model.prompt_learner_state().items())  # the candidate untouched
