@@ -1,4 +1,8 @@
-"""Import of official CoOp / CoCoOp / BadCLIP (Dassl) checkpoints into the gatekeeper model format.
+"""Import of official CoOp / CoCoOp / MaPLe / BadCLIP (Dassl) checkpoints into the gatekeeper model format.
+
+A MaPLe checkpoint is its whole CustomCLIP: the prompt learner under ``prompt_learner.`` (read as
+the other trainers' bare names) and the frozen encoders, which must equal the backbone's
+(:func:`_check_frozen`).
 
 The pickle is never trusted: :mod:`gatekeeper.models.safe_pickle` scans it statically and loads
 it with ``torch.load(weights_only=True)`` and inert stand-ins for optimizer/scheduler state;
