@@ -310,3 +310,35 @@ def test_fresh_copies_reset_and_tuning_trains_every_maple_prompt() -> None:
     moved = trained.prompt_learner_state()
     assert all(not torch.equal(moved[k], before[k]) for k in before)
     assert all(torch.equal(v, before[k]) for k, v in model.prompt_learner_state().items())  # the candidate untouched
+
+
+def test_fast_scan_equals_reference_on_maple(tmp_path: Path) -> None:
+    """The fast inspector takes no CoOp/CoCoOp shortcut on MaPLe: cached text features (exact, the
+    text side is image-independent) and the model's own logits give the reference's ASR, loss and
+    triggers; its memory plan does not crash on the prompted ViT."""
+    from gatekeeper.inversion.base import InversionSettings
+    from gatekeeper.inversion.clip_inspector import ClipInspector
+    from gatekeeper.inversion.fast import FastClipInspector, fast_logits
+    from gatekeeper.models.checkpoint import convert_checkpoint
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.ood import load_pool
+    from tests.inversion.test_fast import _assert_same
+
+    ckpt, _ = dassl_maple(tmp_path)
+    convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "m", backbone=BACKBONE)
+    model = load_model(tmp_path / "m")
+    pool = load_pool("procedural", 32, 64, 32, seed=0)
+    x = pool.holdout[:6]
+    with torch.no_grad():
+        ref_logits = model.logits(x)
+        model.freeze_text()
+        assert float((fast_logits(model, x, None) - ref_logits).abs().max()) <= 1e-5
+        model.thaw_text()
+    settings = InversionSettings(epsilon=8 / 255)
+    cands = [3, 0, 2]
+    ref = ClipInspector().invert(model, pool.inversion, pool.holdout, cands, settings)
+    model.thaw_text()
+    det = FastClipInspector(max_batch_rows=64)
+    fast = det.invert(model, pool.inversion, pool.holdout, cands, settings)
+    assert det.last_plan["shared_prefix"] is False and det.last_plan["row_bytes"] > 0
+    _assert_same(ref, fast)
