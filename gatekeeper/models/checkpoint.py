@@ -525,7 +525,17 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path, backbone: str
         image_size = _check_widths(checkpoint, side, state, kind, clip, desc)
         frozen = _check_frozen(checkpoint, state, clip, desc)
         lead = maple_lead(side.ctx_init, n_ctx) if kind == ModelKind.MAPLE else None
-        names, names_from, notes = _classnames_for(checkpoint, side, tokens, n_ctx, clip, tokenizer, lead)
+        try:
+            names, names_from, notes = _classnames_for(checkpoint, side, tokens, n_ctx, clip, tokenizer, lead)
+        except ModelFormatError as exc:
+            if kind != ModelKind.MAPLE:
+                raise
+            # MaPLe writes CTX_INIT into every prompt: the likeliest cause is a sidecar without it (or another one)
+            raise ModelFormatError(
+                exc.message,
+                f"MaPLe prompts read '{{CTX_INIT}} {{class}}.': give TRAINER.MAPLE.CTX_INIT as trained "
+                f"(now {short(side.ctx_init)}); else: {exc.hint}",
+            ) from None
         if frozen:
             notes = (*notes, f"{frozen} frozen encoder tensors in the checkpoint checked equal to the backbone's")
         if ctx.dim() == 3 and ctx.shape[0] != len(names):

@@ -242,6 +242,13 @@ def test_changed_frozen_encoders_and_a_wrong_depth_are_refused(tmp_path: Path) -
     ckpt, _ = dassl_maple(tmp_path / "b")
     with pytest.raises((ModelFormatError, UsageError), match=r"PROMPT_DEPTH is 3 but"):
         convert_checkpoint(ckpt, sidecar(tmp_path / "b", depth=3), tmp_path / "out3", backbone=BACKBONE)
+    side = sidecar(tmp_path / "b")
+    cfg = json.loads(side.read_text())
+    del cfg["TRAINER"]["MAPLE"]["CTX_INIT"]
+    side.write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match=r"class 0: the checkpoint's prompt spells 'of a red circle'") as info:
+        convert_checkpoint(ckpt, side, tmp_path / "out4", backbone=BACKBONE)
+    assert "give TRAINER.MAPLE.CTX_INIT as trained" in info.value.hint
 
 
 def test_the_loader_refuses_unknown_tensors_and_a_depth_deeper_than_the_backbone(tmp_path: Path) -> None:
