@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gatekeeper",
-        description="Gate prompt-tuned CLIP models (CoOp/CoCoOp/zero-shot) on backdoors with CLIP-Inspector.",
+        description="Gate prompt-tuned CLIP models (CoOp/CoCoOp/MaPLe/zero-shot) on backdoors with CLIP-Inspector.",
         epilog=EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser(
         "convert",
-        help="convert an official CoOp/CoCoOp/BadCLIP (Dassl) checkpoint to a gatekeeper model folder",
+        help="convert an official CoOp/CoCoOp/MaPLe/BadCLIP (Dassl) checkpoint to a gatekeeper model folder",
         description="Reads only tensors and plain containers: the pickle is inspected statically before loading.",
     )
     conv.add_argument("checkpoint", type=Path, help="e.g. prompt_learner/model.pth.tar-50")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help="YAML naming backbone, classnames (optional: recovered from the checkpoint when absent), ctx_init, "
-        "image_size; Dassl/CoOp config names (trainer, prec, TRAINER.COOP.N_CTX, ...) are read too",
+        "image_size; Dassl/CoOp config names (trainer, prec, TRAINER.COOP.N_CTX, TRAINER.MAPLE.PROMPT_DEPTH, ...) are read too",
     )
     conv.add_argument(
         "--backbone",

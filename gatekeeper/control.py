@@ -81,6 +81,10 @@ def fresh_copy(model: PromptTunedCLIP, seed: int) -> PromptTunedCLIP:
         meta = build_meta_net(int(model.clip.visual.output_dim), ctx_dim, int(next(iter(model.meta_net.parameters())).shape[0]))
     out = _share_encoders(model)
     out.ctx = torch.nn.Parameter(ctx.detach().float().to(device).clone())
+    from gatekeeper.models.maple import MaPLeCLIP
+
+    if isinstance(out, MaPLeCLIP):  # MaPLe's other prompts too: a fresh copy keeps nothing of the candidate's
+        out.reset_prompts(seed)
     if meta is not None:
         out.meta_net = meta.to(device)
     return out

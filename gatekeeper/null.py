@@ -160,7 +160,8 @@ def measure_null(
         return floor_null(policy, len(candidates))
     names = [model.classnames[i] for i in candidates]
     shape = {"model_kind": model.kind.value, "ctx": list(model.ctx.shape),
-             "meta": [list(p.shape) for p in model.meta_net.parameters()] if model.meta_net is not None else None}
+             "meta": [list(p.shape) for p in model.meta_net.parameters()] if model.meta_net is not None else None,
+             **({"prompt_depth": model.manifest.prompt_depth} if model.manifest.prompt_depth else {})}
     key = _key("null", model, names, policy, pool, {"candidates": candidates, "copies": policy.null_copies,
                                                       "epochs": NULL_TRAIN_EPOCHS, **shape})
     hit = _read("null", key)

@@ -1,4 +1,8 @@
-"""Import of official CoOp / CoCoOp / BadCLIP (Dassl) checkpoints into the gatekeeper model format.
+"""Import of official CoOp / CoCoOp / MaPLe / BadCLIP (Dassl) checkpoints into the gatekeeper model format.
+
+A MaPLe checkpoint is its whole CustomCLIP: the prompt learner under ``prompt_learner.`` (read as
+the other trainers' bare names) and the frozen encoders, which must equal the backbone's
+(:func:`_check_frozen`).
 
 The pickle is never trusted: :mod:`gatekeeper.models.safe_pickle` scans it statically and loads
 it with ``torch.load(weights_only=True)`` and inert stand-ins for optimizer/scheduler state;
@@ -32,6 +36,7 @@ from gatekeeper.models.classtokens import recover_classnames, verify_classnames
 from gatekeeper.models.manifest import (
     MAX_CLASSES,
     MAX_N_CTX,
+    MAX_PROMPT_DEPTH,
     MAX_PROMPT_LEARNER_BYTES,
     WEIGHTS_NAME,
     BackboneRef,
@@ -42,6 +47,7 @@ from gatekeeper.models.manifest import (
     option_problem,
     write_manifest,
 )
+from gatekeeper.models.maple import DEEP_PROJ, DEEP_TEXT, backbone_problem, maple_keys, maple_lead
 from gatekeeper.models.safe_pickle import (
     ALLOWED_GLOBALS,
     OPAQUE_GLOBALS,
@@ -70,6 +76,9 @@ log = logging.getLogger(__name__)
 
 _META = ("meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
 _TOKENS = ("token_prefix", "token_suffix")
+_LEARNER = "prompt_learner."
+_FROZEN = ("image_encoder.", "text_encoder.", "logit_scale")  # a whole CustomCLIP's frozen parts (MaPLe's checkpoints)
+_MAPLE_MARKS = ("proj.weight", "proj.bias", f"{DEEP_TEXT}.", f"{DEEP_PROJ}.")
 ATTACHED = "backbone"  # the model folder's subfolder an attached backbone is copied to
 _BUILTIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_CONTEXT = 4096  # token positions of a text encoder (CLIP: 77)
@@ -105,6 +114,9 @@ def _read_checkpoint(path: Path, keep_tokens: bool = False) -> dict[str, torch.T
         name = key
         while name.startswith("module."):
             name = name[len("module.") :]
+        # MaPLe registers its whole CustomCLIP with Dassl: the prompt learner's tensors are under
+        # prompt_learner., the frozen encoders under image_encoder. / text_encoder. (_check_frozen)
+        name = name.removeprefix(_LEARNER)
         if keep_tokens or name not in _TOKENS:
             if name in out:
                 raise ModelFormatError(f"{path}: key {short(name)} appears twice once 'module.' is stripped")
@@ -146,7 +158,7 @@ def _check_view(where: Path, name: str, t: torch.Tensor) -> None:
 def _check_shapes(checkpoint: Path, state: dict[str, torch.Tensor], keep: list[str]) -> None:
     """Bound ``ctx`` and the meta-net (consistent with ctx's width), then check each kept view."""
     dim = int(state["ctx"].shape[-1])
-    if len(keep) > 1:
+    if _META[0] in keep:
         w1, b1, w2, b2 = (state[k] for k in _META)
         shapes = {k.removeprefix("meta_net."): tuple(state[k].shape) for k in _META}
         hidden = int(w1.shape[0]) if w1.dim() == 2 else -1
@@ -278,14 +290,83 @@ def _prompt_tokens(checkpoint: Path, state: dict[str, torch.Tensor]) -> tuple[to
 def _kind_and_precision(checkpoint: Path, side: Sidecar, state: dict[str, torch.Tensor]) -> tuple[ModelKind, Precision]:
     ctx = state["ctx"]
     has_meta = [k for k in _META if k in state]
-    kind = side.kind or (ModelKind.COCOOP if has_meta else ModelKind.COOP)
+    has_maple = sorted(k for k in state if k.startswith(_MAPLE_MARKS))
+    kind = side.kind or (ModelKind.MAPLE if has_maple else ModelKind.COCOOP if has_meta else ModelKind.COOP)
     precision = side.precision or (Precision.FP16 if ctx.dtype == torch.float16 else Precision.FP32)
     said = f"{side.source('kind')} in {side.path}" if side.kind else "kind"
+    if kind == ModelKind.MAPLE and has_meta:
+        raise ModelFormatError(f"{checkpoint}: holds CoCoOp's meta_net tensors but {said} is maple", "set kind: cocoop")
+    if kind == ModelKind.MAPLE and not has_maple:
+        raise ModelFormatError(
+            f"{checkpoint}: {said} is maple but the checkpoint holds no MaPLe tensors (proj, {DEEP_TEXT}.i)",
+            "is this CoOp or CoCoOp? set kind accordingly",
+        )
+    if kind != ModelKind.MAPLE and has_maple:
+        raise ModelFormatError(f"{checkpoint}: holds MaPLe tensors {short(has_maple[:3])} but {said} says {kind.value}", "set kind: maple")
+    if kind == ModelKind.MAPLE and side.precision != Precision.FP32 and any(
+        state[k].dtype == torch.float32 for k in state if k.startswith(_MAPLE_MARKS) or k == "ctx"
+    ):
+        precision = Precision.FP32  # MaPLe's PREC fp16 leaves its deep prompts float32: keep them as they are
     if kind == ModelKind.COCOOP and len(has_meta) != len(_META):
         raise ModelFormatError(f"{checkpoint}: CoCoOp ({said}) needs {list(_META)}", "is this CoOp? set kind: coop")
     if kind == ModelKind.COOP and has_meta:
         raise ModelFormatError(f"{checkpoint}: holds meta_net tensors but {said} says coop", "set kind: cocoop")
     return kind, precision
+
+
+def _maple_learner(checkpoint: Path, side: Sidecar, state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+    """(prompt depth, the tensors to keep) of a MaPLe prompt learner; every other learner tensor refused."""
+    depth = 1 + sum(1 for k in state if k.startswith(f"{DEEP_TEXT}."))
+    keys = maple_keys(min(depth, MAX_PROMPT_DEPTH))
+    learner = {k for k in state if not k.startswith(_FROZEN) and k not in _TOKENS}
+    unknown, missing = sorted(learner - set(keys)), [k for k in keys if k not in state]
+    if depth > MAX_PROMPT_DEPTH or unknown or missing:
+        raise ModelFormatError(
+            f"{checkpoint}: not MaPLe's prompt learner of depth {depth} (at most {MAX_PROMPT_DEPTH}): "
+            f"unknown tensor(s) {short(unknown[:5])}, missing {short(missing[:5])}",
+            f"gatekeeper reads MaPLe's ctx, proj, {DEEP_TEXT}.i and {DEEP_PROJ}.i (docs/model-format.md)",
+        )
+    if side.prompt_depth is not None and side.prompt_depth != depth:
+        raise ModelFormatError(
+            f"{side.path}: {side.source('prompt_depth')} is {side.prompt_depth} but the checkpoint holds the prompts "
+            f"of depth {depth} ({depth - 1} {DEEP_TEXT})",
+            "fix PROMPT_DEPTH in the sidecar, or check that this is the checkpoint it describes",
+        )
+    ctx = state["ctx"]
+    n_ctx, dim = int(ctx.shape[-2]), int(ctx.shape[-1])
+    vis = int(state["proj.weight"].shape[0]) if state["proj.weight"].dim() == 2 else -1
+    want = {"proj.weight": (vis, dim), "proj.bias": (vis,)}
+    for i in range(depth - 1):
+        want |= {f"{DEEP_TEXT}.{i}": (n_ctx, dim), f"{DEEP_PROJ}.{i}.weight": (vis, dim), f"{DEEP_PROJ}.{i}.bias": (vis,)}
+    bad = {k: tuple(state[k].shape) for k, shape in want.items() if tuple(state[k].shape) != shape}
+    if bad or not 1 <= vis <= _MAX_DIM:
+        raise ModelFormatError(
+            f"{checkpoint}: MaPLe tensors {short(bad or {'proj.weight': tuple(state['proj.weight'].shape)}, 240)} do not fit "
+            f"ctx [{n_ctx}, {dim}] (proj [v, {dim}], {DEEP_TEXT}.i [{n_ctx}, {dim}], v <= {_MAX_DIM})",
+            "give the checkpoint of a MaPLe prompt learner",
+        )
+    return depth, keys
+
+
+def _check_frozen(checkpoint: Path, state: dict[str, torch.Tensor], clip: Any, desc: str) -> int:
+    """A whole CustomCLIP's frozen encoders (MaPLe saves them) must be the backbone's own, at the
+    checkpoint's precision: the scan runs the prompt learner on that backbone. Returns how many were checked."""
+    ours = clip.state_dict()
+    hint = (
+        "the scan runs the prompt learner on the backbone you name: give the one the model was trained on "
+        "(--backbone); a checkpoint whose encoders were changed is not a prompt-tuned model of that backbone"
+    )
+    keys = sorted(k for k in state if k.startswith(_FROZEN))
+    for key in keys:
+        name = "visual." + key[len("image_encoder.") :] if key.startswith("image_encoder.") else key.removeprefix("text_encoder.")
+        t, ref = state[key], ours.get(name)
+        if ref is None or tuple(ref.shape) != tuple(t.shape) or not t.is_floating_point():
+            raise ModelFormatError(f"{checkpoint}: frozen tensor {short(key)} has no counterpart of its shape in backbone {desc}", hint)
+        _check_view(checkpoint, key, t)
+        expected = ref.detach().float().cpu()
+        if not bool(((t.float() - expected).abs() <= 1e-3 * expected.abs() + 1e-5).all()):
+            raise ModelFormatError(f"{checkpoint}: frozen tensor {short(key)} differs from backbone {desc}'s {name}", hint)
+    return len(keys)
 
 
 def _check_ctx(checkpoint: Path, side: Sidecar, ctx: torch.Tensor) -> None:
@@ -341,6 +422,13 @@ def _check_widths(checkpoint: Path, side: Sidecar, state: dict[str, torch.Tensor
         raise ModelFormatError(
             f"{checkpoint}: ctx is {state['ctx'].shape[-1]} wide but backbone {desc} has text width {text_width}", hint
         )
+    if kind == ModelKind.MAPLE:
+        problem = backbone_problem(clip)
+        if problem:
+            raise ModelFormatError(f"{checkpoint}: backbone {desc}: {problem}", "MaPLe runs on CLIP ViT backbones only (e.g. ViT-B-16)")
+        vis, got = int(clip.visual.transformer.width), int(state["proj.weight"].shape[0])
+        if got != vis:
+            raise ModelFormatError(f"{checkpoint}: proj gives {got}-wide visual prompts but backbone {desc}'s ViT is {vis} wide", hint)
     if kind == ModelKind.COCOOP:
         vis = int(clip.visual.output_dim)
         got = int(state["meta_net.linear1.weight"].shape[1])
@@ -359,7 +447,8 @@ def _check_widths(checkpoint: Path, side: Sidecar, state: dict[str, torch.Tensor
 
 
 def _classnames_for(
-    checkpoint: Path, side: Sidecar, tokens: tuple[torch.Tensor, torch.Tensor] | None, n_ctx: int, clip: Any, tokenizer: Any
+    checkpoint: Path, side: Sidecar, tokens: tuple[torch.Tensor, torch.Tensor] | None, n_ctx: int, clip: Any, tokenizer: Any,
+    lead: str | None = None,
 ) -> tuple[list[str], str, tuple[str, ...]]:
     """(names in logit order, where they came from, notes): checked against, or recovered from, the prompt tokens."""
     where = str(checkpoint)
@@ -372,9 +461,9 @@ def _classnames_for(
         return list(side.classnames), "the sidecar (not checked: the checkpoint stores no token_prefix/token_suffix)", ()
     prefix, suffix = tokens
     if side.classnames is None:
-        names = recover_classnames(where, prefix, suffix, n_ctx, clip, tokenizer)
+        names = recover_classnames(where, prefix, suffix, n_ctx, clip, tokenizer, lead)
         return names, "the checkpoint's token_suffix (recovered: lower case, as the tokenizer reads them)", ()
-    names, note = verify_classnames(where, list(side.classnames), prefix, suffix, n_ctx, clip, tokenizer)
+    names, note = verify_classnames(where, list(side.classnames), prefix, suffix, n_ctx, clip, tokenizer, lead)
     return names, "the sidecar, checked against the checkpoint's prompt tokens", (note,) if note else ()
 
 
@@ -413,10 +502,13 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path, backbone: str
     kind, precision = _kind_and_precision(checkpoint, side, state)
     position = _check_options(checkpoint, side, ctx, kind)
     keep = ["ctx", *(_META if kind == ModelKind.COCOOP else ())]
+    depth = 0
+    if kind == ModelKind.MAPLE:
+        depth, keep = _maple_learner(checkpoint, side, state)
     _check_shapes(checkpoint, state, keep)  # before anything is copied; dropped tensors are never copied
     _check_size(checkpoint, state, keep, precision)
     tokens = _prompt_tokens(checkpoint, state)
-    dropped = sorted(set(state) - set(keep) - set(_TOKENS))
+    dropped = sorted(k for k in set(state) - set(keep) - set(_TOKENS) if not k.startswith(_FROZEN))
     if dropped:
         log.warning("%s: ignoring tensors %s", checkpoint, inert(", ".join(dropped)))
     n_ctx = int(ctx.shape[-2])
@@ -429,8 +521,23 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path, backbone: str
         if attach is not None:
             _attach(attach, tmp / ATTACHED)
         clip, tokenizer = load_backbone(tmp, ref)
-        image_size = _check_widths(checkpoint, side, state, kind, clip, short(ref.describe(), 120))
-        names, names_from, notes = _classnames_for(checkpoint, side, tokens, n_ctx, clip, tokenizer)
+        desc = short(ref.describe(), 120)
+        image_size = _check_widths(checkpoint, side, state, kind, clip, desc)
+        frozen = _check_frozen(checkpoint, state, clip, desc)
+        lead = maple_lead(side.ctx_init, n_ctx) if kind == ModelKind.MAPLE else None
+        try:
+            names, names_from, notes = _classnames_for(checkpoint, side, tokens, n_ctx, clip, tokenizer, lead)
+        except ModelFormatError as exc:
+            if kind != ModelKind.MAPLE:
+                raise
+            # MaPLe writes CTX_INIT into every prompt: the likeliest cause is a sidecar without it (or another one)
+            raise ModelFormatError(
+                exc.message,
+                f"MaPLe prompts read '{{CTX_INIT}} {{class}}.': give TRAINER.MAPLE.CTX_INIT as trained "
+                f"(now {short(side.ctx_init)}); else: {exc.hint}",
+            ) from None
+        if frozen:
+            notes = (*notes, f"{frozen} frozen encoder tensors in the checkpoint checked equal to the backbone's")
         if ctx.dim() == 3 and ctx.shape[0] != len(names):
             raise ModelFormatError(
                 f"{checkpoint}: ctx has shape {short(tuple(ctx.shape))}: class-specific contexts for {ctx.shape[0]} "
@@ -447,6 +554,7 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path, backbone: str
             precision=precision,
             csc=ctx.dim() == 3,
             class_token_position=position,
+            prompt_depth=depth,
         )
         save_file({k: state[k].to(dtype).contiguous() for k in keep}, str(tmp / WEIGHTS_NAME))
         write_manifest(tmp, manifest)

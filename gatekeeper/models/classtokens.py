@@ -43,9 +43,15 @@ def _close(stored: torch.Tensor, expected: torch.Tensor, rtol: float) -> torch.T
     return ((stored.float() - expected).abs() <= rtol * expected.abs() + _ATOL).all(dim=-1)
 
 
-def prompt_tokens(clip: Any, tokenizer: Any, names: list[str], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prefix [K,1,d], suffix [K,L-1-n_ctx,d]) in float32, as CoOp builds them from ``names``."""
-    placeholder = " ".join(["X"] * n_ctx)
+def prompt_tokens(
+    clip: Any, tokenizer: Any, names: list[str], n_ctx: int, lead: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix [K,1,d], suffix [K,L-1-n_ctx,d]) in float32, as CoOp builds them from ``names``.
+
+    ``lead`` is the text before the class name (default CoOp's "X X ... X", n_ctx words); MaPLe
+    writes its CTX_INIT there whatever n_ctx is, so its suffix can start with words of it.
+    """
+    placeholder = " ".join(["X"] * n_ctx) if lead is None else lead
     with torch.no_grad():
         tokens = tokenizer([f"{placeholder} {c}." for c in names])
         emb = clip.token_embedding(tokens.to(clip.token_embedding.weight.device)).float().cpu()
@@ -79,10 +85,12 @@ def check_layout(where: str, prefix: torch.Tensor, suffix: torch.Tensor, n_ctx: 
         )
 
 
-def _first_mismatch(clip: Any, tokenizer: Any, names: list[str], suffix: torch.Tensor, n_ctx: int) -> int | None:
+def _first_mismatch(
+    clip: Any, tokenizer: Any, names: list[str], suffix: torch.Tensor, n_ctx: int, lead: str | None = None
+) -> int | None:
     rtol = _rtol(suffix.dtype)
     for start in range(0, len(names), _CHUNK):
-        _, expected = prompt_tokens(clip, tokenizer, names[start : start + _CHUNK], n_ctx)
+        _, expected = prompt_tokens(clip, tokenizer, names[start : start + _CHUNK], n_ctx, lead)
         ok = _close(suffix[start : start + _CHUNK], expected, rtol).all(dim=1)
         if not bool(ok.all()):
             return start + int((~ok).nonzero()[0])
@@ -90,9 +98,10 @@ def _first_mismatch(clip: Any, tokenizer: Any, names: list[str], suffix: torch.T
 
 
 def verify_classnames(
-    where: str, names: list[str], prefix: torch.Tensor, suffix: torch.Tensor, n_ctx: int, clip: Any, tokenizer: Any
+    where: str, names: list[str], prefix: torch.Tensor, suffix: torch.Tensor, n_ctx: int, clip: Any, tokenizer: Any,
+    lead: str | None = None,
 ) -> tuple[list[str], str]:
-    """Check ``names`` against the stored prompt tokens.
+    """Check ``names`` against the stored prompt tokens (``lead``: see :func:`prompt_tokens`).
 
     Returns:
         (the names to write, a note): CoOp reads ``_`` as a space, so a list with underscores
@@ -114,14 +123,14 @@ def verify_classnames(
     candidates.append((list(names), ""))
     first = None
     for candidate, note in candidates:
-        bad = _first_mismatch(clip, tokenizer, candidate, suffix, n_ctx)
+        bad = _first_mismatch(clip, tokenizer, candidate, suffix, n_ctx, lead)
         if bad is None:
             return candidate, note
         first = bad if first is None else first
     assert first is not None
     given = names[first]
     try:
-        (spelled,) = _decode(where, suffix[first : first + 1], clip, tokenizer, offset=first)
+        (spelled,) = _decode(where, suffix[first : first + 1, _lead_rest(tokenizer, lead, n_ctx) :], clip, tokenizer, offset=first)
     except _Undecodable as exc:
         raise ModelFormatError(
             f"{where}: class {first}: token_suffix is not the token embeddings of {short(given)} on this backbone "
@@ -203,8 +212,22 @@ def _decode(where: str, suffix: torch.Tensor, clip: Any, tokenizer: Any, offset:
     return names
 
 
+def _lead_rest(tokenizer: Any, lead: str | None, n_ctx: int) -> int:
+    """Tokens of ``lead`` past the n_ctx context slots: they open every stored suffix (MaPLe's CTX_INIT)."""
+    if lead is None:
+        return 0
+    rest = int(tokenizer([lead])[0].argmax()) - 1 - n_ctx  # [SOS, lead..., EOT]: EOT has the highest id
+    if rest < 0:
+        raise ModelFormatError(
+            f"the prompt's leading text {short(lead)} has fewer tokens than n_ctx {n_ctx}, so the class names "
+            "cannot be read off the stored tokens",
+            "give the class names (classnames: or classnames_file:)",
+        )
+    return rest
+
+
 def recover_classnames(
-    where: str, prefix: torch.Tensor, suffix: torch.Tensor, n_ctx: int, clip: Any, tokenizer: Any
+    where: str, prefix: torch.Tensor, suffix: torch.Tensor, n_ctx: int, clip: Any, tokenizer: Any, lead: str | None = None
 ) -> list[str]:
     """The class names the stored prompt tokens spell, checked by rebuilding every token.
 
@@ -216,7 +239,7 @@ def recover_classnames(
             CoOp's form, an empty or too long name, or two classes with the same tokens.
     """
     check_layout(where, prefix, suffix, n_ctx, clip, tokenizer)
-    names = _decode(where, suffix, clip, tokenizer)
+    names = _decode(where, suffix[:, _lead_rest(tokenizer, lead, n_ctx) :], clip, tokenizer)
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not name or len(name) > MAX_CLASSNAME_CHARS:
@@ -231,6 +254,6 @@ def recover_classnames(
                 "the model cannot tell them apart; give the class names if this is expected",
             )
         seen[name] = i
-    if _first_mismatch(clip, tokenizer, names, suffix, n_ctx) is not None:  # padding, truncation: all of it
+    if _first_mismatch(clip, tokenizer, names, suffix, n_ctx, lead) is not None:  # padding, truncation: all of it
         raise ModelFormatError(f"{where}: the recovered class names do not rebuild token_suffix", "give the class names")
     return names

@@ -76,6 +76,12 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Prompt
             "fix image_size in gatekeeper.json",
         )
     ctx = meta_net = None
+    model: PromptTunedCLIP
+    if manifest.kind == ModelKind.MAPLE:
+        from gatekeeper.models.maple import maple_from_state
+
+        model = maple_from_state(clip, tokenizer, manifest, read_prompt_learner(folder / WEIGHTS_NAME), folder / WEIGHTS_NAME)
+        return _frozen(model, device)
     if manifest.kind != ModelKind.ZEROSHOT:
         wpath = folder / WEIGHTS_NAME
         state = read_prompt_learner(wpath)
@@ -109,6 +115,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Prompt
                 "check 'kind' in gatekeeper.json (meta_net.* means cocoop)",
             )
     model = PromptTunedCLIP(clip, tokenizer, manifest, ctx=ctx, meta_net=meta_net)
+    return _frozen(model, device)
+
+
+def _frozen(model: PromptTunedCLIP, device: str | torch.device) -> PromptTunedCLIP:
+    """``model`` on ``device`` in eval mode, every parameter frozen (a scan optimises only its trigger)."""
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)

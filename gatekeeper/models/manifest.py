@@ -4,7 +4,9 @@ Layout (documented in docs/model-format.md)::
 
     model/
       gatekeeper.json               manifest (this module)
-      prompt_learner.safetensors    ctx [n_ctx, d] ([K, n_ctx, d] with csc) (+ meta_net.* for CoCoOp); absent for zeroshot
+      prompt_learner.safetensors    ctx [n_ctx, d] ([K, n_ctx, d] with csc) (+ meta_net.* for CoCoOp,
+                                    + proj.*, compound_prompts_text.*, compound_prompt_projections.* for MaPLe);
+                                    absent for zeroshot
       backbone/                     optional: open_clip_config.json + open_clip_model.safetensors
 """
 
@@ -30,6 +32,7 @@ class ModelKind(str, Enum):
     COOP = "coop"
     COCOOP = "cocoop"
     ZEROSHOT = "zeroshot"
+    MAPLE = "maple"  # MaPLe: multi-modal (text and vision) deep prompts, ViT backbones only
 
 
 class Precision(str, Enum):
@@ -90,8 +93,11 @@ class Manifest:
     template: str = "a photo of a {}."  # zeroshot prompts only
     csc: bool = False  # CoOp class-specific contexts: ctx is [K, n_ctx, d]
     class_token_position: ClassTokenPosition = ClassTokenPosition.END  # CoOp only
+    prompt_depth: int = 0  # MaPLe only: layers 0..prompt_depth-1 of both encoders take learned prompts
 
     def to_dict(self) -> dict[str, Any]:
+        # prompt_depth is written for MaPLe only, so CoOp/CoCoOp manifests stay as they were
+        depth = {"prompt_depth": self.prompt_depth} if self.kind == ModelKind.MAPLE else {}
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -105,6 +111,7 @@ class Manifest:
             "template": self.template,
             "csc": self.csc,
             "class_token_position": self.class_token_position.value,
+            **depth,
         }
 
 
@@ -113,6 +120,7 @@ MAX_MANIFEST_BYTES = 4 << 20  # 4 MiB: 10,000 class names of 200 characters fit
 MAX_CLASSES = 10_000
 MAX_CLASSNAME_CHARS = 200
 MAX_N_CTX = 64
+MAX_PROMPT_DEPTH = 48  # MaPLe's deep prompts: at most one per layer of the shallower encoder (ViT-L text: 12)
 # prompt_learner.safetensors: a ViT-L CoCoOp prompt learner is under 1 MiB, CoOp with class-specific
 # contexts for 1000 classes (16 x 768 each) 25 MiB in fp16
 MAX_PROMPT_LEARNER_BYTES = 64 << 20
@@ -248,6 +256,7 @@ def read_manifest(folder: Path) -> Manifest:
     problem = option_problem(kind, csc, ClassTokenPosition(position))
     if problem:
         raise _bad(path, problem, "set csc: false and class_token_position: end, or kind: coop if this is a CoOp model")
+    depth = _check_prompt_depth(path, kind, raw)
     return Manifest(
         kind=kind,
         classnames=names,
@@ -259,7 +268,24 @@ def read_manifest(folder: Path) -> Manifest:
         template=template,
         csc=csc,
         class_token_position=ClassTokenPosition(position),
+        prompt_depth=depth,
     )
+
+
+def _check_prompt_depth(path: Path, kind: ModelKind, raw: dict[str, Any]) -> int:
+    """MaPLe's prompt depth: required for maple, in [1, MAX_PROMPT_DEPTH]; absent for other kinds."""
+    if kind != ModelKind.MAPLE:
+        if "prompt_depth" in raw:
+            raise _bad(path, f"prompt_depth is a MaPLe setting; a {kind.value} model has none", "remove prompt_depth")
+        return 0
+    depth: Any = raw.get("prompt_depth")
+    if not is_int(depth) or not 1 <= depth <= MAX_PROMPT_DEPTH:
+        raise _bad(
+            path,
+            f"prompt_depth must be an integer in [1, {MAX_PROMPT_DEPTH}] for maple, got {short(depth)}",
+            "MaPLe's TRAINER.MAPLE.PROMPT_DEPTH (9 in the paper)",
+        )
+    return int(depth)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:

@@ -26,6 +26,7 @@ from gatekeeper.models.manifest import (
     MAX_CLASSES,
     MAX_CLASSNAME_CHARS,
     MAX_N_CTX,
+    MAX_PROMPT_DEPTH,
     MAX_TEXT_CHARS,
     BackboneRef,
     ModelKind,
@@ -45,6 +46,7 @@ OWN_KEYS = (
     "kind",
     "n_ctx",
     "precision",
+    "prompt_depth",
 )
 # alias -> own key. ``TRAINER.<T>.*`` is read from the trainer's own section only (see _trainer_section)
 ALIASES = {
@@ -56,6 +58,7 @@ ALIASES = {
     "TRAINER.<T>.CTX_INIT": "ctx_init",
     "TRAINER.<T>.CSC": "csc",
     "TRAINER.<T>.CLASS_TOKEN_POSITION": "class_token_position",
+    "TRAINER.<T>.PROMPT_DEPTH": "prompt_depth",
     "INPUT.SIZE": "image_size",
     "MODEL.BACKBONE.NAME": "backbone",
 }
@@ -65,11 +68,12 @@ DASSL_SECTIONS = frozenset(
     {"OUTPUT_DIR", "RESUME", "SEED", "USE_CUDA", "VERBOSE", "INPUT", "DATASET", "DATALOADER", "MODEL", "OPTIM",
      "TRAIN", "TEST", "TRAINER"}
 )
-TRAINERS = {"coop": ModelKind.COOP, "cocoop": ModelKind.COCOOP}
-_SECTIONS = {ModelKind.COOP: "COOP", ModelKind.COCOOP: "COCOOP"}
+TRAINERS = {"coop": ModelKind.COOP, "cocoop": ModelKind.COCOOP, "maple": ModelKind.MAPLE}
+_SECTIONS = {ModelKind.COOP: "COOP", ModelKind.COCOOP: "COCOOP", ModelKind.MAPLE: "MAPLE"}
 _SECTION_KEYS = {  # what CoOp's train.py adds to Dassl's config for each trainer
     "COOP": ("N_CTX", "CSC", "CTX_INIT", "PREC", "CLASS_TOKEN_POSITION"),
     "COCOOP": ("N_CTX", "CTX_INIT", "PREC"),
+    "MAPLE": ("N_CTX", "CTX_INIT", "PREC", "PROMPT_DEPTH"),  # what MaPLe's train.py adds
 }
 PRECISIONS = {"fp16": Precision.FP16, "fp32": Precision.FP32, "amp": Precision.FP32}  # amp keeps fp32 weights
 POSITIONS = ("end", "middle", "front")
@@ -93,6 +97,7 @@ class Sidecar:
     image_size: int | None = None
     csc: bool | None = None
     class_token_position: str | None = None
+    prompt_depth: int | None = None  # MaPLe's PROMPT_DEPTH
     sources: tuple[tuple[str, str], ...] = ()  # (own key, the sidecar key it was read from)
 
     def source(self, key: str) -> str:
@@ -149,11 +154,11 @@ def _trainer_section(path: Path, own: dict[str, Any], dassl: dict[str, Any]) -> 
     for value in named:
         if isinstance(value, str) and value.lower() in TRAINERS:
             return _SECTIONS[TRAINERS[value.lower()]]
-    present = sorted({k.split(".")[1] for k in dassl if k.count(".") >= 2 and k.split(".")[1] in ("COOP", "COCOOP")
+    present = sorted({k.split(".")[1] for k in dassl if k.count(".") >= 2 and k.split(".")[1] in _SECTION_KEYS
                       and k.startswith("TRAINER.")})
     if len(present) > 1:
-        raise _bad(path, "TRAINER.COOP and TRAINER.COCOOP are both given and no trainer is named",
-                   "add TRAINER.NAME (CoOp or CoCoOp), trainer:, or kind:")
+        raise _bad(path, f"{' and '.join('TRAINER.' + p for p in present)} are both given and no trainer is named",
+                   "add TRAINER.NAME (CoOp, CoCoOp or MaPLe), trainer:, or kind:")
     return present[0] if present else None
 
 
@@ -180,7 +185,7 @@ def _gather(path: Path, own: dict[str, Any], dassl: dict[str, Any]) -> dict[str,
 def _kind(path: Path, key: str, value: Any) -> ModelKind:
     if isinstance(value, str) and value.lower() in TRAINERS:
         return TRAINERS[value.lower()]
-    raise _bad(path, f"{key} {short(value)} is not a trainer gatekeeper reads", "kind: coop|cocoop (trainer: CoOp|CoCoOp)")
+    raise _bad(path, f"{key} {short(value)} is not a trainer gatekeeper reads", "kind: coop|cocoop|maple (trainer: CoOp|CoCoOp|MaPLe)")
 
 
 def _precision(path: Path, key: str, value: Any) -> Precision:
@@ -276,6 +281,7 @@ _PARSERS: dict[str, Any] = {
     "class_token_position": _position,
     "image_size": _image_size,
     "backbone": _backbone,
+    "prompt_depth": lambda p, k, v: _int(p, k, v, 1, MAX_PROMPT_DEPTH),
 }
 
 
@@ -406,6 +412,7 @@ def read_sidecar(path: Path) -> Sidecar:
         image_size=values.get("image_size"),
         csc=values.get("csc"),
         class_token_position=values.get("class_token_position"),
+        prompt_depth=values.get("prompt_depth"),
         sources=tuple(sources),
     )
 

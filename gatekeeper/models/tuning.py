@@ -38,6 +38,11 @@ class TuneConfig:
 
 
 def prompt_parameters(model: PromptTunedCLIP) -> list[torch.nn.Parameter]:
+    """The prompt learner's trainable tensors: ctx (+ the meta-net; MaPLe: ctx, proj and the deep prompts)."""
+    from gatekeeper.models.maple import MaPLeCLIP
+
+    if isinstance(model, MaPLeCLIP):
+        return model.prompt_parameters()
     params = [model.ctx] if model.ctx is not None else []
     if model.meta_net is not None:
         params += list(model.meta_net.parameters())
