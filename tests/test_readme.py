@@ -121,3 +121,7 @@ def test_readme_snippet(snippet: Snippet, workspace: Path):
     )
     assert proc.returncode == 0, f"README.md:{snippet.line} exited {proc.returncode}\n{snippet.code}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     assert _status() == before, "the block wrote into the checkout"
+
+
+def test_readme_stays_a_five_minute_read():
+    assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) < 250
