@@ -103,16 +103,17 @@ def test_real_size_cocoop_converts_and_scans(tmp_path: Path) -> None:
     assert loaded["state_dict"]["ctx"].dtype == torch.float16 and loaded["optimizer"]["state"]
     sidecar = tmp_path / "sidecar.yaml"
     sidecar.write_text(
-        "backbone: {name: 'local-dir:backbone'}\n"
+        "TRAINER: {NAME: CoCoOp, COCOOP: {N_CTX: 4, CTX_INIT: a photo of a, PREC: fp16}}\n"
         f"classnames: {json.dumps(list(CLASSES))}\n"
-        "ctx_init: a photo of a\nimage_size: 224\n"
+        "INPUT: {SIZE: [224, 224]}\n"
     )
     model = tmp_path / "model"
-    done = _gatekeeper("convert", str(ckpt), "--sidecar", str(sidecar), "--out", str(model))
+    # the provider's Dassl config as the sidecar, the backbone attached by convert (copied into the folder)
+    done = _gatekeeper("convert", str(ckpt), "--sidecar", str(sidecar), "--backbone", str(tmp_path / "backbone"), "--out", str(model))
     assert done.returncode == 0, done.stderr
     manifest = json.loads((model / "gatekeeper.json").read_text())
     assert (manifest["kind"], manifest["precision"], manifest["n_ctx"]) == ("cocoop", "fp16", 4)
-    (tmp_path / "backbone").rename(model / "backbone")
+    assert manifest["backbone"]["name"] == "local-dir:backbone" and (model / "backbone").is_dir()
     built = time.perf_counter() - t0
 
     policy = tmp_path / "policy.yaml"
