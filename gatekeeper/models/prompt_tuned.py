@@ -53,6 +53,16 @@ def pixel_normalisation(clip: Any) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def image_resize(clip: Any) -> tuple[str, str]:
+    """How the backbone's own preprocessing fits an image to its input size: (``resize_mode``,
+    ``interpolation``) from ``clip.visual.preprocess_cfg``; open_clip's defaults (``shortest``,
+    ``bicubic``) where it does not say. ``random`` interpolation is a training augmentation: bicubic."""
+    cfg = getattr(getattr(clip, "visual", None), "preprocess_cfg", None) or {}
+    mode = str(cfg.get("resize_mode", "shortest"))
+    interpolation = str(cfg.get("interpolation", "bicubic"))
+    return mode, "bicubic" if interpolation == "random" else interpolation
+
+
 def class_name_lengths(tokenizer: Any, classnames: list[str]) -> list[int]:
     """Tokens of each class name on its own, as CoOp counts them to place the class in its prompt.
 
@@ -129,6 +139,7 @@ class PromptTunedCLIP(nn.Module):
         self.image_size = manifest.image_size
         mean, std = pixel_normalisation(clip)
         self.normalisation = (mean, std)  # recorded in the scan result (ModelInfo)
+        self.resize = image_resize(clip)  # how a folder of OOD images is fitted to image_size
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("prompt_order", None, persistent=False)
