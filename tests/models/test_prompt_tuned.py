@@ -219,3 +219,26 @@ def test_a_text_tower_without_one_pooled_feature_is_refused(tmp_path):
     with pytest.raises(BackboneError) as info:
         load_model(folder)
     assert re.search(r"pools its text tower with 'none'.*argmax, eos, first, last", info.value.one_line())
+
+
+def test_a_custom_text_tower_is_refused_with_the_reason(tmp_path):
+    """open_clip's CustomTextCLIP (custom_text: true) has no top-level token embedding to prompt."""
+    import copy
+    import json
+
+    import open_clip
+
+    from gatekeeper.errors import BackboneError
+    from gatekeeper.redteam.pretrain import TINY_MODEL_CFG, save_backbone
+    from tests.conftest import custom_backbone, make_model_folder
+
+    folder = make_model_folder(custom_backbone(tmp_path / "backbone"), tmp_path / "m", "coop", CLASSES)
+    cfg = copy.deepcopy(TINY_MODEL_CFG)
+    save_backbone(open_clip.CustomTextCLIP(**cfg), folder / "backbone", {}, fp16=False, prune=False)
+    config_path = folder / "backbone" / "open_clip_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_cfg"]["custom_text"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(BackboneError) as info:
+        load_model(folder)
+    assert "has a custom text tower (no token_embedding)" in info.value.one_line()
