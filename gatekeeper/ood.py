@@ -108,10 +108,8 @@ def procedural_images(n: int, size: int, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- folder
 
 
-# open_clip's preprocess_cfg resize modes and interpolations (transform.py); the model says which
-RESIZE_MODES = ("shortest", "longest", "squash")
-INTERPOLATIONS = ("bicubic", "bilinear")
-DEFAULT_RESIZE = ("shortest", "bicubic")  # open_clip's and OpenAI CLIP's
+# (resize mode, interpolation) of open_clip's preprocess_cfg when the backbone states none
+DEFAULT_RESIZE = ("shortest", "bicubic")
 
 
 def _to_tensor(img: object, size: int, resize: tuple[str, str] = DEFAULT_RESIZE) -> torch.Tensor:

@@ -170,8 +170,8 @@ def test_a_backbone_that_states_no_preprocessing_gets_openais(tmp_path):
 
 
 def test_the_committed_tiny_backbone_states_openais_values():
-    """The tiny world's backbone was pretrained with OpenAI's mean/std, and its config says so: the
-    committed zoo keeps the normalisation (and the results) it had when the values were hard-coded."""
+    """The tiny world's backbone was pretrained with OpenAI's mean/std (gatekeeper.redteam.pretrain),
+    and its config says so: the committed zoo is normalised as it was trained."""
     import json
 
     from tests.conftest import BACKBONE
