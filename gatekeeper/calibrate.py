@@ -228,7 +228,7 @@ def run_calibrate(
         chosen = load_policy(policy)
         _calibratable(chosen.scoring.value, policy)
         model = load_model(backbone, resolve_device(device))
-        pool = load_pool(spec, model.image_size, chosen.ood_budget, chosen.holdout, chosen.seed)
+        pool = load_pool(spec, model.image_size, chosen.ood_budget, chosen.holdout, chosen.seed, model.resize)
         cal, _rows = calibrate_on_backbone(model, pool, chosen, copies, epochs, log=log)
         base = chosen.to_dict()
     else:

@@ -108,24 +108,45 @@ def procedural_images(n: int, size: int, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- folder
 
 
-def _to_tensor(img: object, size: int) -> torch.Tensor:
+# (resize mode, interpolation) of open_clip's preprocess_cfg when the backbone states none
+DEFAULT_RESIZE = ("shortest", "bicubic")
+
+
+def _to_tensor(img: object, size: int, resize: tuple[str, str] = DEFAULT_RESIZE) -> torch.Tensor:
+    """An RGB uint8 (3, size, size) image fitted as the backbone's preprocessing fits it: ``shortest``
+    side to ``size`` then a center crop, ``longest`` side to ``size`` then centered on black, or
+    ``squash`` to size x size."""
     import numpy as np
     from PIL import Image
 
     assert isinstance(img, Image.Image)
+    mode, interpolation = resize
+    resample = Image.Resampling.BILINEAR if interpolation == "bilinear" else Image.Resampling.BICUBIC
     img = img.convert("RGB")
     w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    if mode == "squash":
+        img = img.resize((size, size), resample)
+    elif mode == "longest":
+        scale = size / max(w, h)
+        img = img.resize((max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))), resample)
+        canvas = Image.new("RGB", (size, size))
+        canvas.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+        img = canvas
+    else:
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def folder_images(root: Path, size: int, limit: int) -> tuple[torch.Tensor, int, int]:
+def folder_images(
+    root: Path, size: int, limit: int, resize: tuple[str, str] = DEFAULT_RESIZE
+) -> tuple[torch.Tensor, int, int]:
     """Read up to ``limit`` images under ``root`` (sorted, recursive); returns (uint8 images, found, skipped).
 
+    Each is fitted to ``size`` by ``resize`` = (resize mode, interpolation) (:func:`_to_tensor`).
     Unreadable files are skipped and counted, not fatal.
     """
     from PIL import Image, UnidentifiedImageError
@@ -140,7 +161,7 @@ def folder_images(root: Path, size: int, limit: int) -> tuple[torch.Tensor, int,
             break
         try:
             with Image.open(p) as im:
-                images.append(_to_tensor(im, size))
+                images.append(_to_tensor(im, size, resize))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             skipped += 1
     if not images:
@@ -151,12 +172,21 @@ def folder_images(root: Path, size: int, limit: int) -> tuple[torch.Tensor, int,
 # ---------------------------------------------------------------------------- public
 
 
-def load_pool(spec: str, image_size: int, n_inversion: int, n_holdout: int, seed: int) -> OODPool:
+def load_pool(
+    spec: str,
+    image_size: int,
+    n_inversion: int,
+    n_holdout: int,
+    seed: int,
+    resize: tuple[str, str] = DEFAULT_RESIZE,
+) -> OODPool:
     """Build the OOD pool from ``spec`` and split it into D (inversion) and T (hold-out).
 
     Args:
         spec: ``procedural``, ``procedural:SEED`` or ``dir:PATH``.
-        image_size: the model's input size (images are resized and center-cropped to it).
+        image_size: the model's input size (folder images are fitted to it by ``resize``).
+        resize: (resize mode, interpolation) of the backbone's preprocessing (``model.resize``),
+            for ``dir:`` pools; procedural images are drawn at ``image_size``.
         n_inversion: |D| (the policy's ood_budget); n_holdout: |T|.
         seed: seeds the procedural generator (unless the spec names one) and the D/T split.
 
@@ -172,7 +202,7 @@ def load_pool(spec: str, image_size: int, n_inversion: int, n_holdout: int, seed
         digest = hashlib.sha256((images * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()
     else:
         root = Path(spec[len(DIR) :]).expanduser()
-        raw, found, skipped = folder_images(root, image_size, need)
+        raw, found, skipped = folder_images(root, image_size, need, resize)
         if found < need:
             raise PoolError(
                 f"OOD folder {root} has {found} usable images ({skipped} unreadable skipped); "

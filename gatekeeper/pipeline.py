@@ -82,6 +82,8 @@ def model_info(model: PromptTunedCLIP) -> ModelInfo:
         n_classes=len(model.classnames),
         backbone=model.manifest.backbone.describe(),
         image_size=model.image_size,
+        pixel_mean=model.normalisation[0],
+        pixel_std=model.normalisation[1],
     )
 
 

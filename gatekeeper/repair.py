@@ -56,7 +56,13 @@ def _folder_to_class(name: str, classnames: list[str]) -> str | None:
     return spaced if spaced in classnames else None
 
 
-def load_labelled(root: Path, classnames: list[str], image_size: int, settings: RepairSettings) -> LabelledSet:
+def load_labelled(
+    root: Path,
+    classnames: list[str],
+    image_size: int,
+    settings: RepairSettings,
+    resize: tuple[str, str] = ("shortest", "bicubic"),
+) -> LabelledSet:
     """Read ``root/<class name>/*`` and split each class into train/test (seeded).
 
     Raises:
@@ -79,7 +85,7 @@ def load_labelled(root: Path, classnames: list[str], image_size: int, settings: 
     for p in folders:
         cls = _folder_to_class(p.name, classnames)
         assert cls is not None
-        images, found, _skipped = folder_images(p, image_size, 100_000)
+        images, found, _skipped = folder_images(p, image_size, 100_000, resize)
         if found == 0:
             continue
         if found < MIN_PER_CLASS:
@@ -190,7 +196,9 @@ def reconstruct_trigger(model: PromptTunedCLIP, scan: ScanResult, cls: str) -> t
         raise UsageError(f"class {cls!r} is not a class of the model", f"choose one of {model.classnames}")
     policy = policy_from_mapping(dict(scan.policy), "the scan's policy")
     recorded_pool = scan.pool
-    pool = load_pool(recorded_pool.source, model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+    pool = load_pool(
+        recorded_pool.source, model.image_size, policy.ood_budget, policy.holdout, policy.seed, model.resize
+    )
     if recorded_pool.content_hash and pool.info.content_hash != recorded_pool.content_hash:
         raise ResultError(
             f"the scan's OOD pool ({recorded_pool.source}) no longer has the same content",
@@ -307,7 +315,7 @@ def run_repair(
     cls = target_of(scan, class_name)
     check_out(out, model_folder)
     model = load_model(model_folder, resolve_device(device))
-    data = load_labelled(data_folder, model.classnames, model.image_size, settings)
+    data = load_labelled(data_folder, model.classnames, model.image_size, settings, model.resize)
     delta, policy, pool = reconstruct_trigger(model, scan, cls)
     target = model.classnames.index(cls)
 

@@ -208,6 +208,22 @@ class ModelInfo:
     n_classes: int
     backbone: str
     image_size: int
+    # the per-channel pixel mean and std the model normalised with: the backbone's open_clip
+    # preprocess_cfg, OpenAI CLIP's where it states none (None in results written before they were recorded)
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("pixel_mean", "pixel_std"):  # JSON gives lists
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for name in ("pixel_mean", "pixel_std"):
+            d[name] = list(d[name]) if d[name] is not None else None
+        return d
 
 
 @dataclass(frozen=True)
@@ -286,7 +302,7 @@ class ScanResult:
             "suspect_classes": list(d.suspect_classes),
             "accepted_classes": list(d.accepted_classes),
             "classes": [asdict(c) for c in sorted(self.classes, key=lambda c: -c.z)],
-            "model": asdict(self.model),
+            "model": self.model.to_dict(),
             "provenance": asdict(self.provenance),
             "pool": asdict(self.pool),
             "policy": self.policy,

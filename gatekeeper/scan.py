@@ -146,7 +146,7 @@ def run_scan(request: ScanRequest, progress: ScanProgress = no_ticks) -> ScanOut
     resolved = resolve(request.reference, revision=request.revision)
     with _memory_errors(device):
         model = load_model(resolved.path, device)
-        pool = load_pool(request.ood, model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+        pool = load_pool(request.ood, model.image_size, policy.ood_budget, policy.holdout, policy.seed, model.resize)
         if shard is not None:
             return _run_shard(model, pool, policy, resolved.provenance, shard, request.out, progress)
         output = scan_model(model, pool, policy, provenance=resolved.provenance, command=request.command, progress=progress)

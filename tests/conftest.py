@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -64,3 +67,26 @@ def model_factory(random_backbone: Path, tmp_path: Path):
         return make_model_folder(random_backbone, tmp_path / name, kind, classnames)
 
     return build
+
+
+def custom_backbone(
+    folder: Path, text_cfg: dict[str, Any] | None = None, preprocess_cfg: dict[str, Any] | None = None, seed: int = 2
+) -> Path:
+    """A random tiny open_clip CLIP (local-dir layout) whose text tower is built with ``text_cfg``
+    changes and whose config states ``preprocess_cfg`` (as given, None: the tiny world's)."""
+    import open_clip
+
+    from gatekeeper.redteam.pretrain import TINY_MODEL_CFG, save_backbone
+
+    cfg = copy.deepcopy(TINY_MODEL_CFG)
+    cfg["text_cfg"].update(text_cfg or {})
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    save_backbone(model, folder, {}, fp16=False, prune=False)
+    config_path = folder / "open_clip_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_cfg"] = cfg
+    if preprocess_cfg is not None:
+        config["preprocess_cfg"] = preprocess_cfg
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return folder

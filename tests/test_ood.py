@@ -63,3 +63,47 @@ def test_empty_or_missing_folder(tmp_path):
 def test_bad_spec_is_a_usage_error(spec):
     with pytest.raises(UsageError):
         check_spec(spec)
+
+
+def _wide_image(path):
+    """64x32: a red left quarter, green middle half, blue right quarter."""
+    a = np.zeros((32, 64, 3), dtype=np.uint8)
+    a[:, :16, 0] = 255
+    a[:, 16:48, 1] = 255
+    a[:, 48:, 2] = 255
+    Image.fromarray(a).save(path)
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+def test_folder_images_are_fitted_as_the_backbone_resizes(tmp_path, mode):
+    """shortest: the centre crop (green only); longest: the whole image on black bars; squash: all of it."""
+    from gatekeeper.ood import folder_images
+
+    _wide_image(tmp_path / "a.png")
+    images, found, _ = folder_images(tmp_path, 16, 1, (mode, "bilinear"))
+    assert found == 1 and images.shape == (1, 3, 16, 16)
+    img = images[0].float() / 255
+    if mode == "shortest":
+        inner = img[:, :, 2:-2]  # the crop's edge columns blend in a little red / blue
+        assert inner[1].min() > 0.95 and inner[0].max() < 0.05 and inner[2].max() < 0.05
+    elif mode == "longest":
+        assert img[:, :3].max() < 0.05 and img[:, -3:].max() < 0.05  # black above and below
+        assert img[0, 8, 0] > 0.9 and img[2, 8, -1] > 0.9
+    else:
+        assert img[0, 0, 0] > 0.9 and img[1, 0, 8] > 0.9 and img[2, -1, -1] > 0.9
+
+
+def test_the_model_says_how_folder_images_are_resized(tmp_path):
+    from gatekeeper.models.loader import load_model
+    from tests.conftest import custom_backbone, make_model_folder
+
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    stated = {"mean": mean, "std": std, "resize_mode": "squash", "interpolation": "bilinear"}
+    backbone = custom_backbone(tmp_path / "b" / "backbone", preprocess_cfg=stated)
+    model = load_model(make_model_folder(backbone, tmp_path / "b" / "m", "coop", ("a", "b")))
+    assert model.resize == ("squash", "bilinear")
+    plain = custom_backbone(tmp_path / "p" / "backbone")  # states only mean and std
+    assert load_model(make_model_folder(plain, tmp_path / "p" / "m", "coop", ("a", "b"))).resize == (
+        "shortest",
+        "bicubic",
+    )

@@ -8,6 +8,10 @@ optional bf16 autocast on CUDA, which is an approximation and is named as such.
    diagonal; checked at run time) and the prompt is pooled at the EOT token, so positions after
    ``L' = max_k eot_k + 1`` never influence a pooled feature. The text transformer runs on L'
    tokens instead of the full context (77 for real CLIP; L' is ~10-20 for class-name prompts).
+   Items 1 and 2 hold only for that tower: :func:`text_plan` checks the mask, the pool type
+   (``argmax`` or ``eos``; not ``first``/``last``) and open_clip's standard ``CLIP`` text attributes,
+   and otherwise (``no_causal_mask``, another pool type, a custom text tower) every logit comes from
+   the model's own ``logits``.
 2. ``share_prefix`` (CoCoOp): the prompt prefix [SOS, ctx_1+b, ..., ctx_n+b] is identical for all
    K classes of one image, and with causal attention its hidden states at every layer are too.
    The prefix (B sequences of 1+n_ctx tokens) is computed once per image; the class suffixes
@@ -74,8 +78,9 @@ class TextPlan:
     length: int  # tokens the text transformer runs on: L' (truncated) or the full context
     prefix_len: int  # 1 + n_ctx
     causal: bool  # clip.attn_mask is the standard causal mask
-    shareable: bool  # prefix sharing is possible (causal, standard blocks, one SOS embedding)
+    shareable: bool  # prefix sharing is possible (cuttable, standard blocks, one SOS embedding)
     eot: torch.Tensor  # (K,) EOT position per class
+    cuttable: bool = True  # causal and pooled at the EOT: truncation and prefix sharing are exact
 
 
 def _is_causal_mask(mask: torch.Tensor | None, length: int) -> bool:
@@ -110,20 +115,32 @@ def _standard_blocks(clip: nn.Module) -> bool:
     return True
 
 
+def pooled_at_eot(clip: Any) -> bool:
+    """True for open_clip's standard ``CLIP`` text tower pooled at the EOT token (``argmax``, or
+    ``eos``); False for ``first`` / ``last`` pooling and for towers without its attributes
+    (``CustomTextCLIP``, a Hugging Face tower)."""
+    standard = all(hasattr(clip, a) for a in ("transformer", "attn_mask", "token_embedding", "ln_final"))
+    return standard and getattr(clip, "text_pool_type", "argmax") in ("argmax", "eos")
+
+
 def text_plan(model: PromptTunedCLIP, truncate: bool = True) -> TextPlan:
-    """Decide the truncated length and whether the prefix can be shared (falls back when not exact)."""
+    """Decide the truncated length and whether the prefix can be shared; neither unless the text
+    tower is causal and pooled at the EOT (then :func:`fast_logits` takes the model's own logits)."""
     clip: Any = model.clip
     eot = model.eot_index
     full = int(cast(torch.Tensor, model.tokenized).shape[1])
     causal = _is_causal_mask(getattr(clip, "attn_mask", None), full)
-    length = int(eot.max()) + 1 if (truncate and causal) else full
+    cuttable = causal and pooled_at_eot(clip)
+    length = int(eot.max()) + 1 if (truncate and cuttable) else full
     prefix_len = 1 + int(model.manifest.n_ctx)
     shareable = False
-    if model.kind == ModelKind.COCOOP and model.shared_end_context and causal and _standard_blocks(clip):
+    if model.kind == ModelKind.COCOOP and model.shared_end_context and cuttable and _standard_blocks(clip):
         tp = cast(torch.Tensor, model.token_prefix)
         same_sos = bool((tp == tp[:1]).all())
         shareable = same_sos and int(eot.min()) >= prefix_len and length > prefix_len
-    return TextPlan(length=length, prefix_len=prefix_len, causal=causal, shareable=shareable, eot=eot)
+    return TextPlan(
+        length=length, prefix_len=prefix_len, causal=causal, shareable=shareable, eot=eot, cuttable=cuttable
+    )
 
 
 # --------------------------------------------------------------------------- text features
@@ -229,8 +246,9 @@ def fast_logits(
 
     For CoOp and zero-shot call ``model.freeze_text()`` first (the cached features are used).
     """
-    if model.kind != ModelKind.COCOOP or plan is None or not model.shared_end_context:
-        return model.logits(images)  # CoOp/zero-shot: cached text; any other prompt layout: the exact path
+    if model.kind != ModelKind.COCOOP or plan is None or not model.shared_end_context or not plan.cuttable:
+        # CoOp/zero-shot: cached text; another prompt layout or text tower: the exact path
+        return model.logits(images)
     imf = model.image_features(images)
     tf = cocoop_text_features(model, imf, plan, share_prefix)
     return model.logit_scale * torch.einsum("be,bke->bk", imf, tf)
@@ -398,6 +416,7 @@ class FastClipInspector:
             "asr_rows": asr_rows,
             "text_length": plan.length if plan is not None else 0,
             "shared_prefix": bool(plan is not None and plan.shareable and self.share_prefix),
+            "exact_text": bool(plan is not None and not (plan.cuttable and model.shared_end_context)),
             "amp": amp,
             "row_bytes": per_row,
         }

@@ -569,6 +569,14 @@ def load_backbone(folder: Path, ref: BackboneRef) -> tuple[Any, Any]:
             f"backbone {short(ref.describe(), 120)} has a custom text tower (no token_embedding)",
             "prompt-tuned models need an open_clip CLIP with the standard text transformer",
         )
+    from gatekeeper.models.prompt_tuned import TEXT_POOL_TYPES
+
+    pool = getattr(model, "text_pool_type", "argmax")
+    if pool not in TEXT_POOL_TYPES:
+        raise BackboneError(
+            f"backbone {short(ref.describe(), 120)} pools its text tower with {short(pool)} (text_cfg.pool_type)",
+            f"prompt-tuned models need one pooled feature per prompt: pool_type {', '.join(TEXT_POOL_TYPES)}",
+        )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -17,6 +17,9 @@ from gatekeeper.models.manifest import ClassTokenPosition, Manifest, ModelKind, 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# open_clip's text_global_pool choices that give one feature per prompt: at the highest token id
+# (CLIP's EOT), at the first eos_id token, at the first or at the last position
+TEXT_POOL_TYPES = ("argmax", "eos", "first", "last")
 
 
 def meta_net_hidden(vis_dim: int) -> int:
@@ -48,6 +51,16 @@ def pixel_normalisation(clip: Any) -> tuple[tuple[float, ...], tuple[float, ...]
     cfg = getattr(getattr(clip, "visual", None), "preprocess_cfg", None) or {}
     mean, std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def image_resize(clip: Any) -> tuple[str, str]:
+    """How the backbone's own preprocessing fits an image to its input size: (``resize_mode``,
+    ``interpolation``) from ``clip.visual.preprocess_cfg``; open_clip's defaults (``shortest``,
+    ``bicubic``) where it does not say. ``random`` interpolation is a training augmentation: bicubic."""
+    cfg = getattr(getattr(clip, "visual", None), "preprocess_cfg", None) or {}
+    mode = str(cfg.get("resize_mode", "shortest"))
+    interpolation = str(cfg.get("interpolation", "bicubic"))
+    return mode, "bicubic" if interpolation == "random" else interpolation
 
 
 def class_name_lengths(tokenizer: Any, classnames: list[str]) -> list[int]:
@@ -125,6 +138,8 @@ class PromptTunedCLIP(nn.Module):
         self.classnames = list(manifest.classnames)
         self.image_size = manifest.image_size
         mean, std = pixel_normalisation(clip)
+        self.normalisation = (mean, std)  # recorded in the scan result (ModelInfo)
+        self.resize = image_resize(clip)  # how a folder of OOD images is fitted to image_size
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("prompt_order", None, persistent=False)
@@ -176,7 +191,10 @@ class PromptTunedCLIP(nn.Module):
 
     @property
     def eot_index(self) -> torch.Tensor:
-        """Position of the end-of-text token per class (open_clip pools at argmax token id)."""
+        """Position of the end-of-text token per class: the highest token id, or for a text tower
+        pooled at ``eos`` the first ``text_eos_id`` token, as open_clip's ``text_global_pool`` finds it."""
+        if getattr(self.clip, "text_pool_type", "argmax") == "eos":
+            return (self.tokenized == int(self.clip.text_eos_id)).int().argmax(dim=-1)
         return self.tokenized.argmax(dim=-1)
 
     @property
@@ -189,7 +207,8 @@ class PromptTunedCLIP(nn.Module):
         return F.normalize(self.clip.encode_image(x), dim=-1)
 
     def encode_prompt_embeddings(self, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        """Text transformer on token embeddings (N, L, d), pooled at ``eot`` (N,); normalized."""
+        """Text transformer on token embeddings (N, L, d), pooled as the text tower pools (at ``eot``
+        (N,) for ``argmax`` / ``eos``, else the first or last position); normalized."""
         clip = self.clip
         x = prompts + clip.positional_embedding[: prompts.shape[1]].to(prompts.dtype)
         attn_mask = clip.attn_mask
@@ -197,7 +216,13 @@ class PromptTunedCLIP(nn.Module):
             attn_mask = attn_mask[: prompts.shape[1], : prompts.shape[1]]
         x = clip.transformer(x, attn_mask=attn_mask)
         x = clip.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        pool = getattr(clip, "text_pool_type", "argmax")
+        if pool == "first":
+            x = x[:, 0]
+        elif pool == "last":
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = clip.text_projection
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return F.normalize(x, dim=-1)

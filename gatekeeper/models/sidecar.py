@@ -66,13 +66,32 @@ ALIASES = {
 # training detail gatekeeper does not need, and is ignored
 DASSL_SECTIONS = frozenset(
     {"OUTPUT_DIR", "RESUME", "SEED", "USE_CUDA", "VERBOSE", "INPUT", "DATASET", "DATALOADER", "MODEL", "OPTIM",
-     "TRAIN", "TEST", "TRAINER"}
-)
-TRAINERS = {"coop": ModelKind.COOP, "cocoop": ModelKind.COCOOP, "maple": ModelKind.MAPLE}
-_SECTIONS = {ModelKind.COOP: "COOP", ModelKind.COCOOP: "COCOOP", ModelKind.MAPLE: "MAPLE"}
-_SECTION_KEYS = {  # what CoOp's train.py adds to Dassl's config for each trainer
-    "COOP": ("N_CTX", "CSC", "CTX_INIT", "PREC", "CLASS_TOKEN_POSITION"),
+     "TRAIN", "TEST", "TRAINER", "LOSS"}
+)  # LOSS: the distillation loss settings KgCoOp's and ProGrad's train.py add
+# trainer name -> kind. KgCoOp and ProGrad train CoOp's own prompt learner (ctx, token_prefix,
+# token_suffix) under another loss, so their checkpoints are CoOp checkpoints
+TRAINERS = {
+    "coop": ModelKind.COOP,
+    "cocoop": ModelKind.COCOOP,
+    "kgcoop": ModelKind.COOP,
+    "prograd": ModelKind.COOP,
+    "maple": ModelKind.MAPLE,
+}
+# trainer name -> the TRAINER.<T> sections its options may sit in, in the order they are looked for:
+# the official KgCoOp and ProGrad repos keep CoOp's TRAINER.COOP, other code bases give them their own
+_SECTIONS = {
+    "coop": ("COOP",),
+    "cocoop": ("COCOOP",),
+    "kgcoop": ("KGCOOP", "COOP"),
+    "prograd": ("PROGRAD", "COOP"),
+    "maple": ("MAPLE",),
+}
+_CTX_KEYS = ("N_CTX", "CSC", "CTX_INIT", "PREC", "CLASS_TOKEN_POSITION")
+_SECTION_KEYS = {  # what each trainer's train.py adds to Dassl's config; keys beyond _CTX_KEYS are loss weights
+    "COOP": (*_CTX_KEYS, "ALPHA", "W"),  # ALPHA, W: KgCoOp's and ProGrad's additions to TRAINER.COOP
     "COCOOP": ("N_CTX", "CTX_INIT", "PREC"),
+    "KGCOOP": (*_CTX_KEYS, "W"),
+    "PROGRAD": (*_CTX_KEYS, "LAMBDA", "T", "LOSS_NAME"),
     "MAPLE": ("N_CTX", "CTX_INIT", "PREC", "PROMPT_DEPTH"),  # what MaPLe's train.py adds
 }
 PRECISIONS = {"fp16": Precision.FP16, "fp32": Precision.FP32, "amp": Precision.FP32}  # amp keeps fp32 weights
@@ -153,12 +172,15 @@ def _trainer_section(path: Path, own: dict[str, Any], dassl: dict[str, Any]) -> 
     named = [own[k] for k in ("kind", "trainer") if k in own] + ([dassl["TRAINER.NAME"]] if "TRAINER.NAME" in dassl else [])
     for value in named:
         if isinstance(value, str) and value.lower() in TRAINERS:
-            return _SECTIONS[TRAINERS[value.lower()]]
+            sections = _SECTIONS[value.lower()]
+            given = [s for s in sections if any(k.startswith(f"TRAINER.{s}.") for k in dassl)]
+            return (given or sections)[0]
     present = sorted({k.split(".")[1] for k in dassl if k.count(".") >= 2 and k.split(".")[1] in _SECTION_KEYS
                       and k.startswith("TRAINER.")})
     if len(present) > 1:
-        raise _bad(path, f"{' and '.join('TRAINER.' + p for p in present)} are both given and no trainer is named",
-                   "add TRAINER.NAME (CoOp, CoCoOp or MaPLe), trainer:, or kind:")
+        both = "both" if len(present) == 2 else "all"
+        raise _bad(path, f"{' and '.join(f'TRAINER.{p}' for p in present)} are {both} given and no trainer is named",
+                   "add TRAINER.NAME (CoOp, CoCoOp, KgCoOp, ProGrad or MaPLe), trainer:, or kind:")
     return present[0] if present else None
 
 
@@ -185,7 +207,11 @@ def _gather(path: Path, own: dict[str, Any], dassl: dict[str, Any]) -> dict[str,
 def _kind(path: Path, key: str, value: Any) -> ModelKind:
     if isinstance(value, str) and value.lower() in TRAINERS:
         return TRAINERS[value.lower()]
-    raise _bad(path, f"{key} {short(value)} is not a trainer gatekeeper reads", "kind: coop|cocoop|maple (trainer: CoOp|CoCoOp|MaPLe)")
+    raise _bad(
+        path,
+        f"{key} {short(value)} is not a trainer gatekeeper reads",
+        "kind: coop|cocoop|maple (trainer: CoOp|CoCoOp|KgCoOp|ProGrad|MaPLe)",
+    )
 
 
 def _precision(path: Path, key: str, value: Any) -> Precision:
@@ -222,7 +248,9 @@ def _image_size(path: Path, key: str, value: Any) -> int:
 
 
 def _ctx_init(path: Path, key: str, value: Any) -> str | None:
-    if value is None or value == "":  # Dassl's CTX_INIT "" means a random init
+    # Dassl's CTX_INIT "" means a random init; KgCoOp's and ProGrad's configs write a bool (True: their
+    # code picks the words), which names no words to record
+    if value is None or value == "" or isinstance(value, bool):
         return None
     if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS or CONTROL.search(value):
         raise _bad(path, f"{key} must be a string of at most {MAX_TEXT_CHARS} printable characters, got {short(value)}")

@@ -20,7 +20,7 @@ from gatekeeper.inversion.clip_inspector import ClipInspector
 from gatekeeper.inversion.fast import FastClipInspector, fast_logits, text_plan
 from gatekeeper.models.loader import load_model
 from gatekeeper.ood import load_pool
-from tests.conftest import make_model_folder
+from tests.conftest import custom_backbone, make_model_folder
 
 CLASSES = ("red circle", "blue square", "green star", "white ring", "pink long thin bar")
 SETTINGS = InversionSettings(epsilon=8 / 255)
@@ -282,3 +282,65 @@ def test_prefix_sharing_needs_the_shared_end_layout(model_factory):
         fast_logits(model, _pixels(2), text_plan(model))
     hook.remove()
     assert seen == [model.tokenized.shape[1]]  # the full-length exact path, not the truncated one
+
+
+# ------------------------------------------------------------------ text towers the fast path does not fit
+
+# open_clip text_cfg changes under which truncation at the EOT and prefix sharing are not exact
+NOT_CUTTABLE = {
+    "no-causal-mask": {"no_causal_mask": True},  # every token attends to the padding after the EOT
+    "pool-last": {"pool_type": "last"},  # pooled at the last position, which truncation moves
+    "pool-first": {"pool_type": "first"},  # pooled at SOS: the EOT rows the shared path keeps are not read
+}
+
+
+@pytest.fixture(scope="module", params=sorted(NOT_CUTTABLE))
+def odd_tower_model(request, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp(request.param)
+    backbone = custom_backbone(root / "backbone", NOT_CUTTABLE[request.param])
+    return request.param, load_model(make_model_folder(backbone, root / "m", "cocoop", CLASSES))
+
+
+def _unguarded_plan(model) -> object:
+    """The plan text_plan would make if it did not check the tower: truncated and shared."""
+    from gatekeeper.inversion.fast import TextPlan
+
+    eot = model.eot_index
+    return TextPlan(
+        length=int(eot.max()) + 1, prefix_len=1 + model.manifest.n_ctx, causal=True, shareable=True, eot=eot
+    )
+
+
+def test_the_planner_takes_the_exact_path_on_other_text_towers(odd_tower_model):
+    _name, model = odd_tower_model
+    plan = text_plan(model)
+    assert not plan.cuttable and not plan.shareable
+    assert plan.length == model.tokenized.shape[1]
+    x = _pixels(3, seed=4)
+    with torch.no_grad():
+        assert torch.equal(fast_logits(model, x, plan), model.logits(x))  # the model's own logits, bit for bit
+
+
+def test_without_the_guard_the_fast_path_is_wrong_on_other_text_towers(odd_tower_model):
+    """What the guard prevents: truncating at the EOT and sharing the prefix change these logits."""
+    name, model = odd_tower_model
+    x = _pixels(3, seed=4)
+    plan = _unguarded_plan(model)
+    with torch.no_grad():
+        ref = model.logits(x)
+        shared = fast_logits(model, x, plan, share_prefix=True)
+        trunc = fast_logits(model, x, plan, share_prefix=False)
+    assert float((shared - ref).abs().max()) > 1e-3, name
+    if name != "pool-first":  # position 0 sees only itself under a causal mask: truncation alone keeps it
+        assert float((trunc - ref).abs().max()) > 1e-3, name
+
+
+def test_fast_scan_equals_reference_on_other_text_towers(odd_tower_model, pool):
+    _name, model = odd_tower_model
+    cands = [4, 1, 2]
+    ref = ClipInspector().invert(model, pool.inversion, pool.holdout, cands, SETTINGS)
+    det = FastClipInspector(max_batch_rows=64)
+    fast = det.invert(model, pool.inversion, pool.holdout, cands, SETTINGS)
+    _assert_same(ref, fast)
+    assert det.last_plan["exact_text"] and not det.last_plan["shared_prefix"]
+    assert det.last_plan["text_length"] == model.tokenized.shape[1]

@@ -341,3 +341,63 @@ def test_dassl_class_token_position_is_read_and_the_folder_loads(tmp_path: Path,
     assert done.manifest.class_token_position == ClassTokenPosition(position)
     model = load_model(tmp_path / "out")
     assert model.manifest.class_token_position == ClassTokenPosition(position)
+
+
+# --- CoOp's descendants: KgCoOp and ProGrad ---------------------------------------------------
+
+# as the official repos write them: TRAINER.COOP holds the options (plus their loss weights ALPHA /
+# W), CTX_INIT is a bool, and a top-level LOSS section carries ProGrad's distillation settings
+OFFICIAL_DESCENDANT = """\
+INPUT:
+  SIZE: (32, 32)
+LOSS: {{NAME: prograd, T: 1.0, LAMBDA: 1.0, GM: false, ALPHA: 0.0}}
+TRAINER:
+  NAME: {trainer}
+  COOP: {{N_CTX: 4, CSC: false, CTX_INIT: true, PREC: fp16, CLASS_TOKEN_POSITION: {position}, ALPHA: 1.0, W: 8.0}}
+  COCOOP: {{N_CTX: 16, CTX_INIT: false, PREC: fp16}}
+"""
+# as toolboxes that gather many trainers write them: each in its own section
+OWN_SECTION = """\
+TRAINER:
+  NAME: {trainer}
+  {section}: {{N_CTX: 4, CSC: false, CTX_INIT: "", PREC: fp32, CLASS_TOKEN_POSITION: {position}, {extra}}}
+  COOP: {{N_CTX: 16, CLASS_TOKEN_POSITION: end}}
+"""
+
+
+@pytest.mark.parametrize("trainer", ["KgCoOp", "ProGrad"])
+@pytest.mark.parametrize("layout", ["official", "own-section"])
+def test_kgcoop_and_prograd_checkpoints_convert_as_coop(tmp_path: Path, trainer: str, layout: str) -> None:
+    """Their prompt learner is CoOp's (ctx, token_prefix, token_suffix): the checkpoint converts as
+    CoOp, with the options read from the section their train.py writes, and the folder scans as CoOp."""
+    from gatekeeper.models.manifest import ClassTokenPosition
+
+    if layout == "official":
+        text = OFFICIAL_DESCENDANT.format(trainer=trainer, position="middle")
+        dtype, precision, ctx_init = torch.float16, Precision.FP16, None
+    else:
+        section, extra = ("KGCOOP", "W: 8.0") if trainer == "KgCoOp" else ("PROGRAD", "LAMBDA: 1.0, T: 1.0")
+        text = OWN_SECTION.format(trainer=trainer, section=section, position="middle", extra=extra)
+        dtype, precision, ctx_init = torch.float32, Precision.FP32, None
+    text += f"classnames: {NAMES[:4]}\n"
+    done = _convert(tmp_path, NAMES[:4], text, dtype=dtype)
+    m = done.manifest
+    assert (m.kind, m.precision, m.n_ctx, m.ctx_init) == (ModelKind.COOP, precision, 4, ctx_init)
+    assert m.class_token_position == ClassTokenPosition.MIDDLE  # from the trainer's section, not the other one
+    model = load_model(tmp_path / "out")
+    assert model.kind == ModelKind.COOP and model.logits(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("TRAINER: {NAME: KgCoOp, KGCOOP: {N_CTX: 4, LAMBDA: 1.0}}\n", r"unknown sidecar key 'TRAINER.KGCOOP.LAMBDA'"),
+        ("TRAINER: {NAME: ProGrad, PROGRAD: {N_CTX: 8}}\n", r"TRAINER.PROGRAD.N_CTX is 8 but the checkpoint's ctx"),
+        ("TRAINER: {KGCOOP: {N_CTX: 4}, PROGRAD: {N_CTX: 4}}\n", r"TRAINER.KGCOOP and TRAINER.PROGRAD are both given"),
+    ],
+    ids=["unknown-key", "n_ctx", "two-sections"],
+)
+def test_kgcoop_and_prograd_sections_are_checked_like_coops(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises((UsageError, ModelFormatError)) as info:
+        _convert(tmp_path, NAMES[:4], text)
+    assert re.search(needle, str(info.value.one_line() if isinstance(info.value, UsageError) else info.value)), info.value

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from gatekeeper.models.loader import load_model
+from gatekeeper.models.prompt_tuned import CLIP_MEAN, CLIP_STD
 
 CLASSES = ("red circle", "blue square", "green star", "white ring", "pink bar")
 
@@ -123,3 +127,118 @@ def test_pixel_normalisation_comes_from_the_backbone_config(random_backbone, tmp
     assert model.pixel_mean.flatten().tolist() == [0.5, 0.5, 0.5]
     assert model.pixel_std.flatten().tolist() == [0.25, 0.5, 1.0]
     shutil.rmtree(folder)
+
+
+# --- the backbone's own preprocessing and text pooling ---------------------------------------
+
+OTHER_MEAN, OTHER_STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
+
+
+def test_logits_use_the_mean_and_std_the_backbone_config_states(tmp_path):
+    """A backbone whose config states another mean/std gives the logits of images normalised by
+    those values by hand, not the ones OpenAI's values would give."""
+    from tests.conftest import custom_backbone, make_model_folder
+
+    other = custom_backbone(tmp_path / "other" / "backbone", preprocess_cfg={"mean": OTHER_MEAN, "std": OTHER_STD})
+    openai = custom_backbone(tmp_path / "openai" / "backbone")  # same weights (seed), OpenAI's values stated
+    m_other = load_model(make_model_folder(other, tmp_path / "other" / "m", "coop", CLASSES))
+    m_openai = load_model(make_model_folder(openai, tmp_path / "openai" / "m", "coop", CLASSES))
+    x = _pixels(4, seed=3)
+    with torch.no_grad():
+        mean, std = torch.tensor(OTHER_MEAN).view(1, 3, 1, 1), torch.tensor(OTHER_STD).view(1, 3, 1, 1)
+        imf = F.normalize(m_other.clip.encode_image((x - mean) / std), dim=-1)
+        by_hand = m_other.logit_scale * imf @ m_other.text_features().t()
+        ours, theirs = m_other.logits(x), m_openai.logits(x)
+    assert torch.allclose(ours, by_hand, atol=1e-5)
+    assert float((ours - theirs).abs().max()) > 1e-2
+    assert m_openai.normalisation == (CLIP_MEAN, CLIP_STD)
+    assert m_other.normalisation == (tuple(OTHER_MEAN), tuple(OTHER_STD))
+
+
+def test_a_backbone_that_states_no_preprocessing_gets_openais(tmp_path):
+    """open_clip fills an unstated preprocess_cfg with OpenAI's values; so does gatekeeper."""
+    import json
+
+    from tests.conftest import custom_backbone, make_model_folder
+
+    backbone = custom_backbone(tmp_path / "b" / "backbone")
+    config = json.loads((backbone / "open_clip_config.json").read_text())
+    del config["preprocess_cfg"]
+    (backbone / "open_clip_config.json").write_text(json.dumps(config))
+    model = load_model(make_model_folder(backbone, tmp_path / "b" / "m", "coop", CLASSES))
+    assert model.normalisation == (CLIP_MEAN, CLIP_STD)
+
+
+def test_the_committed_tiny_backbone_states_openais_values():
+    """The tiny world's backbone was pretrained with OpenAI's mean/std (gatekeeper.redteam.pretrain),
+    and its config says so: the committed zoo is normalised as it was trained."""
+    import json
+
+    from tests.conftest import BACKBONE
+
+    cfg = json.loads((BACKBONE / "open_clip_config.json").read_text())["preprocess_cfg"]
+    assert (tuple(cfg["mean"]), tuple(cfg["std"])) == (CLIP_MEAN, CLIP_STD)
+
+
+TEXT_TOWERS = {
+    "argmax": {},
+    "eos": {"pool_type": "eos", "eos_id": 49407},
+    "first": {"pool_type": "first"},
+    "last": {"pool_type": "last"},
+    "no-causal-mask": {"no_causal_mask": True},
+}
+
+
+@pytest.mark.parametrize("tower", sorted(TEXT_TOWERS))
+def test_prompts_are_pooled_as_open_clip_pools_the_text_tower(tmp_path, tower):
+    """Prompt embeddings go through the text tower as open_clip's encode_text runs it, pool type included."""
+    from tests.conftest import custom_backbone, make_model_folder
+
+    backbone = custom_backbone(tmp_path / "backbone", TEXT_TOWERS[tower])
+    model = load_model(make_model_folder(backbone, tmp_path / "m", "coop", CLASSES))
+    _set_ctx_to_words(model, "a photo of a")
+    with torch.no_grad():
+        ours = model.text_features()
+        tokens = model.tokenized.new_tensor(_tokens(model, CLASSES))
+        theirs = F.normalize(model.clip.encode_text(tokens), dim=-1)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_text_tower_without_one_pooled_feature_is_refused(tmp_path):
+    import json
+
+    from gatekeeper.errors import BackboneError
+    from tests.conftest import custom_backbone, make_model_folder
+
+    backbone = custom_backbone(tmp_path / "backbone")
+    folder = make_model_folder(backbone, tmp_path / "m", "coop", CLASSES)
+    config_path = folder / "backbone" / "open_clip_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_cfg"]["text_cfg"]["pool_type"] = "none"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(BackboneError) as info:
+        load_model(folder)
+    assert re.search(r"pools its text tower with 'none'.*argmax, eos, first, last", info.value.one_line())
+
+
+def test_a_custom_text_tower_is_refused_with_the_reason(tmp_path):
+    """open_clip's CustomTextCLIP (custom_text: true) has no top-level token embedding to prompt."""
+    import copy
+    import json
+
+    import open_clip
+
+    from gatekeeper.errors import BackboneError
+    from gatekeeper.redteam.pretrain import TINY_MODEL_CFG, save_backbone
+    from tests.conftest import custom_backbone, make_model_folder
+
+    folder = make_model_folder(custom_backbone(tmp_path / "backbone"), tmp_path / "m", "coop", CLASSES)
+    cfg = copy.deepcopy(TINY_MODEL_CFG)
+    save_backbone(open_clip.CustomTextCLIP(**cfg), folder / "backbone", {}, fp16=False, prune=False)
+    config_path = folder / "backbone" / "open_clip_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_cfg"]["custom_text"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(BackboneError) as info:
+        load_model(folder)
+    assert "has a custom text tower (no token_embedding)" in info.value.one_line()

@@ -289,3 +289,19 @@ def test_a_written_result_reads_back_typed(tmp_path):
     assert {c.name: c for c in back.classes} == {c.name: c for c in result.classes}
     nan = dataclasses.replace(result, decision=dataclasses.replace(result.decision, verdict=Verdict.INCONCLUSIVE, s_max=math.nan))
     assert math.isnan(ScanResult.from_dict(json.loads(json.dumps(nan.to_dict(), allow_nan=True).replace("NaN", "null"))).decision.s_max)
+
+
+def test_the_pixel_normalisation_is_recorded_and_read_back():
+    """ModelInfo carries the mean/std the model normalised with; the schema accepts it, from_dict
+    gives it back as written, and a result written before it was recorded still reads (None)."""
+    from gatekeeper.result import ScanResult
+
+    info = ModelInfo("coop", 3, "ViT-B-32", 32, pixel_mean=(0.5, 0.4, 0.3), pixel_std=(0.2, 0.25, 0.5))
+    result = dataclasses.replace(_result(), model=info)
+    d = result_to_dict(result)
+    validate_result(d)
+    assert d["model"]["pixel_mean"] == [0.5, 0.4, 0.3]
+    assert ScanResult.from_dict(json.loads(json.dumps(d))).model == info
+    old = dict(d, model={k: v for k, v in d["model"].items() if not k.startswith("pixel_")})
+    validate_result(old)
+    assert ScanResult.from_dict(old).model.pixel_mean is None
