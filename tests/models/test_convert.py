@@ -300,7 +300,7 @@ def test_dotted_and_lower_case_aliases(tmp_path: Path) -> None:
         ("kind: coop\nTRAINER: {NAME: CoCoOp}\n", r"kind 'coop' conflicts with TRAINER.NAME 'cocoop'"),
         ("precision: fp32\nprec: fp16\n", r"precision 'fp32' conflicts with prec 'fp16'"),
         ("n_ctx: 4\nTRAINER.COOP.N_CTX: 8\n", r"n_ctx 4 conflicts with TRAINER.COOP.N_CTX 8"),
-        ("trainer: KgCoOp\n", r"trainer 'KgCoOp' is not a trainer"),
+        ("trainer: PromptSRC\n", r"trainer 'PromptSRC' is not a trainer"),
         ("colour: red\n", r"unknown sidecar key\(s\) 'colour' .*accepted: backbone, class_token_position"),
         ("TRAINER: {COOP: {N_CTXX: 4}}\n", r"unknown sidecar key 'TRAINER.COOP.N_CTXX'"),
         ("TRAINER: {COOP: {N_CTX: 4}, COCOOP: {N_CTX: 4}}\n", r"both given and no trainer is named"),
