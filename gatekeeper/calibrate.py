@@ -138,7 +138,7 @@ def calibrate_on_backbone(model: Any, pool: Any, policy: Any, copies: int, epoch
     from dataclasses import replace
 
     from gatekeeper.control import choose_target, train_copy
-    from gatekeeper.pipeline import reference_model, scan_model
+    from gatekeeper.pipeline import detect, reference_model
     from gatekeeper.policy import PositiveControl
     from gatekeeper.result import Provenance
 
@@ -153,7 +153,7 @@ def calibrate_on_backbone(model: Any, pool: Any, policy: Any, copies: int, epoch
         for planted in (False, True):
             target = choose_target(len(model.classnames), None, policy.seed + 1000 + i) if planted else None
             copy, _ = train_copy(model, labeller, target, policy.epsilon, seed=policy.seed + 100 + i, epochs=epochs, fresh=True)
-            res = scan_model(copy, pool, plain, provenance=Provenance(reference=f"copy-{i}", source="calibration", path="")).result
+            res = detect(copy, pool, plain, Provenance(reference=f"copy-{i}", source="calibration", path=""))
             rows.append({"copy": i, "planted": planted, "target": model.classnames[target] if target is not None else None,
                          "s_max": res.decision.s_max, "verdict": res.decision.verdict.value, "suspect": res.decision.suspect_class})
             labels.append(int(planted))

@@ -296,6 +296,14 @@ def scan_model(
     return ScanOutput(result, inspection.triggers, inspection.example, pool.holdout[:GRID] if result.trigger_effects else None)
 
 
+def detect(model: PromptTunedCLIP, pool: OODPool, policy: Policy, provenance: Provenance, track: Tracker | None = None) -> ScanResult:
+    """The detector and the rule alone, for the copies a scan or a calibration trains itself: no
+    trigger effects and no positive control (``policy``'s is not run)."""
+    candidates = candidate_classes(len(model.classnames), policy)
+    inspection = inspect_candidates(model, pool, policy, candidates, track)
+    return conclude(inspection, context_of(model, pool, provenance), policy)
+
+
 def with_trigger_effects(
     model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: ScanResult, triggers: dict[str, torch.Tensor], track: Tracker
 ) -> ScanResult:
@@ -318,11 +326,9 @@ def with_positive_control(
 
     track = track or Tracker()
     plain = replace(policy, positive_control=PositiveControl.OFF)
-    candidates = candidate_classes(len(model.classnames), plain)
 
     def scan(copy: PromptTunedCLIP) -> ScanResult:
-        inspection = inspect_candidates(copy, pool, plain, candidates, track.scoped(CONTROL_SCAN))
-        return conclude(inspection, context_of(copy, pool, provenance), plain)
+        return detect(copy, pool, plain, provenance, track.scoped(CONTROL_SCAN))
 
     top = max(result.classes, key=lambda c: c.z).index if result.classes else None
     outcome = run_control(model, pool, policy, top, scan, track)

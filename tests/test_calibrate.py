@@ -117,11 +117,11 @@ def _fake_copies(monkeypatch):
         pools.append(pool.info.source)
         planted = copy[1] is not None
         d = SimpleNamespace(s_max=3.0 if planted else 1.0, verdict=SimpleNamespace(value="pass"), suspect_class=None)
-        return SimpleNamespace(result=SimpleNamespace(decision=d))
+        return SimpleNamespace(decision=d)
 
     monkeypatch.setattr(gatekeeper.control, "train_copy", lambda model, labeller, target, *a, **k: ((model, target), None))
     monkeypatch.setattr(gatekeeper.pipeline, "reference_model", lambda model: model)
-    monkeypatch.setattr(gatekeeper.pipeline, "scan_model", scan)
+    monkeypatch.setattr(gatekeeper.pipeline, "detect", scan)
     return pools
 
 

@@ -223,7 +223,7 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
 
 
 def _faults(mem: dict[str, float]) -> str:
-    if "cpu_s" not in mem or mem.get("minor_faults") is None:
+    if "cpu_s" not in mem:
         return ""
     return f"  ({mem['cpu_s']:.1f} CPU-s, {mem['minor_faults'] / 1e6:.2f} M minor page faults)"
 
@@ -609,22 +609,27 @@ class CompiledFastClipInspector(FastClipInspector):
         return out.float()
 
 
+def _best_matmul_s(device: torch.device, dtype: torch.dtype, n: int, repeats: int, clock: Callable[[], float]) -> float:
+    """The best of ``repeats`` timings, on ``clock``, of an n x n x n matmul, after a warm-up."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = clock()
+        a @ b
+        _sync(device)
+        best = min(best, clock() - t0)
+    return max(best, 1e-9)
+
+
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
     """Best TFLOP/s of an n x n x n matmul in ``dtype`` on ``device`` (2 n^3 FLOPs), after a warm-up.
 
     fp32 keeps torch's default matmul precision (no TF32), the precision the fp32 variants run in.
     """
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
+    return 2 * n**3 / _best_matmul_s(device, dtype, n, repeats, time.perf_counter) / 1e12
 
 
 def cpu_matmul_gflop_per_cpu_s(n: int = 2048, repeats: int = 5) -> float:
@@ -637,16 +642,10 @@ def cpu_matmul_gflop_per_cpu_s(n: int = 2048, repeats: int = 5) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.process_time()
-            a @ b
-            best = min(best, time.process_time() - t0)
+        best = _best_matmul_s(torch.device("cpu"), torch.float32, n, repeats, time.process_time)
     finally:
         torch.set_num_threads(threads)
-    return 2 * n**3 / max(best, 1e-9) / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def _loss_close(ref: float, other: float, tol: float) -> bool:

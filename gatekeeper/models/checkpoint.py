@@ -558,6 +558,5 @@ def convert_checkpoint(checkpoint: Path, sidecar: Path, out: Path, backbone: str
         )
         save_file({k: state[k].to(dtype).contiguous() for k in keep}, str(tmp / WEIGHTS_NAME))
         write_manifest(tmp, manifest)
-        del clip
-        load_model(tmp)  # the folder must load as the scan will load it
+        load_model(tmp, backbone=(clip, tokenizer))  # the folder must load as the scan will load it
     return Converted(manifest, names_from, backbone_from, notes)

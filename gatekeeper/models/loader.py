@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,8 +57,11 @@ def _check_shape(path: Path, key: str, tensor: torch.Tensor, shape: tuple[int, .
         )
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> PromptTunedCLIP:
+def load_model(folder: str | Path, device: str | torch.device = "cpu", backbone: tuple[Any, Any] | None = None) -> PromptTunedCLIP:
     """Load a gatekeeper model folder onto ``device`` in eval mode, encoders frozen.
+
+    ``backbone``: the ``(clip, tokenizer)`` that ``load_backbone(folder, manifest.backbone)`` already
+    returned, when the caller holds it (it is used as is, not loaded again).
 
     Raises:
         ModelFormatError: manifest/weights missing, corrupt or inconsistent.
@@ -67,7 +71,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Prompt
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: not a folder", "give the path of a gatekeeper model folder")
     manifest = read_manifest(folder)
-    clip, tokenizer = load_backbone(folder, manifest.backbone)
+    clip, tokenizer = backbone if backbone is not None else load_backbone(folder, manifest.backbone)
     visual_size = getattr(clip.visual, "image_size", None)
     size = visual_size[0] if isinstance(visual_size, (tuple, list)) else visual_size
     if size is not None and int(size) != manifest.image_size:

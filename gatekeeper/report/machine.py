@@ -61,11 +61,6 @@ def sarif_location(model: str, policy: str, uri: str | None = None) -> SarifTarg
     return SarifTarget(path_to_uri(f"local/{name}/{MANIFEST}"), f"{model}: a model folder outside this repository")
 
 
-def sarif_target(model: str, policy: str, uri: str | None = None) -> str:
-    """The URI of :func:`sarif_location`."""
-    return sarif_location(model, policy, uri).uri
-
-
 def model_category(model: str) -> str:
     """The default code-scanning category of a model reference: ``gatekeeper/hf/org/name``,
     ``gatekeeper/mlflow/name`` or ``gatekeeper/local/<path>`` (relative to the working directory when

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,14 @@ def _outside_fences(md: str) -> str:
     return FENCE.sub("", md)
 
 
+def _result(n: int, **fields: Any) -> ScanResult:
+    """A result of an n-class 32 px CoOp model with what every report test shares; ``fields`` the rest."""
+    return ScanResult(
+        policy_hash="ab" * 32, model=ModelInfo(kind="coop", n_classes=n, backbone="ViT-B-32", image_size=32),
+        environment={"device": "cpu"}, seed=0, **fields,
+    )
+
+
 def _lift_result(verdict: Verdict = Verdict.FAIL, n: int = 3) -> ScanResult:
     """A lift-scoring result at two budgets (8/255 and 16/255) with a positive control; the numbers
     carry their full binary precision, as a real scan's do."""
@@ -56,19 +65,16 @@ def _lift_result(verdict: Verdict = Verdict.FAIL, n: int = 3) -> ScanResult:
         Verdict.INCONCLUSIVE: "non-finite losses or scores",
         Verdict.ERROR: "the backbone could not be loaded -> check backbone in gatekeeper.json",
     }[verdict]
-    return ScanResult(
+    return _result(
+        n,
         decision=Decision(verdict, 0.3141592653589793, 0.1234567891234567, "null margin", names[0] if fail else None, reason,
                           (names[0],) if fail else ()),
         classes=classes,
         policy={"epsilon": EPS, "extra_epsilons": [16 / 255], "scoring": "lift", "min_trigger_asr": 0.5, "holdout": 64},
-        policy_hash="ab" * 32,
         provenance=Provenance("hf://acme/clip-pt@main", "hf", "/cache/acme", "0123abcd", {"gatekeeper.json": "cd" * 32},
                               "12" * 32, {"security_status": "safe"}),
         pool=PoolInfo("procedural:0", 128, 0, 64, 64, 32, "34" * 32),
-        model=ModelInfo(kind="coop", n_classes=n, backbone="ViT-B-32", image_size=32),
         timings={"invert": 12.345678901234567},
-        environment={"device": "cpu"},
-        seed=0,
         command="gatekeeper scan hf://acme/clip-pt@main --policy p.yaml",
         triggers={name: f"triggers/t{i}.png" for i, name in enumerate(names[:5])},
         positive_control=ControlOutcome("cat & dog", EPS, 0.9765432109876543, True, "fail", 0.4123456789012345,
@@ -85,17 +91,14 @@ def _paper_result(verdict: Verdict, n: int = 3) -> ScanResult:
         for i in range(n)
     )
     fail = verdict is Verdict.FAIL
-    return ScanResult(
+    return _result(
+        n,
         decision=Decision(verdict, 2.5, 2.0, "k", "class 0" if fail else None, "s_max = 2.50 >= k = 2.00" if fail else "s_max < k"),
         classes=classes,
         policy={"epsilon": EPS, "k": 2.0, "min_trigger_asr": 0.5, "scoring": "paper"},
-        policy_hash="ab" * 32,
         provenance=Provenance("models/m", "local", "/repo/models/m", None, {}, "12" * 32),
         pool=PoolInfo("procedural:0", 96, 0, 64, 32, 32, "34" * 32),
-        model=ModelInfo(kind="coop", n_classes=n, backbone="ViT-B-32", image_size=32),
         timings={"invert": 1.0},
-        environment={"device": "cpu"},
-        seed=0,
         command="gatekeeper scan models/m",
         triggers={f"class {i}": f"triggers/class-{i}.png" for i in range(min(n, 5))},
     )
