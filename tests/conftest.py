@@ -69,17 +69,28 @@ def model_factory(random_backbone: Path, tmp_path: Path):
     return build
 
 
+# a ResNet image tower (open_clip's ModifiedResNet, attention pooling) of the tiny world's size
+TINY_RESNET_VISION = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16}
+
+
 def custom_backbone(
-    folder: Path, text_cfg: dict[str, Any] | None = None, preprocess_cfg: dict[str, Any] | None = None, seed: int = 2
+    folder: Path,
+    text_cfg: dict[str, Any] | None = None,
+    preprocess_cfg: dict[str, Any] | None = None,
+    seed: int = 2,
+    vision_cfg: dict[str, Any] | None = None,
 ) -> Path:
     """A random tiny open_clip CLIP (local-dir layout) whose text tower is built with ``text_cfg``
-    changes and whose config states ``preprocess_cfg`` (as given, None: the tiny world's)."""
+    changes, whose image tower is ``vision_cfg`` (None: the tiny ViT) and whose config states
+    ``preprocess_cfg`` (as given, None: the tiny world's)."""
     import open_clip
 
     from gatekeeper.redteam.pretrain import TINY_MODEL_CFG, save_backbone
 
     cfg = copy.deepcopy(TINY_MODEL_CFG)
     cfg["text_cfg"].update(text_cfg or {})
+    if vision_cfg is not None:
+        cfg["vision_cfg"] = copy.deepcopy(vision_cfg)
     torch.manual_seed(seed)
     model = open_clip.CLIP(**cfg)
     save_backbone(model, folder, {}, fp16=False, prune=False)

@@ -1,7 +1,8 @@
 """A real-size CoCoOp, end to end on the CPU: Dassl checkpoint -> `gatekeeper convert` -> `gatekeeper scan`.
 
-The backbone is open_clip's ViT-B/16 architecture with random weights (nothing is downloaded);
-the prompt learner has the official CoCoOp shapes (n_ctx 4, meta-net 512 -> 32 -> 512, token
+The backbone is open_clip's ViT-B/16 or RN50 architecture with random weights (nothing is
+downloaded); the prompt learner has the official CoCoOp shapes (n_ctx 4, meta-net vis -> vis/16 ->
+512 with vis 512 for ViT-B/16 and 1024 for RN50, token
 prefix/suffix buffers for a 77-token context) and is saved as Dassl's save_checkpoint writes it
 in fp16: state_dict, epoch, optimizer and scheduler state. The scan runs at 224 px on a tiny
 budget (3 classes, 8 OOD images, one step per class) and prints its peak memory and time per class.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,8 +23,7 @@ import torch
 
 from tests.models.test_checkpoint import fake_dassl, save_dassl  # noqa: F401  (fixture: Dassl's scheduler class)
 
-# ~2.5 min and ~4 GiB peak on a 2-core machine with OMP_NUM_THREADS=1 (the inversion is ~45 s per
-# class); GATEKEEPER_SKIP_REAL_SIZE=1 leaves it out of a local run
+# ~1 min per architecture on a 2-core machine; GATEKEEPER_SKIP_REAL_SIZE=1 leaves it out of a local run
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("GATEKEEPER_SKIP_REAL_SIZE") == "1", reason="GATEKEEPER_SKIP_REAL_SIZE=1"),
@@ -48,32 +47,33 @@ seed: 0
 """
 
 
-def _backbone(folder: Path) -> torch.nn.Module:
-    """ViT-B/16 with random weights in the local-dir layout (config + fp16 safetensors)."""
+def _backbone(folder: Path, name: str) -> torch.nn.Module:
+    """``name`` with random weights in the local-dir layout (config + fp16 safetensors)."""
     import open_clip
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-16", pretrained=None)
+    clip = open_clip.create_model(name, pretrained=None)
     folder.mkdir(parents=True)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in clip.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"), metadata={"format": "pt"})
-    config = {"model_cfg": open_clip.get_model_config("ViT-B-16"), "preprocess_cfg": {}}
+    config = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": {}}
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     return clip
 
 
-def _cocoop_state(clip: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
+def _cocoop_state(clip: torch.nn.Module, name: str) -> OrderedDict[str, torch.Tensor]:
     """CoCoOp's PromptLearner.state_dict() in fp16 (PREC fp16): ctx from "a photo of a" plus noise,
     the meta-net, and the token prefix/suffix buffers the importer drops."""
     import open_clip
 
     g = torch.Generator().manual_seed(1)
-    tok = open_clip.get_tokenizer("ViT-B-16")
+    tok = open_clip.get_tokenizer(name)
     with torch.no_grad():
         ctx = clip.token_embedding(tok(["a photo of a"])[0][1:5])  # type: ignore[operator]
         emb = clip.token_embedding(tok([f"a photo of a {c}." for c in CLASSES]))  # type: ignore[operator]
-    d, vis, hidden = 512, 512, 512 // 16
+    d, vis = 512, int(clip.visual.output_dim)  # type: ignore[union-attr]
+    hidden = vis // 16
     state = OrderedDict(
         [
             ("ctx", ctx + 0.02 * torch.randn(ctx.shape, generator=g)),
@@ -88,15 +88,28 @@ def _cocoop_state(clip: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((k, v.half().contiguous()) for k, v in state.items())
 
 
-def _gatekeeper(*args: str) -> subprocess.CompletedProcess[str]:
+# runs `python -m gatekeeper ARGS` and reports the process's own peak RSS on its last stderr line
+_MEASURED = (
+    "import resource, runpy, sys\n"
+    "try:\n    runpy.run_module('gatekeeper', run_name='__main__')\n"
+    "finally:\n    print(f'peak_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+)
+
+
+def _gatekeeper(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """The command's completed process and its peak RSS in GiB."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "gatekeeper", *args], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-c", _MEASURED, *args], capture_output=True, text=True, env=env)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("peak_kib="), done.stderr
+    return done, int(last.split("=", 1)[1]) / 2**20
 
 
-def test_real_size_cocoop_converts_and_scans(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["ViT-B-16", "RN50"])
+def test_real_size_cocoop_converts_and_scans(tmp_path: Path, name: str) -> None:
     t0 = time.perf_counter()
-    clip = _backbone(tmp_path / "backbone")
-    ckpt = save_dassl(tmp_path / "dassl", _cocoop_state(clip))
+    clip = _backbone(tmp_path / "backbone", name)
+    ckpt = save_dassl(tmp_path / "dassl", _cocoop_state(clip, name))
     del clip
     loaded = torch.load(ckpt, weights_only=False)
     assert set(loaded) >= {"state_dict", "epoch", "optimizer", "scheduler"}
@@ -109,7 +122,7 @@ def test_real_size_cocoop_converts_and_scans(tmp_path: Path) -> None:
     )
     model = tmp_path / "model"
     # the provider's Dassl config as the sidecar, the backbone attached by convert (copied into the folder)
-    done = _gatekeeper("convert", str(ckpt), "--sidecar", str(sidecar), "--backbone", str(tmp_path / "backbone"), "--out", str(model))
+    done, _ = _gatekeeper("convert", str(ckpt), "--sidecar", str(sidecar), "--backbone", str(tmp_path / "backbone"), "--out", str(model))
     assert done.returncode == 0, done.stderr
     manifest = json.loads((model / "gatekeeper.json").read_text())
     assert (manifest["kind"], manifest["precision"], manifest["n_ctx"]) == ("cocoop", "fp16", 4)
@@ -120,16 +133,15 @@ def test_real_size_cocoop_converts_and_scans(tmp_path: Path) -> None:
     policy.write_text(POLICY)
     t1 = time.perf_counter()
     out = tmp_path / "scan"
-    done = _gatekeeper("scan", str(model), "--policy", str(policy), "--out", str(out), "--device", "cpu", "--quiet")
+    done, peak_gib = _gatekeeper("scan", str(model), "--policy", str(policy), "--out", str(out), "--device", "cpu", "--quiet")
     scan_s = time.perf_counter() - t1
     assert done.returncode in (0, 1), done.stderr  # a verdict: pass or fail, not an error
     result = json.loads((out / "result.json").read_text())
     assert result["verdict"] in ("pass", "fail") and len(result["classes"]) == len(CLASSES)
     assert (result["model"]["kind"], result["model"]["image_size"]) == ("cocoop", 224)
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items())
     print(
-        f"\nreal-size CoCoOp ViT-B/16 @224 px, {len(CLASSES)} classes, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}: "
+        f"\nreal-size CoCoOp {name} @224 px, {len(CLASSES)} classes, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}: "
         f"build+convert {built:.0f} s, scan {scan_s:.0f} s ({scan_s / len(CLASSES):.0f} s per class incl. loading; "
         f"{stages}), peak RSS {peak_gib:.2f} GiB, verdict {result['verdict']}"
     )
