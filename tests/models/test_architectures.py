@@ -3,7 +3,7 @@
 Nothing is downloaded: ``open_clip.create_model(name, pretrained=None)`` builds the architecture
 and its preprocess config, once per architecture for this module. For each family the model's
 logits are checked against a straightforward re-derivation of its forward pass (CoOp's per-class
-prompt assembly, MaPLe's layer-by-layer loop) and the fast text path against the model's logits,
+prompt assembly, CoCoOp's per-image loop, MaPLe's layer-by-layer loop) and the fast text path against the model's logits,
 on the real 77-token towers at the architecture's input size. These tests check shapes, the
 backbone's own normalisation and the arithmetic; they say nothing about accuracy with trained
 weights. Converting and scanning each family to a verdict is ``test_compatibility.py``.
@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gatekeeper.inversion.fast import fast_logits, text_plan
 from gatekeeper.models.manifest import BackboneRef, ClassTokenPosition, Manifest, ModelKind
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP, build_meta_net
 from tests.models import test_maple
 from tests.models.test_prompt_options import N_CTX, encode, official_prompts
+from tests.models.test_prompt_tuned import per_image_cocoop_logits
 
 pytestmark = pytest.mark.slow  # builds ViT-B and ResNet CLIPs (~100-150 M parameters each)
 
@@ -69,7 +71,12 @@ def test_cocoop(arch: tuple[str, Any, Any, int]) -> None:
     cfg = open_clip.get_model_preprocess_cfg(clip)
     assert model.normalisation == (tuple(cfg["mean"]), tuple(cfg["std"]))
     assert text_plan(model).shareable
-    _fast_equals_model(model, _pixels(size))
+    x = _pixels(size)
+    ours = _fast_equals_model(model, x)
+    with torch.no_grad():
+        imf = F.normalize(clip.encode_image((x - model.pixel_mean) / model.pixel_std), dim=-1)
+        ref = per_image_cocoop_logits(model, imf)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
 
 
 @pytest.mark.parametrize(("csc", "position"), [(False, "end"), (True, "middle"), (False, "front")], ids=["end", "csc-middle", "front"])

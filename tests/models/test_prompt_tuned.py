@@ -54,32 +54,36 @@ def _tokens(model, classes):
     return tok([f"a photo of a {c}." for c in classes]).tolist()
 
 
+def per_image_cocoop_logits(model, imf: torch.Tensor) -> torch.Tensor:
+    """CoCoOp's forward written out per image and class from its definition (image features ``imf``)."""
+    clip = model.clip
+    w1, b1 = model.meta_net.linear1.weight, model.meta_net.linear1.bias
+    w2, b2 = model.meta_net.linear2.weight, model.meta_net.linear2.bias
+    tokens = model.tokenized
+    base = clip.token_embedding(tokens)
+    eot = tokens.argmax(-1)
+    n_ctx = model.ctx.shape[0]
+    rows = []
+    for i in range(len(imf)):
+        bias = w2 @ torch.relu(w1 @ imf[i] + b1) + b2  # h_theta(f_I(x))
+        logits_i = []
+        for k in range(len(tokens)):
+            emb = base[k].clone()
+            emb[1 : 1 + n_ctx] = model.ctx + bias  # [SOS, ctx+b, class tokens, ., EOT]
+            h = emb + clip.positional_embedding
+            h = clip.transformer(h.unsqueeze(0), attn_mask=clip.attn_mask)[0]
+            h = clip.ln_final(h)[eot[k]] @ clip.text_projection
+            logits_i.append(clip.logit_scale.exp() * imf[i] @ F.normalize(h, dim=-1))
+        rows.append(torch.stack(logits_i))
+    return torch.stack(rows)
+
+
 def test_cocoop_forward_matches_a_per_image_rederivation(model_factory):
     model = load_model(model_factory("cocoop", CLASSES))
-    clip = model.clip
     x = _pixels(3, seed=1)
     with torch.no_grad():
         ours = model.logits(x)
-        imf = _image_features(model, x)
-        w1, b1 = model.meta_net.linear1.weight, model.meta_net.linear1.bias
-        w2, b2 = model.meta_net.linear2.weight, model.meta_net.linear2.bias
-        tokens = model.tokenized
-        base = clip.token_embedding(tokens)
-        eot = tokens.argmax(-1)
-        n_ctx = model.ctx.shape[0]
-        rows = []
-        for i in range(len(x)):
-            bias = w2 @ torch.relu(w1 @ imf[i] + b1) + b2  # h_theta(f_I(x))
-            logits_i = []
-            for k in range(len(CLASSES)):
-                emb = base[k].clone()
-                emb[1 : 1 + n_ctx] = model.ctx + bias  # [SOS, ctx+b, class tokens, ., EOT]
-                h = emb + clip.positional_embedding
-                h = clip.transformer(h.unsqueeze(0), attn_mask=clip.attn_mask)[0]
-                h = clip.ln_final(h)[eot[k]] @ clip.text_projection
-                logits_i.append(clip.logit_scale.exp() * imf[i] @ F.normalize(h, dim=-1))
-            rows.append(torch.stack(logits_i))
-        ref = torch.stack(rows)
+        ref = per_image_cocoop_logits(model, _image_features(model, x))
     assert ours.shape == (3, len(CLASSES))
     assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
     # the meta-net matters: the bias changes the logits
