@@ -145,3 +145,26 @@ def test_real_size_cocoop_converts_and_scans(tmp_path: Path, name: str) -> None:
         f"build+convert {built:.0f} s, scan {scan_s:.0f} s ({scan_s / len(CLASSES):.0f} s per class incl. loading; "
         f"{stages}), peak RSS {peak_gib:.2f} GiB, verdict {result['verdict']}"
     )
+
+
+def test_real_size_class_names_are_checked_and_recovered(tmp_path: Path) -> None:
+    """On the ViT-B/16-shaped checkpoint: a reordered class list is refused at the first class whose
+    name differs (naming where that name is listed), and a sidecar without names gets them back from the stored prompt tokens."""
+    from gatekeeper.errors import ModelFormatError
+    from gatekeeper.models.checkpoint import convert_checkpoint
+
+    clip = _backbone(tmp_path / "backbone", "ViT-B-16")
+    ckpt = save_dassl(tmp_path / "dassl", _cocoop_state(clip, "ViT-B-16"))
+    del clip
+    trainer = "TRAINER: {NAME: CoCoOp, COCOOP: {N_CTX: 4, CTX_INIT: a photo of a, PREC: fp16}}\n"
+    swapped = tmp_path / "swapped.yaml"
+    swapped.write_text(trainer + f"classnames: {json.dumps([CLASSES[1], CLASSES[0], CLASSES[2]])}\n")
+    with pytest.raises(ModelFormatError) as info:
+        convert_checkpoint(ckpt, swapped, tmp_path / "refused", backbone=tmp_path / "backbone")
+    msg = info.value.one_line()
+    assert "class 0" in msg and f"'{CLASSES[0]}'" in msg and "listed at 1" in msg, msg
+    assert not (tmp_path / "refused").exists()
+    nameless = tmp_path / "nameless.yaml"
+    nameless.write_text(trainer)
+    converted = convert_checkpoint(ckpt, nameless, tmp_path / "model", backbone=tmp_path / "backbone")
+    assert converted.manifest.classnames == CLASSES
