@@ -282,7 +282,7 @@ def scan_model(
     """
     candidates = candidate_classes(len(model.classnames), policy)
     if rule_for(policy).standardised:
-        policy.threshold(len(candidates))  # refuse a mismatched tau before spending compute
+        policy.threshold(len(candidates), pool.info.content_hash)  # refuse a mismatched tau before spending compute
     track = Tracker(plan_scan(model, policy, len(candidates)), progress)
     inspection = inspect_candidates(model, pool, policy, candidates, track)
     result = conclude(inspection, context_of(model, pool, provenance, command), policy)

@@ -165,15 +165,26 @@ class Policy:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def threshold(self, n_candidates: int) -> tuple[float, str]:
+    def threshold(self, n_candidates: int, pool_hash: str | None = None) -> tuple[float, str]:
         """The operating point on s_max: tau if calibrated (and valid), else k.
 
+        ``pool_hash``: the scan's OOD pool (its pixels' sha256), checked against the pool tau was
+        calibrated on where the calibration records one.
+
         Raises:
-            PolicyError: tau was calibrated for a different |C| or OOD budget.
+            PolicyError: tau was calibrated for a different |C|, OOD budget or OOD pool.
         """
         cal = self.calibration
         if cal is None:
             return self.k, "k"
+        if cal.pool_hash and pool_hash and cal.pool_hash != pool_hash:
+            raise PolicyError(
+                f"calibrated tau={cal.tau:.3f} was measured on the OOD pool {cal.pool or 'recorded'} "
+                f"(pixels sha256 {cal.pool_hash[:12]}), but this scan's pool has sha256 {pool_hash[:12]}",
+                f"scan with --ood {cal.pool}" if cal.pool else "re-run `gatekeeper calibrate` on this pool",
+                file=self.source_file,
+                key="calibration",
+            )
         if cal.n_candidates != n_candidates or cal.ood_budget != self.ood_budget:
             raise PolicyError(
                 f"calibrated tau={cal.tau:.3f} is valid for |C|={cal.n_candidates} and "

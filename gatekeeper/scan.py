@@ -185,7 +185,7 @@ def _run_shard(
 
     candidates = candidate_classes(len(model.classnames), policy)
     if rule_for(policy).standardised:
-        policy.threshold(len(candidates))
+        policy.threshold(len(candidates), pool.info.content_hash)
     mine = shard_candidates(candidates, *shard)
     track = Tracker(plan_inspection(model, policy, len(mine)), progress)
     inspection = inspect_candidates(model, pool, policy, mine, track)

@@ -90,3 +90,30 @@ def test_calibrated_tau_only_applies_to_its_setting():
     with pytest.raises(PolicyError, match="calibration was made at epsilon"):
         policy_from_mapping({"calibration": cal, "epsilon": "8/255", "scoring": "differential"})
     assert policy_from_mapping({}).threshold(5) == (2.0, "k")
+
+
+def test_calibrated_tau_only_applies_to_its_pool():
+    cal = {"tau": 1.7, "n_candidates": 12, "ood_budget": 1000, "epsilon": "4/255", "pool": "procedural:0", "pool_hash": "ab" * 32}
+    p = policy_from_mapping({"calibration": cal, "scoring": "differential"})
+    assert p.threshold(12, "ab" * 32) == (1.7, "tau")
+    assert p.threshold(12) == (1.7, "tau")  # a caller without the pool (the decide stage, after the scan checked it)
+    with pytest.raises(PolicyError, match=r"measured on the OOD pool procedural:0 \(pixels sha256 abababababab\)") as info:
+        p.threshold(12, "cd" * 32)
+    assert "--ood procedural:0" in info.value.one_line()
+    legacy = policy_from_mapping({"calibration": {k: v for k, v in cal.items() if not k.startswith("pool")}, "scoring": "differential"})
+    assert legacy.threshold(12, "cd" * 32) == (1.7, "tau")  # a calibration that recorded no pool is not checked
+
+
+def test_a_scan_on_another_pool_than_tau_was_calibrated_on_is_refused(tmp_path, capsys):
+    from gatekeeper.cli import main
+    from tests.conftest import DEMO_ZOO
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "scoring: differential\nepsilon: 8/255\nood_budget: 8\nholdout: 8\nrestarts: 1\npositive_control: \"off\"\n"
+        f"calibration: {{tau: 2.0, n_candidates: 12, ood_budget: 8, epsilon: 8/255, pool: procedural:0, pool_hash: '{'ab' * 32}'}}\n"
+    )
+    rc = main(["scan", str(DEMO_ZOO / "clean"), "--policy", str(policy), "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet"])
+    assert rc == 4
+    assert "measured on the OOD pool procedural:0" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "result.json").exists()
