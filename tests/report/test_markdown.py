@@ -220,3 +220,13 @@ def test_the_action_drops_image_links_from_a_report_without_a_job_summary():
     assert "![trigger for" not in out and "](triggers/" not in out
     assert "![absolute](https://example.com/x.png)" in out
     assert [r.count("|") for r in _table_rows(out)] == [r.count("|") for r in _table_rows(md)]
+
+
+def test_the_model_section_states_the_backbones_normalisation():
+    from dataclasses import replace
+
+    base = _lift_result(Verdict.PASS)
+    info = replace(base.model, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.26862954, 0.26130258, 0.27577711))
+    md = render_markdown(result_to_dict(replace(base, model=info)))
+    assert "- normalisation (the backbone's own): mean 0.500, 0.500, 0.500, std 0.269, 0.261, 0.276" in md
+    assert "normalisation" not in render_markdown(result_to_dict(base))  # a result that recorded none says nothing
