@@ -349,3 +349,41 @@ def test_fast_scan_equals_reference_on_maple(tmp_path: Path) -> None:
     fast = det.invert(model, pool.inversion, pool.holdout, cands, settings)
     assert det.last_plan["shared_prefix"] is False and det.last_plan["row_bytes"] > 0
     _assert_same(ref, fast)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        # 4 stored bytes that would become 16 GB if ever copied, in a deep prompt and in a frozen tensor
+        ({"prompt_learner.compound_prompts_text.0": torch.ones(1).expand(N_CTX, 2_000_000_000)}, r"do not fit ctx"),
+        ({"image_encoder.conv1.weight": torch.ones(1, dtype=torch.float16).expand(96, 3, 8, 8)}, r"expanded or overlapping view"),
+        ({"prompt_learner.compound_prompt_projections.0.weight": torch.ones(1).expand(96, 64)}, r"expanded or overlapping view"),
+        ({"prompt_learner.proj.weight": torch.ones(96, 64, dtype=torch.long)}, r"floating-point"),
+    ],
+    ids=["deep-prompt-expanded", "frozen-expanded", "projection-expanded", "integer-projection"],
+)
+def test_hostile_maple_tensors_are_refused_without_copying(tmp_path: Path, extra: dict[str, torch.Tensor], match: str) -> None:
+    import time
+
+    from gatekeeper.models.checkpoint import convert_checkpoint
+
+    ckpt, _ = dassl_maple(tmp_path, extra=extra)
+    start = time.monotonic()
+    with pytest.raises(ModelFormatError, match=match):
+        convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "out", backbone=BACKBONE)
+    assert time.monotonic() - start < 5.0  # refused from the header, not after a multi-GB copy
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_nan_deep_prompt_scans_inconclusive_never_pass(tmp_path: Path) -> None:
+    """Non-finite weights are the scan's to judge (as for CoOp's ctx): exit 3, fail-closed."""
+    from gatekeeper.cli import main
+    from gatekeeper.models.checkpoint import convert_checkpoint
+
+    nan = {"prompt_learner.compound_prompts_text.0": torch.full((N_CTX, 64), float("nan"))}
+    ckpt, _ = dassl_maple(tmp_path, extra=nan)
+    convert_checkpoint(ckpt, sidecar(tmp_path), tmp_path / "model", backbone=BACKBONE)
+    policy = tmp_path / "p.yaml"
+    policy.write_text('epsilon: 8/255\nood_budget: 8\nholdout: 8\nscoring: lift\nnull_copies: 0\nrestarts: 1\npositive_control: "off"\n')
+    code = main(["scan", str(tmp_path / "model"), "--policy", str(policy), "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 3 and json.loads((tmp_path / "o" / "result.json").read_text())["verdict"] == "inconclusive"
