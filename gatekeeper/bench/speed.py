@@ -301,6 +301,26 @@ def scan_flops(model: PromptTunedCLIP, n_steps_images: int, n_asr_images: int, f
     return per_image * (2 * n_steps_images + n_asr_images)
 
 
+FULL_CLASS_KS = (10, 50, 200, 1000)
+
+
+def full_class_costs(
+    ks: tuple[int, ...] = FULL_CLASS_KS, n_pool: int = 1000, n_hold: int = 500, sizes: dict[str, int] | None = None
+) -> list[dict[str, float]]:
+    """Analytic PFLOP of inverting every class of a K-class CoCoOp once (one restart, one budget;
+    |D| = ``n_pool``, |T| = ``n_hold``), reference and fast, at ViT-B/16 shapes (``sizes``: the
+    small CPU shapes instead). Each candidate's step runs the image tower and all K class prompts,
+    so the text part grows as K^2."""
+    rows = []
+    for k in ks:
+        model = build_bench_model(torch.device("cpu"), k, vit_b16=sizes is None, sizes=sizes)
+        ref = scan_flops(model, n_pool * k, n_hold * k, fast=False)
+        fast = scan_flops(model, n_pool * k, n_hold * k, fast=True)
+        rows.append({"classes": k, "reference_pflop": ref / 1e15, "fast_pflop": fast / 1e15, "work_ratio": ref / fast})
+        del model
+    return rows
+
+
 def _compare(ref: list[ClassInversion], fast: list[ClassInversion]) -> dict[str, Any]:
     dl = max(abs(r.metrics.loss - f.metrics.loss) for r, f in zip(ref, fast, strict=True))
     rel = max(
@@ -1010,6 +1030,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="with --gpu-check: the same code on the CPU at tiny shapes")
     p.add_argument(
+        "--class-costs",
+        action="store_true",
+        help=f"print the analytic cost of scanning every class of a ViT-B/16 CoCoOp for K = {', '.join(map(str, FULL_CLASS_KS))} and exit",
+    )
+    p.add_argument(
         "--budget-s",
         type=float,
         default=GPU_CHECK_BUDGET_S,
@@ -1023,6 +1048,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dry_run and not args.gpu_check:
         parser.error("--dry-run goes with --gpu-check")
+    if args.class_costs:
+        print("full-class scan, ViT-B/16 CoCoOp, |D| = 1000, |T| = 500, one restart, one budget (analytic):")
+        print("K | reference PFLOP | fast PFLOP | work ratio")
+        for row in full_class_costs():
+            print(f"{row['classes']} | {row['reference_pflop']:.1f} | {row['fast_pflop']:.1f} | {row['work_ratio']:.1f}x")
+        return 0
     if args.gpu_check:
         if args.threads:
             torch.set_num_threads(args.threads)
