@@ -317,7 +317,6 @@ def full_class_costs(
         ref = scan_flops(model, n_pool * k, n_hold * k, fast=False)
         fast = scan_flops(model, n_pool * k, n_hold * k, fast=True)
         rows.append({"classes": k, "reference_pflop": ref / 1e15, "fast_pflop": fast / 1e15, "work_ratio": ref / fast})
-        del model
     return rows
 
 

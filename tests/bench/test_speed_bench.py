@@ -34,16 +34,12 @@ def test_speed_bench_compares_both_allocators_and_reports_efficiency(tmp_path: P
 
 def test_full_class_costs_grow_faster_than_the_number_of_classes():
     """Every candidate's step runs all K class prompts: doubling K more than doubles a full-class scan
-    (the text part is K^2), the fast path stays cheaper, and K = 1 is one class's scan_flops."""
-    import pytest
-    import torch
+    (the text part is K^2) but less than quadruples it (the image tower is per candidate), and the
+    fast path stays cheaper."""
+    from gatekeeper.bench.speed import QUICK_SIZES, full_class_costs
 
-    from gatekeeper.bench.speed import QUICK_SIZES, build_bench_model, full_class_costs, scan_flops
-
-    rows = full_class_costs((1, 4, 8), n_pool=8, n_hold=4, sizes=QUICK_SIZES)
-    one = build_bench_model(torch.device("cpu"), 1, sizes=QUICK_SIZES)
-    assert rows[0]["fast_pflop"] * 1e15 == pytest.approx(scan_flops(one, 8, 4, fast=True))
-    for small, big in zip(rows[1:], rows[2:], strict=False):
+    rows = full_class_costs((2, 4, 8), n_pool=8, n_hold=4, sizes=QUICK_SIZES)
+    for small, big in zip(rows, rows[1:], strict=False):
         for key in ("reference_pflop", "fast_pflop"):
             assert 2.0 < big[key] / small[key] < 4.0
         assert big["work_ratio"] > 1.0 and small["work_ratio"] > 1.0

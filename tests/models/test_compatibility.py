@@ -11,7 +11,6 @@ real-size architectures (ViT-B/32, ViT-B/16, RN50, RN101) are in ``test_architec
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from gatekeeper.cli import main
 from gatekeeper.models.checkpoint import convert_checkpoint
 from gatekeeper.models.loader import load_model
 from tests.conftest import BACKBONE, TINY_RESNET_VISION, custom_backbone, make_model_folder
-from tests.models.test_convert import dassl_state
+from tests.models.test_convert import dassl_checkpoint
 
 NAMES = ["red square", "green circle", "blue star"]
 POLICY = """version: 1
@@ -59,19 +58,6 @@ def towers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"vit": BACKBONE, "resnet": resnet}
 
 
-def _dassl_checkpoint(folder: Path, backbone: Path, trainer: str, prec: str, meta: bool, csc: bool) -> Path:
-    dtype = torch.float16 if prec == "fp16" else torch.float32
-    state = dassl_state(NAMES, backbone=backbone, meta=meta, dtype=dtype)
-    if csc:  # CoOp's CSC: one context per class, [K, n_ctx, d]
-        g = torch.Generator().manual_seed(1)
-        state["ctx"] = (torch.randn(len(NAMES), *state["ctx"].shape, generator=g) * 0.02).to(dtype)
-    state = OrderedDict(state)
-    path = folder / "prompt_learner" / "model.pth.tar-50"
-    path.parent.mkdir(parents=True)
-    torch.save({"state_dict": state, "epoch": 50, "optimizer": None, "scheduler": None}, path)
-    return path
-
-
 def _scan(model: Path, tmp_path: Path) -> dict[str, Any]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
@@ -88,7 +74,8 @@ def _scan(model: Path, tmp_path: Path) -> dict[str, Any]:
 def test_each_cell_converts_loads_and_scans_to_a_verdict(towers: dict[str, Path], tmp_path: Path, cell: str, tower: str) -> None:
     trainer, prec, meta, csc, position = CELLS[cell]
     backbone = towers[tower]
-    ckpt = _dassl_checkpoint(tmp_path, backbone, trainer, prec, meta, csc)
+    dtype = torch.float16 if prec == "fp16" else torch.float32
+    ckpt = dassl_checkpoint(tmp_path, NAMES, backbone=backbone, meta=meta, dtype=dtype, csc=csc)
     section = {"N_CTX": 4, "PREC": prec}
     if trainer != "CoCoOp":
         section |= {"CSC": csc, "CLASS_TOKEN_POSITION": position}

@@ -39,16 +39,19 @@ def dassl_state(
     ctx_init: str | None = None,
     ctx_dim: int | None = None,
     vis_dim: int | None = None,
+    csc: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A CoOp (or CoCoOp) prompt learner's state_dict, built the way CoOp builds one: the token
-    embeddings of "X X X X {name}." (or of "{ctx_init} {name}.") sliced around the context."""
+    embeddings of "X X X X {name}." (or of "{ctx_init} {name}.") sliced around the context;
+    ``csc``: one context per class ([K, n_ctx, d], CoOp's class-specific contexts)."""
     clip, tokenizer = _clip(backbone)
     prompt = ctx_init or " ".join(["X"] * n_ctx)
     with torch.no_grad():
         emb = clip.token_embedding(tokenizer([f"{prompt} {n.replace('_', ' ')}." for n in names])).to(dtype)
     d = ctx_dim or emb.shape[-1]
     g = torch.Generator().manual_seed(0)
-    state: dict[str, torch.Tensor] = OrderedDict(ctx=(torch.randn(n_ctx, d, generator=g) * 0.02).to(dtype))
+    shape = (len(names), n_ctx, d) if csc else (n_ctx, d)
+    state: dict[str, torch.Tensor] = OrderedDict(ctx=(torch.randn(shape, generator=g) * 0.02).to(dtype))
     if meta:
         v = vis_dim or int(clip.visual.output_dim)
         state.update(
