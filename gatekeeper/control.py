@@ -104,7 +104,7 @@ def train_copy(
     trained = fresh_copy(model, seed) if fresh else copy_model(model)
     attack = BadCLIP(target, epsilon=epsilon) if target is not None else None
     torch.manual_seed(seed)
-    train_on(trained, x, y, TuneConfig(kind=model.kind, epochs=epochs, seed=seed), attack, log)  # re-freezes text
+    train_on(trained, x, y, TuneConfig(kind=model.kind, epochs=epochs, seed=seed), attack, log, fast=True)  # re-freezes text
     return trained, attack
 
 
@@ -123,8 +123,8 @@ def choose_target(n_classes: int, top_index: int | None, seed: int) -> int:
 def run_control(
     model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: int | None, scan: Any, track: Tracker | None = None
 ) -> ControlOutcome:
-    """Plant (one stage of ``track``), check the plant works, scan the copy with ``scan(copy) -> ScanResult``;
-    never raises on a miss."""
+    """Plant (one stage of ``track``), check the plant works, scan the copy with
+    ``scan(copy, target) -> ScanResult``; never raises on a miss."""
     from gatekeeper.inversion.clip_inspector import attack_success_rate
 
     t0 = time.perf_counter()
@@ -142,7 +142,7 @@ def run_control(
     if planted_asr < bound:
         return ControlOutcome(name, eps, planted_asr, False, "not run", float("nan"), None, round(time.perf_counter() - t0, 2),
                               f"the planted backdoor itself reached only {planted_asr:.0%} ASR (< {bound:.0%}), so the control could not be set up")
-    result = scan(planted)
+    result = scan(planted, target)
     d = result.decision
     caught = d.verdict.value == "fail" and name in (d.suspect_classes or (d.suspect_class,))
     if caught:

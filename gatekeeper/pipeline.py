@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import torch
 
 from gatekeeper import __version__
-from gatekeeper.decide import apply_accepted, candidate_classes, decide, rule_for, score_classes
+from gatekeeper.decide import apply_accepted, candidate_classes, decide, floor_null, rule_for, score_classes
 from gatekeeper.inversion.base import ClassInversion, InversionSettings, Inverter
 from gatekeeper.inversion.clip_inspector import ClipInspector
 from gatekeeper.inversion.fast import FastClipInspector
@@ -19,6 +19,7 @@ from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
 from gatekeeper.policy import Detector, Implementation, Policy, PositiveControl
 from gatekeeper.result import ClassMetrics, Decision, ModelInfo, NullModel, PoolInfo, Provenance, ScanResult, Verdict
+from gatekeeper.screen import Screening
 from gatekeeper.tracking import ScanProgress, Stage, Tracker, no_ticks, pass_labels, training_label
 
 MODEL = "model"
@@ -169,8 +170,6 @@ def conclude(inspection: Inspection, context: ScanContext, policy: Policy) -> Sc
     """Scores and the verdict from an inspection (the decide stage)."""
     null = inspection.null
     if rule_for(policy).uses_null and null is None:
-        from gatekeeper.decide import floor_null
-
         null = floor_null(policy, len(inspection.metrics))
     metrics = list(inspection.metrics)
     scores = score_classes(metrics, policy, null)
@@ -196,11 +195,13 @@ def conclude(inspection: Inspection, context: ScanContext, policy: Policy) -> Sc
 
 
 def inspect_candidates(
-    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], track: Tracker | None = None
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], track: Tracker | None = None,
+    null: NullModel | None = None,
 ) -> Inspection:
     """Invert ``candidates`` at every budget of the policy (with restarts, and the public backbone
-    where the rule needs it) and measure the null model where the rule uses one. With several
-    budgets each class keeps the budget whose evidence is strongest (``decide.strongest_budget``)."""
+    where the rule needs it) and measure the null model where the rule uses one (unless ``null``,
+    one already measured for this backbone, class list and pool, is given). With several budgets
+    each class keeps the budget whose evidence is strongest (``decide.strongest_budget``)."""
     from gatekeeper.decide import strongest_budget
     from gatekeeper.null import combine_nulls
 
@@ -212,13 +213,13 @@ def inspect_candidates(
         inversions, s = invert_candidates(model, pool, at, candidates, track)
         per_budget.append([ClassInversion(replace(i.metrics, epsilon=eps), i.trigger) for i in inversions])
         seconds += s
-        null = null_for(model, pool, at, candidates, inversions, track)
-        if null is not None:
-            nulls.append(null)
+        measured = null_for(model, pool, at, candidates, inversions, track) if null is None else None
+        if measured is not None:
+            nulls.append(measured)
     chosen = per_budget[0]
-    combined = nulls[0] if nulls else None
+    combined = null if null is not None else nulls[0] if nulls else None
     if len(per_budget) > 1:
-        combined = combine_nulls(policy, policy.n_tests(len(candidates)), nulls)
+        combined = null if null is not None else combine_nulls(policy, policy.n_tests(len(candidates)), nulls)
         best = strongest_budget([[i.metrics for i in run] for run in per_budget], combined)
         by_budget = {eps: {i.metrics.index: i for i in run} for eps, run in zip(policy.budgets, per_budget, strict=True)}
         chosen = [by_budget[m.epsilon or policy.epsilon][m.index] for m in best]
@@ -246,18 +247,61 @@ def plan_inspection(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -
     return stages
 
 
+def control_rescans_target_only(policy: Policy) -> bool:
+    """Whether the positive control re-scans only the planted class: under a rule that decides each
+    class on its own evidence (lift: the class's lower bound against the null margin, at the whole
+    scan's number of tests) the other classes' inversions cannot change whether the planted class
+    is flagged; the z rules standardise over every class, so they re-scan all of them."""
+    return not rule_for(policy).standardised
+
+
+def plan_control_scan(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -> list[Stage]:
+    """The positive control's re-scan of the planted copy (labels without the control's prefix)."""
+    from gatekeeper.null import copy_label
+    from gatekeeper.screen import plan_screening, screens
+
+    plain = replace(policy, positive_control=PositiveControl.OFF)
+    if not control_rescans_target_only(policy):
+        return plan_screened_inspection(model, plain, n_candidates)
+    screening = plan_screening(plain, n_candidates, rule_for(plain).needs_reference) if screens(plain, n_candidates) else []
+    copies = {copy_label(i, policy.null_copies) for i in range(policy.null_copies)}
+    # one class; the null margin is the scan's own (its copies are not tuned again)
+    return screening + [Stage(s.label, 1, s.unit) for s in plan_inspection(model, plain, 1) if not any(s.label.startswith(c) for c in copies)]
+
+
 def plan_scan(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -> list[Stage]:
     """Every stage :func:`scan_model` may run: the inspection, then the positive control's planting
     and re-scan where the policy asks for it (the tracker drops what does not run)."""
     from gatekeeper.control import PLANT_EPOCHS, PLANTING
     from gatekeeper.models.manifest import ModelKind
 
-    stages = plan_inspection(model, policy, n_candidates)
+    stages = plan_screened_inspection(model, policy, n_candidates)
     if policy.positive_control != PositiveControl.OFF and model.kind != ModelKind.ZEROSHOT:
-        plain = replace(policy, positive_control=PositiveControl.OFF)
         stages.append(Stage(PLANTING, PLANT_EPOCHS, "epoch"))
-        stages += [replace(s, label=CONTROL_SCAN + s.label) for s in plan_inspection(model, plain, n_candidates)]
+        stages += [replace(s, label=CONTROL_SCAN + s.label) for s in plan_control_scan(model, policy, n_candidates)]
     return stages
+
+
+def plan_screened_inspection(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -> list[Stage]:
+    """The screening (where the policy screens this many classes), then the inspection of what it keeps."""
+    from gatekeeper.screen import plan_screening, screens
+
+    if not screens(policy, n_candidates):
+        return plan_inspection(model, policy, n_candidates)
+    kept = policy.screen_keep  # per budget; more only when the budgets keep different classes
+    return plan_screening(policy, n_candidates, rule_for(policy).needs_reference) + plan_inspection(model, policy, kept)
+
+
+def screened_candidates(
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], track: Tracker | None = None
+) -> tuple[list[int], Screening | None]:
+    """The candidates the full inversion runs on: all of them, or what the screening keeps."""
+    from gatekeeper.screen import screen, screens
+
+    if not screens(policy, len(candidates)):
+        return candidates, None
+    screening = screen(model, pool, policy, candidates, track)
+    return list(screening.kept), screening
 
 
 def context_of(model: PromptTunedCLIP, pool: OODPool, provenance: Provenance, command: str = "") -> ScanContext:
@@ -284,8 +328,11 @@ def scan_model(
     if rule_for(policy).standardised:
         policy.threshold(len(candidates), pool.info.content_hash)  # refuse a mismatched tau before spending compute
     track = Tracker(plan_scan(model, policy, len(candidates)), progress)
-    inspection = inspect_candidates(model, pool, policy, candidates, track)
+    kept, screening = screened_candidates(model, pool, policy, candidates, track)
+    inspection = inspect_candidates(model, pool, policy, kept, track)
     result = conclude(inspection, context_of(model, pool, provenance, command), policy)
+    if screening is not None:
+        result = replace(result, screening=screening.to_dict(), timings={**result.timings, "screening_s": screening.seconds})
     result = with_trigger_effects(model, pool, policy, result, inspection.triggers, track)
     if policy.positive_control != PositiveControl.OFF and result.decision.verdict in (Verdict.PASS, Verdict.FAIL):
         # on a FAIL too, so every report shows the scan's power on this model; only a PASS can change
@@ -299,7 +346,7 @@ def scan_model(
 def detect(model: PromptTunedCLIP, pool: OODPool, policy: Policy, provenance: Provenance, track: Tracker | None = None) -> ScanResult:
     """The detector and the rule alone, for the copies a scan or a calibration trains itself: no
     trigger effects and no positive control (``policy``'s is not run)."""
-    candidates = candidate_classes(len(model.classnames), policy)
+    candidates, _ = screened_candidates(model, pool, policy, candidate_classes(len(model.classnames), policy), track)
     inspection = inspect_candidates(model, pool, policy, candidates, track)
     return conclude(inspection, context_of(model, pool, provenance), policy)
 
@@ -327,8 +374,21 @@ def with_positive_control(
     track = track or Tracker()
     plain = replace(policy, positive_control=PositiveControl.OFF)
 
-    def scan(copy: PromptTunedCLIP) -> ScanResult:
-        return detect(copy, pool, plain, provenance, track.scoped(CONTROL_SCAN))
+    def scan(copy: PromptTunedCLIP, target: int) -> ScanResult:
+        scoped = track.scoped(CONTROL_SCAN)
+        candidates = candidate_classes(len(model.classnames), policy)
+        # a class the scan does not sample cannot be flagged by it: then the whole scan runs, and misses it
+        if not control_rescans_target_only(policy) or target not in candidates:
+            return detect(copy, pool, plain, provenance, scoped)
+        kept, screening = screened_candidates(copy, pool, plain, candidates, scoped)
+        if target not in kept:  # the same scan would not have inverted the planted class
+            assert screening is not None
+            reason = f"the screening did not keep the planted class '{model.classnames[target]}'"
+            return replace(result, decision=Decision(Verdict.PASS, float("nan"), result.decision.threshold,
+                                                     result.decision.threshold_kind, None, reason), classes=())
+        null = result.null_model or floor_null(plain, len(result.classes))  # the scan's own null and number of tests
+        inspection = inspect_candidates(copy, pool, plain, [target], scoped, null=null)
+        return conclude(inspection, context_of(copy, pool, provenance), plain)
 
     top = max(result.classes, key=lambda c: c.z).index if result.classes else None
     outcome = run_control(model, pool, policy, top, scan, track)

@@ -132,6 +132,8 @@ class Policy:
     null_copies: int = 2  # lift: clean prompt learners tuned on the user's backbone to measure the null margin
     extra_epsilons: tuple[float, ...] = ()  # lift: further l-inf budgets every class is also inverted at
     accepted_findings: tuple[AcceptedFinding, ...] = ()  # reviewed findings that no longer fail the gate
+    screen_keep: int = 64  # more candidates than this: a short screening inversion keeps this many per budget (0: off)
+    screen_images: int = 128  # OOD images the screening trains on (and as many more it judges on)
     source_file: str = ""
 
     @property
@@ -210,6 +212,8 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "seed": (0, 2**31 - 1),
     "restarts": (1, 16),
     "null_copies": (0, 32),
+    "screen_keep": (0, 1_000_000),
+    "screen_images": (8, 100_000),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "lr": (1e-6, 10.0),

@@ -10,6 +10,11 @@ from gatekeeper.tracking import Tick
 from gatekeeper.untrusted import inert, say
 
 
+def plural(unit: str) -> str:
+    """``class`` -> ``classes``, ``epoch`` -> ``epochs``."""
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 def plain_line(label: str, tick: Tick, seconds: float) -> str:
     """One CI log line for ``tick``: the pass, its own count and the whole scan's, e.g.
     ``[scan] public backbone ε=8/255: class 3/12 'cat' (step 14/48, 37s)``."""
@@ -19,7 +24,7 @@ def plain_line(label: str, tick: Tick, seconds: float) -> str:
     if tick.cached:
         return f"[{label}] {tick.stage}: reused from the cache (step {tick.done}/{tick.total}, {clock})"
     if tick.stage_done >= tick.stage_total:
-        return f"[{label}] {tick.stage}: {tick.stage_total}/{tick.stage_total} {tick.unit}s done (step {tick.done}/{tick.total}, {clock})"
+        return f"[{label}] {tick.stage}: {tick.stage_total}/{tick.stage_total} {plural(tick.unit)} done (step {tick.done}/{tick.total}, {clock})"
     item = f" '{inert(tick.item, 60)}'" if tick.item else ""
     step = min(tick.done + 1, tick.total)
     return f"[{label}] {tick.stage}: {tick.unit} {tick.stage_done + 1}/{tick.stage_total}{item} (step {step}/{tick.total}, {clock})"

@@ -246,6 +246,7 @@ class ScanResult:
     positive_control: ControlOutcome | None = None  # when the policy ran one
     null_model: NullModel | None = None  # lift scoring: the threshold's derivation
     trigger_effects: tuple[TriggerEffect, ...] = ()  # per flagged class: its trigger's ASR against its scale
+    screening: dict[str, Any] | None = None  # gatekeeper.screen.Screening.to_dict(), when the scan screened its classes
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScanResult:
@@ -286,6 +287,7 @@ class ScanResult:
             positive_control=ControlOutcome.from_dict(d["positive_control"]) if d.get("positive_control") else None,
             null_model=NullModel(**{**null, "copy_max_lifts": tuple(null["copy_max_lifts"])}) if null else None,
             trigger_effects=tuple(TriggerEffect.from_dict(e) for e in d.get("trigger_effects") or ()),
+            screening=dict(d["screening"]) if d.get("screening") else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,5 +318,6 @@ class ScanResult:
             "positive_control": self.positive_control.to_dict() if self.positive_control else None,
             "null_model": {**asdict(self.null_model), "copy_max_lifts": list(self.null_model.copy_max_lifts)} if self.null_model else None,
             "trigger_effects": [e.to_dict() for e in self.trigger_effects],
+            "screening": self.screening,
         }
 

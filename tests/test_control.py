@@ -48,3 +48,29 @@ def test_a_merged_sharded_scan_cannot_pass_a_policy_that_asks_for_the_control():
     assert control_not_run(_result(Verdict.PASS), on).decision.verdict == Verdict.INCONCLUSIVE
     assert control_not_run(_result(Verdict.PASS), off).decision.verdict == Verdict.PASS
     assert control_not_run(_result(Verdict.FAIL), on).decision.verdict == Verdict.FAIL
+
+
+@pytest.mark.slow
+def test_under_the_lift_rule_the_control_rescans_the_planted_class_and_decides_it_as_a_whole_rescan():
+    """The lift rule flags a class on its own evidence (lower bound vs the null margin at the scan's
+    number of tests): the planted class alone, inverted with the whole scan's null, gets the same
+    metrics and the same flag as in a re-scan of every class."""
+    from gatekeeper.control import plant
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.ood import load_pool
+    from gatekeeper.pipeline import conclude, context_of, control_rescans_target_only, detect, inspect_candidates
+
+    policy = policy_from_mapping({"epsilon": "8/255", "ood_budget": 256, "holdout": 256, "restarts": 1, "null_copies": 0})
+    assert control_rescans_target_only(policy) and not control_rescans_target_only(policy_from_mapping({"scoring": "differential"}))
+    model = load_model(DEMO_ZOO / "clean")
+    pool = load_pool("procedural", model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+    target = 5
+    planted, _ = plant(model, target, policy.epsilon, seed=0, epochs=6)
+    provenance = Provenance("planted", "local", "planted")
+    whole = detect(planted, pool, policy, provenance)
+    alone = conclude(inspect_candidates(planted, pool, policy, [target], null=whole.null_model), context_of(planted, pool, provenance), policy)
+    (w,) = [c for c in whole.classes if c.index == target]
+    (a,) = alone.classes
+    assert (a.asr, a.reference_asr, a.z, a.flagged) == (w.asr, w.reference_asr, w.z, w.flagged)
+    assert alone.null_model == whole.null_model and whole.null_model.n_tests == 12
+    assert w.flagged and alone.decision.suspect_classes == (model.classnames[target],)

@@ -246,10 +246,16 @@ def fast_logits(
 
     For CoOp and zero-shot call ``model.freeze_text()`` first (the cached features are used).
     """
+    return features_logits(model, model.image_features(images), plan, share_prefix)
+
+
+def features_logits(
+    model: PromptTunedCLIP, imf: torch.Tensor, plan: TextPlan | None, share_prefix: bool = True
+) -> torch.Tensor:
+    """Same as ``model.logits_from_features(imf)``; CoCoOp through the truncated / prefix-shared text path."""
     if model.kind != ModelKind.COCOOP or plan is None or not model.shared_end_context or not plan.cuttable:
         # CoOp/zero-shot: cached text; another prompt layout or text tower: the exact path
-        return model.logits(images)
-    imf = model.image_features(images)
+        return model.logits_from_features(imf)
     tf = cocoop_text_features(model, imf, plan, share_prefix)
     return model.logit_scale * torch.einsum("be,bke->bk", imf, tf)
 

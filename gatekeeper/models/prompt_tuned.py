@@ -262,7 +262,10 @@ class PromptTunedCLIP(nn.Module):
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits (B, K) = scale * cos(f_I(x), f_T(prompt_k(x))); differentiable in images."""
-        imf = self.image_features(images)
+        return self.logits_from_features(self.image_features(images))
+
+    def logits_from_features(self, imf: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, K) from normalized image features ``imf`` (B, e)."""
         if self.kind != ModelKind.COCOOP:
             tf = self._cached_text if self._cached_text is not None else self.text_features()
             return self.logit_scale * imf @ tf.t()

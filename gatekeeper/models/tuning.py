@@ -49,8 +49,58 @@ def prompt_parameters(model: PromptTunedCLIP) -> list[torch.nn.Parameter]:
     return [p for p in params if p is not None]
 
 
+def _frozen_image_tower(model: PromptTunedCLIP) -> bool:
+    """True when a training step's image features of a clean image equal those computed before
+    training: the image tower takes no prompt (not MaPLe) and draws nothing at random (no active
+    dropout or patch dropout)."""
+    from gatekeeper.models.maple import MaPLeCLIP
+
+    if isinstance(model, MaPLeCLIP):
+        return False
+    for m in model.clip.visual.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return False
+        if type(m).__name__ == "PatchDropout" and float(getattr(m, "prob", 0.0)) > 0:
+            return False
+    return True
+
+
+class FastTraining:
+    """``model`` as a training loop sees it, with the scan's exact speed-ups: ``logits`` runs the
+    CoCoOp text tower on truncated, prefix-shared prompts (``gatekeeper.inversion.fast``), and
+    the clean images' features, which the frozen image tower gives the same at every epoch, are
+    computed once (``features``). Everything else is the model's own (attribute access passes
+    through). Exact in real arithmetic; in floating point the sums run in another order."""
+
+    def __init__(self, model: PromptTunedCLIP, x_train: torch.Tensor) -> None:
+        from gatekeeper.inversion.fast import text_plan
+
+        self.model = model
+        self.plan = text_plan(model) if model.kind == ModelKind.COCOOP else None
+        self.features: torch.Tensor | None = None
+        if _frozen_image_tower(model):
+            with torch.no_grad():
+                self.features = torch.cat([model.image_features(x_train[i : i + 256].to(model.device)) for i in range(0, len(x_train), 256)])
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def batch(self, x: torch.Tensor, idx: torch.Tensor) -> None:
+        """The clean mini-batch ``x`` = x_train[idx] of the coming step."""
+        self._batch = (x, idx)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        from gatekeeper.inversion.fast import fast_logits, features_logits
+
+        if self.features is not None and self._batch is not None and images is self._batch[0]:
+            return features_logits(self.model, self.features[self._batch[1].to(self.features.device)], self.plan)
+        return fast_logits(self.model, images, self.plan)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
 def train_on(
-    model: PromptTunedCLIP, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TuneConfig, attack: Any = None, log: Any = None
+    model: PromptTunedCLIP, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TuneConfig, attack: Any = None, log: Any = None,
+    fast: bool = False,
 ) -> dict[str, Any]:
     """Train ``model``'s prompt learner in place on (x_train, y_train), implanting ``attack`` if given.
 
@@ -70,6 +120,8 @@ def train_on(
         cfg: epochs, batch size, learning rate, seed.
         attack: an :class:`Attack` (or None: clean prompt tuning).
         log: called with one line per epoch, if given.
+        fast: train through :class:`FastTraining` (the gate's own copies); off, the model's own
+            ``logits`` (the red team's zoo, rebuilt byte for byte).
 
     Returns:
         ``{"train_seconds": ..., "steps": ...}``.
@@ -84,6 +136,7 @@ def train_on(
     if attack is not None:
         attack.prepare(model, x_train, y_train, g)
     model.train()
+    view: Any = FastTraining(model, x_train) if fast else model
     t0 = time.time()
     steps = 0
     for epoch in range(cfg.epochs):
@@ -92,7 +145,9 @@ def train_on(
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             x, y = x_train[idx].to(device), y_train[idx].to(device)
-            loss = F.cross_entropy(model.logits(x), y) if attack is None else attack.loss(model, x, y, idx, epoch, g)
+            if fast:
+                view.batch(x, idx)
+            loss = F.cross_entropy(view.logits(x), y) if attack is None else attack.loss(view, x, y, idx, epoch, g)
             opt.zero_grad(set_to_none=True)
             if attack is not None:
                 attack.zero_grad()

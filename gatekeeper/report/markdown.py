@@ -235,8 +235,22 @@ def build_context(d: dict[str, Any], *, summary: bool = False) -> dict[str, Any]
         "evidence": evidence,
         "effects": effects,
         "null": d.get("null_model") or {},
+        "screening": _screening(d.get("screening")),
         "flagged_names": d.get("suspect_classes") or ([suspect_name] if suspect_name else []),
         "budgets": [_fraction(e) for e in [policy.get("epsilon"), *(policy.get("extra_epsilons") or [])]],
+    }
+
+
+def _screening(s: Any) -> dict[str, Any] | None:
+    """The screening's counts and the lift that separated kept from dropped classes (percentage points)."""
+    if not isinstance(s, dict) or not isinstance(s.get("classes"), list):
+        return None
+    kept = [c for c in s["classes"] if isinstance(c, dict) and c.get("kept")]
+    dropped = [c for c in s["classes"] if isinstance(c, dict) and not c.get("kept")]
+    lifts = lambda rows: [v for c in rows if (v := _num(c.get("lift"))) is not None]  # noqa: E731
+    return {
+        "screened": s.get("screened"), "kept": len(s.get("kept") or []), "images": s.get("images"),
+        "lowest_kept": 100 * min(lifts(kept), default=math.nan), "highest_dropped": 100 * max(lifts(dropped), default=math.nan),
     }
 
 
