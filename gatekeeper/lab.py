@@ -23,10 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     bench = sub.add_parser(
         "bench",
-        help="benchmarks (speed: fast path vs reference; detection: detectors on a red-team zoo; repair: CI trigger vs controls)",
+        help="benchmarks (speed: fast path vs reference; detection: detectors on a red-team zoo; screening: does the screening keep "
+        "every true target; repair: CI trigger vs controls)",
         add_help=False,
     )
-    bench.add_argument("bench_command", choices=["speed", "detection", "repair"], help="which benchmark")
+    bench.add_argument("bench_command", choices=["speed", "detection", "repair", "screening"], help="which benchmark")
     bench.add_argument(
         "rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `gatekeeper-lab bench speed --help`)"
     )
@@ -96,6 +97,10 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> ExitCode:
         from gatekeeper.bench import repair as repair_bench
 
         return ExitCode(repair_bench.main(args.rest))
+    if args.bench_command == "screening":
+        from gatekeeper.bench import screening
+
+        return ExitCode(screening.main(args.rest))
     if args.bench_command == "detection":
         from gatekeeper.bench import detection
 

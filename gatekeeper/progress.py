@@ -12,7 +12,7 @@ from gatekeeper.untrusted import inert, say
 
 def plural(unit: str) -> str:
     """``class`` -> ``classes``, ``epoch`` -> ``epochs``."""
-    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
+    return unit + ("es" if unit.endswith("s") else "s")
 
 
 def plain_line(label: str, tick: Tick, seconds: float) -> str:

@@ -51,6 +51,7 @@ def test_plain_lines_name_the_pass_and_show_both_counts():
     assert plain_line("scan", Tick("positive control: planting", 12, 12, 40, 48, "epoch"), 5) == (
         "[scan] positive control: planting: 12/12 epochs done (step 40/48, 5s)"
     )
+    assert plain_line("scan", Tick("model ε=8/255", 12, 12, 12, 48, "class"), 5) == "[scan] model ε=8/255: 12/12 classes done (step 12/48, 5s)"
     assert plain_line("scan", Tick("", 0, 0, 48, 48), 90) == "[scan] done: 48/48 steps in 90s"
 
 

@@ -280,6 +280,12 @@ def _step_time(
 
 def scan_flops(model: PromptTunedCLIP, n_steps_images: int, n_asr_images: int, fast: bool) -> float:
     """Analytic FLOPs of a scan (module docstring): 2x forward per inversion image, 1x per ASR image."""
+    img, txt = image_text_flops(model, fast)
+    return (img + txt) * (2 * n_steps_images + n_asr_images)
+
+
+def image_text_flops(model: PromptTunedCLIP, fast: bool) -> tuple[float, float]:
+    """Forward FLOPs per image of a CoCoOp logits call: (image tower, text tower over all K class prompts)."""
     visual: Any = model.clip.visual
     patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
     t = (model.image_size // patch) ** 2 + 1
@@ -297,26 +303,55 @@ def scan_flops(model: PromptTunedCLIP, n_steps_images: int, n_asr_images: int, f
     else:
         n = int(cast(torch.Tensor, model.tokenized).shape[1])
         txt = k * lt * (24 * n * w**2 + 4 * n * n * w)
-    per_image = float(img + txt)
-    return per_image * (2 * n_steps_images + n_asr_images)
+    return float(img), float(txt)
 
 
 FULL_CLASS_KS = (10, 50, 200, 1000)
 
 
 def full_class_costs(
-    ks: tuple[int, ...] = FULL_CLASS_KS, n_pool: int = 1000, n_hold: int = 500, sizes: dict[str, int] | None = None
+    ks: tuple[int, ...] = FULL_CLASS_KS, n_pool: int = 1000, n_hold: int = 500, sizes: dict[str, int] | None = None,
+    keep: int | None = None, n_screen: int | None = None,
 ) -> list[dict[str, float]]:
     """Analytic PFLOP of inverting every class of a K-class CoCoOp once (one restart, one budget;
     |D| = ``n_pool``, |T| = ``n_hold``), reference and fast, at ViT-B/16 shapes (``sizes``: the
     small CPU shapes instead). Each candidate's step runs the image tower and all K class prompts,
-    so the text part grows as K^2."""
+    so the text part grows as K^2. ``screened_pflop``: the same scan behind the screening stage
+    (every class on ``n_screen`` + ``n_screen`` images, then ``keep`` classes in full; the policy's
+    defaults)."""
+    from gatekeeper.policy import Policy
+
+    keep = Policy().screen_keep if keep is None else keep
+    n_screen = Policy().screen_images if n_screen is None else n_screen
     rows = []
     for k in ks:
         model = build_bench_model(torch.device("cpu"), k, vit_b16=sizes is None, sizes=sizes)
         ref = scan_flops(model, n_pool * k, n_hold * k, fast=False)
         fast = scan_flops(model, n_pool * k, n_hold * k, fast=True)
-        rows.append({"classes": k, "reference_pflop": ref / 1e15, "fast_pflop": fast / 1e15, "work_ratio": ref / fast})
+        screened = fast
+        if k > keep:  # every class on n_screen + n_screen images (and the public backbone's image tower), then keep in full
+            img, _ = image_text_flops(model, fast=True)
+            screened = scan_flops(model, n_screen * k, n_screen * k, fast=True) + 3 * img * n_screen * k
+            screened += scan_flops(model, n_pool * keep, n_hold * keep, fast=True)
+        rows.append({"classes": k, "reference_pflop": ref / 1e15, "fast_pflop": fast / 1e15, "work_ratio": ref / fast,
+                     "screened_pflop": screened / 1e15, "screened_keep": min(k, keep)})
+    return rows
+
+
+def measured_full_class(ks: tuple[int, ...] = (10, 50, 200), n_pool: int = 32, n_hold: int = 16, log: Any = None) -> list[dict[str, float]]:
+    """Wall seconds of the fast path inverting every class of a K-class CoCoOp at the small CPU
+    shapes (random weights, one restart): how the cost grows with K on this machine."""
+    rows = []
+    for k in ks:
+        model = build_bench_model(torch.device("cpu"), k, vit_b16=False, sizes=QUICK_SIZES)
+        model.eval()
+        pool = torch.rand(n_pool + n_hold, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(k))
+        settings = InversionSettings(8 / 255, 32, 1, 0.1, 0)
+        t0 = time.perf_counter()
+        FastClipInspector().invert(model, pool[:n_pool], pool[n_pool:], list(range(k)), settings)
+        rows.append({"classes": k, "seconds": time.perf_counter() - t0})
+        if log:
+            log(f"  K = {k}: {rows[-1]['seconds']:.1f} s")
     return rows
 
 
@@ -1049,9 +1084,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dry-run goes with --gpu-check")
     if args.class_costs:
         print("full-class scan, ViT-B/16 CoCoOp, |D| = 1000, |T| = 500, one restart, one budget (analytic):")
-        print("K | reference PFLOP | fast PFLOP | work ratio")
+        print("K | reference PFLOP | fast PFLOP | work ratio | screened PFLOP (classes kept)")
         for row in full_class_costs():
-            print(f"{row['classes']} | {row['reference_pflop']:.1f} | {row['fast_pflop']:.1f} | {row['work_ratio']:.1f}x")
+            print(f"{row['classes']} | {row['reference_pflop']:.1f} | {row['fast_pflop']:.1f} | {row['work_ratio']:.1f}x"
+                  f" | {row['screened_pflop']:.1f} ({row['screened_keep']})")
+        print("measured at the small shapes, fast path, every class, |D| = 32, |T| = 16, one restart:")
+        print("K | seconds | seconds per class")
+        for row in measured_full_class(log=lambda s: print(s, flush=True)):
+            print(f"{row['classes']} | {row['seconds']:.1f} | {row['seconds'] / row['classes']:.3f}")
         return 0
     if args.gpu_check:
         if args.threads:

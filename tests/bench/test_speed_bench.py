@@ -43,3 +43,16 @@ def test_full_class_costs_grow_faster_than_the_number_of_classes():
         for key in ("reference_pflop", "fast_pflop"):
             assert 2.0 < big[key] / small[key] < 4.0
         assert big["work_ratio"] > 1.0 and small["work_ratio"] > 1.0
+
+
+def test_the_screening_makes_a_full_class_scan_cost_grow_with_the_classes_kept():
+    """Behind the screening, a K-class scan inverts only ``keep`` classes in full; below ``keep`` it
+    costs what the full-class scan does."""
+    from gatekeeper.bench.speed import QUICK_SIZES, full_class_costs, measured_full_class
+
+    rows = full_class_costs((2, 8, 32), n_pool=64, n_hold=32, sizes=QUICK_SIZES, keep=4, n_screen=8)
+    assert rows[0]["screened_pflop"] == rows[0]["fast_pflop"] and rows[0]["screened_keep"] == 2
+    assert rows[1]["screened_pflop"] < rows[1]["fast_pflop"] and rows[2]["screened_pflop"] < rows[2]["fast_pflop"] / 3
+    assert [r["screened_keep"] for r in rows] == [2, 4, 4]
+    measured = measured_full_class((2, 3), n_pool=4, n_hold=2)
+    assert [r["classes"] for r in measured] == [2, 3] and all(r["seconds"] > 0 for r in measured)
