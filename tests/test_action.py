@@ -897,3 +897,31 @@ def test_demo_zoo_through_the_action(tmp_path, name, code, verdict):
     if verdict == "fail":
         assert run.outputs["suspect-class"] and run.outputs["suspect-class"] in run.summary
     _assert_no_token(run, ws)
+
+
+@pytest.mark.slow
+def test_the_action_installs_itself_into_a_fresh_venv_and_scans_to_a_verdict(tmp_path):
+    """`uses:` alone: no gatekeeper on PATH, the default `runtime: install` builds a venv from the
+    action's checkout with a real pip (torch and torchvision from the package index, then the
+    action), and the scan step runs that venv's CLI on the demo's backdoored model to a verdict,
+    outputs and a job summary. The index is PyPI here (the PyTorch CPU index is not reachable from
+    this machine; GATEKEEPER_TORCH_INDEX_URL is the action's documented override)."""
+    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+        pytest.skip("no system python3 apart from the test's own interpreter")
+    ws = tmp_path / "ws"
+    shutil.copytree(DEMO / "backdoored", ws / "models" / "backdoored")
+    light_tiny_world_policy(ws / "tiny-world-light.yaml")
+    bare = {"PATH": "/usr/local/bin:/usr/bin:/bin", "GATEKEEPER_TORCH_INDEX_URL": "https://pypi.org/simple", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    assert shutil.which("gatekeeper", path=bare["PATH"]) is None  # nothing pre-installed where the steps look
+    run = run_action(ws, {"model": "models/backdoored", "policy": "tiny-world-light.yaml", "device": "cpu"}, env=bare,
+                     python=Path(python), action_ref="v0-test")
+    assert run.code == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.steps == ["python", "plan", "restore", "install", "save", "scan"]
+    venv = Path(dict(run.actions)["actions/cache/save"]["path"])
+    assert (venv / "bin" / "gatekeeper").is_file() and (venv / ".gatekeeper-install").is_file()
+    assert "gatekeeper install check: torch" in run.stdout + run.stderr
+    assert run.outputs["verdict"] == "fail" and run.outputs["suspect-class"] == "orange square"
+    assert run.summary.lstrip().startswith("# FAIL") and "orange square" in run.summary
+    assert (ws / run.outputs["report-path"]).is_file() and json.loads((ws / run.outputs["json-path"]).read_text())["verdict"] == "fail"
+    _assert_no_token(run, ws)
