@@ -338,6 +338,49 @@ def full_class_costs(
     return rows
 
 
+def whole_scan_pflop(model: PromptTunedCLIP, policy: Any) -> dict[str, float]:
+    """Analytic PFLOP of a whole scan of ``model`` (CoCoOp, every class) under ``policy``, by part:
+    the model's inversions (restarts x budgets), the public backbone's (zero-shot: the image tower
+    per image, the class prompts once), the null model's clean copies (tuning on cached image
+    features, then the model's inversions), the positive control (the plant, through the image
+    tower for the trigger and the text for every step, and, under the lift rule, the planted class
+    alone re-scanned) and the screening where the policy screens. Forward FLOPs count once, a
+    backward twice more (the module docstring's convention: 2x per inversion image)."""
+    from gatekeeper.control import N_PLANT, PLANT_EPOCHS
+    from gatekeeper.decide import rule_for
+    from gatekeeper.null import NULL_TRAIN_EPOCHS
+    from gatekeeper.pipeline import control_rescans_target_only
+    from gatekeeper.policy import PositiveControl
+    from gatekeeper.screen import screens
+
+    k = len(model.classnames)
+    img, txt = image_text_flops(model, fast=True)
+    per_class = (2 * policy.ood_budget + policy.holdout) * (img + txt)  # one class, one pass
+    ref_per_class = (2 * policy.ood_budget + policy.holdout) * img
+    rule = rule_for(policy)
+    passes = policy.restarts * len(policy.budgets)
+    kept = min(k, policy.screen_keep) if screens(policy, k) else k
+    out = {"model": passes * kept * per_class}
+    out["public backbone"] = passes * kept * ref_per_class if rule.needs_reference else 0.0
+    tune = NULL_TRAIN_EPOCHS * N_PLANT * 3 * txt + N_PLANT * img
+    out["null copies"] = policy.null_copies * len(policy.budgets) * (tune + policy.restarts * kept * per_class) if rule.uses_null else 0.0
+    if screens(policy, k):
+        out["screening"] = len(policy.budgets) * 3 * policy.screen_images * k * ((img + txt) + (img if rule.needs_reference else 0.0))
+    if policy.positive_control != PositiveControl.OFF:
+        plant = PLANT_EPOCHS * N_PLANT * 3 * (img + txt) + (PLANT_EPOCHS - 3) * N_PLANT * 3 * txt
+        rescan_classes = 1 if control_rescans_target_only(policy) else kept
+        out["positive control"] = plant + passes * rescan_classes * (per_class + ref_per_class)
+    return {name: v / 1e15 for name, v in out.items()}
+
+
+def shipped_policy_costs(sizes: dict[str, int] | None = None, k: int = 50) -> dict[str, dict[str, float]]:
+    """:func:`whole_scan_pflop` under each shipped policy for a ``k``-class ViT-B/16 CoCoOp."""
+    from gatekeeper.policy import load_policy
+
+    model = build_bench_model(torch.device("cpu"), k, vit_b16=sizes is None, sizes=sizes)
+    return {name: whole_scan_pflop(model, load_policy(name)) for name in ("default", "tiny-world")}
+
+
 def measured_full_class(ks: tuple[int, ...] = (10, 50, 200), n_pool: int = 32, n_hold: int = 16, log: Any = None) -> list[dict[str, float]]:
     """Wall seconds of the fast path inverting every class of a K-class CoCoOp at the small CPU
     shapes (random weights, one restart): how the cost grows with K on this machine."""
@@ -1088,6 +1131,11 @@ def main(argv: list[str] | None = None) -> int:
         for row in full_class_costs():
             print(f"{row['classes']} | {row['reference_pflop']:.1f} | {row['fast_pflop']:.1f} | {row['work_ratio']:.1f}x"
                   f" | {row['screened_pflop']:.1f} ({row['screened_keep']})")
+        print("whole scan of a 50-class ViT-B/16 CoCoOp under each shipped policy, analytic PFLOP by part:")
+        for name, parts in shipped_policy_costs().items():
+            detail = ", ".join(f"{part} {v:.1f}" for part, v in parts.items() if v)
+            print(f"{name}: {sum(parts.values()):.1f} ({detail})")
+        print("(the public backbone's inversion and the null copies are cached per backbone, class list, policy and pool)")
         print("measured at the small shapes, fast path, every class, |D| = 32, |T| = 16, one restart:")
         print("K | seconds | seconds per class")
         for row in measured_full_class(log=lambda s: print(s, flush=True)):

@@ -56,3 +56,24 @@ def test_the_screening_makes_a_full_class_scan_cost_grow_with_the_classes_kept()
     assert [r["screened_keep"] for r in rows] == [2, 4, 4]
     measured = measured_full_class((2, 3), n_pool=4, n_hold=2)
     assert [r["classes"] for r in measured] == [2, 3] and all(r["seconds"] > 0 for r in measured)
+
+
+def test_a_whole_scans_cost_counts_every_part_the_policy_runs():
+    from dataclasses import replace
+
+    import torch
+
+    from gatekeeper.bench.speed import QUICK_SIZES, build_bench_model, shipped_policy_costs, whole_scan_pflop
+    from gatekeeper.policy import PositiveControl, Scoring, load_policy
+
+    costs = shipped_policy_costs(sizes=QUICK_SIZES, k=6)
+    assert "positive control" not in costs["default"] and costs["tiny-world"]["positive control"] > 0
+    model = build_bench_model(torch.device("cpu"), 6, vit_b16=False, sizes=QUICK_SIZES)
+    lift = load_policy("tiny-world")
+    one = whole_scan_pflop(model, replace(lift, restarts=1))
+    assert one["model"] == costs["tiny-world"]["model"] / 2  # two restarts: twice the model's inversion
+    # the lift rule re-scans the planted class alone; a z rule re-scans every class
+    z = whole_scan_pflop(model, replace(lift, scoring=Scoring.DIFFERENTIAL, null_copies=0))
+    assert z["positive control"] > costs["tiny-world"]["positive control"] and z["null copies"] == 0.0
+    screened = whole_scan_pflop(model, replace(lift, screen_keep=2, positive_control=PositiveControl.OFF))
+    assert screened["screening"] > 0 and screened["model"] == costs["tiny-world"]["model"] / 3
