@@ -263,3 +263,35 @@ def test_the_build_context_builds_a_wheel_with_all_its_data(context, tmp_path):
         "gatekeeper/cli.py",
     ):
         assert needed in names, needed
+
+
+def test_the_wheel_built_from_the_context_installs_and_runs_from_its_own_data(context, tmp_path):
+    """The install half of the Dockerfiles' step: the wheel built from the context is installed
+    (into its own folder, ahead of the checkout on the path) and that copy, not the checkout,
+    loads its shipped policy and the demo model from its own packaged data."""
+    src, _ = context
+    dist, target = tmp_path / "dist", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dist), str(src)],
+                   check=True, capture_output=True, timeout=600)
+    [wheel] = dist.glob("gatekeeper_clip-*.whl")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = (
+        "import gatekeeper, sys\n"
+        "from pathlib import Path\n"
+        f"assert Path(gatekeeper.__file__).is_relative_to({str(target)!r}), gatekeeper.__file__\n"
+        "from gatekeeper.resources import data_path\n"
+        "from gatekeeper.policy import load_policy\n"
+        "from gatekeeper.models.loader import load_model\n"
+        "assert load_policy('tiny-world').positive_control.value == 'badclip'\n"
+        "m = load_model(data_path('zoo') / 'demo' / 'backdoored')\n"
+        f"assert Path(data_path('zoo')).is_relative_to({str(target)!r})\n"
+        "print(len(m.classnames), gatekeeper.__version__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.split()[0] == "12"
+    cli = subprocess.run([sys.executable, "-m", "gatekeeper", "--version"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert cli.returncode == 0 and cli.stdout.strip(), cli.stderr
