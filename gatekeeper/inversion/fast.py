@@ -84,8 +84,8 @@ class TextPlan:
 
 
 def _is_causal_mask(mask: torch.Tensor | None, length: int) -> bool:
-    if mask is None or mask.shape[-2:] != (length, length) or mask.ndim != 2:
-        return False
+    if mask is None or mask.shape[-2:] != (length, length) or mask.ndim != 2 or mask.is_meta:
+        return False  # (a mask without data cannot be checked: the exact path)
     m = mask.detach().float().cpu()
     upper = torch.ones(length, length, dtype=torch.bool).triu(1)
     if m.dtype == torch.bool:  # pragma: no cover - open_clip uses an additive float mask
