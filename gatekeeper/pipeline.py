@@ -7,6 +7,7 @@ import platform
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +20,9 @@ from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
 from gatekeeper.policy import Detector, Implementation, Policy, PositiveControl
 from gatekeeper.result import ClassMetrics, Decision, ModelInfo, NullModel, PoolInfo, Provenance, ScanResult, Verdict
-from gatekeeper.screen import Screening
+
+if TYPE_CHECKING:
+    from gatekeeper.screen import Screening
 from gatekeeper.tracking import ScanProgress, Stage, Tracker, no_ticks, pass_labels, training_label
 
 MODEL = "model"
