@@ -20,10 +20,10 @@ from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
 from gatekeeper.policy import Detector, Implementation, Policy, PositiveControl
 from gatekeeper.result import ClassMetrics, Decision, ModelInfo, NullModel, PoolInfo, Provenance, ScanResult, Verdict
+from gatekeeper.tracking import ScanProgress, Stage, Tracker, no_ticks, pass_labels, training_label
 
 if TYPE_CHECKING:
     from gatekeeper.screen import Screening
-from gatekeeper.tracking import ScanProgress, Stage, Tracker, no_ticks, pass_labels, training_label
 
 MODEL = "model"
 REFERENCE = "public backbone"

@@ -60,7 +60,7 @@ def test_under_the_lift_rule_the_control_rescans_the_planted_class_and_decides_i
     from gatekeeper.ood import load_pool
     from gatekeeper.pipeline import conclude, context_of, control_rescans_target_only, detect, inspect_candidates
 
-    policy = policy_from_mapping({"epsilon": "8/255", "ood_budget": 256, "holdout": 256, "restarts": 1, "null_copies": 0})
+    policy = policy_from_mapping({"epsilon": "8/255", "ood_budget": 128, "holdout": 128, "restarts": 1, "null_copies": 0})
     assert control_rescans_target_only(policy) and not control_rescans_target_only(policy_from_mapping({"scoring": "differential"}))
     model = load_model(DEMO_ZOO / "clean")
     pool = load_pool("procedural", model.image_size, policy.ood_budget, policy.holdout, policy.seed)

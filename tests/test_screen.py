@@ -11,7 +11,7 @@ from gatekeeper.policy import Detector, policy_from_mapping
 from gatekeeper.screen import ScreenedClass, rank_key, screens
 from tests.conftest import DEMO_ZOO
 
-LIGHT = "epsilon: 8/255\nood_budget: 256\nholdout: 256\nrestarts: 1\nnull_copies: 0\n"
+LIGHT = "epsilon: 8/255\nood_budget: 128\nholdout: 128\nrestarts: 1\nnull_copies: 0\n"
 
 
 def test_a_scan_screens_only_more_classes_than_it_keeps_and_only_with_clip_inspector():
@@ -31,11 +31,11 @@ def test_screening_ranks_by_lift_then_asr_then_index():
 def test_the_screening_keeps_the_planted_target_and_the_scan_names_it(tmp_path):
     truth = json.loads((DEMO_ZOO / "backdoored.truth" / "truth.json").read_text())
     policy = tmp_path / "screened.yaml"
-    policy.write_text(LIGHT + "screen_keep: 3\nscreen_images: 64\n")
+    policy.write_text(LIGHT + "screen_keep: 3\nscreen_images: 32\n")
     code = main(["scan", str(DEMO_ZOO / "backdoored"), "--policy", str(policy), "--out", str(tmp_path / "out"), "--quiet"])
     res = json.loads((tmp_path / "out" / "result.json").read_text())
     screening = res["screening"]
-    assert screening["screened"] == 12 and len(screening["kept"]) == 3 and screening["images"] == 64
+    assert screening["screened"] == 12 and len(screening["kept"]) == 3 and screening["images"] == 32
     assert truth["target_index"] in screening["kept"]
     assert len(screening["classes"]) == 12 and sum(c["kept"] for c in screening["classes"]) == 3
     assert code == 1 and res["suspect_classes"] == [truth["target_class"]], res["reason"]
