@@ -220,9 +220,11 @@ def inspect_candidates(
         if measured is not None:
             nulls.append(measured)
     chosen = per_budget[0]
-    combined = null if null is not None else nulls[0] if nulls else None
+    combined = null
+    if combined is None and nulls:
+        combined = nulls[0] if len(nulls) == 1 else combine_nulls(policy, policy.n_tests(len(candidates)), nulls)
     if len(per_budget) > 1:
-        combined = null if null is not None else combine_nulls(policy, policy.n_tests(len(candidates)), nulls)
+        assert combined is not None  # several budgets need the lift rule, which always has a null
         best = strongest_budget([[i.metrics for i in run] for run in per_budget], combined)
         by_budget = {eps: {i.metrics.index: i for i in run} for eps, run in zip(policy.budgets, per_budget, strict=True)}
         chosen = [by_budget[m.epsilon or policy.epsilon][m.index] for m in best]
@@ -230,7 +232,7 @@ def inspect_candidates(
     return Inspection(tuple(i.metrics for i in chosen), triggers, pool.holdout[0], seconds, combined)
 
 
-def plan_inspection(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -> list[Stage]:
+def plan_inspection(model: PromptTunedCLIP, policy: Policy, n_candidates: int, measures_null: bool = True) -> list[Stage]:
     """The stages :func:`inspect_candidates` runs, in order: per budget the model's restarts, the
     public backbone's (where the rule compares with it) and each clean copy's tuning and restarts
     (where the rule measures a null)."""
@@ -242,7 +244,7 @@ def plan_inspection(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -
         stages += [Stage(label, n_candidates) for label in pass_labels(MODEL, eps, policy.restarts)]
         if rule.needs_reference:
             stages += [Stage(label, n_candidates) for label in pass_labels(REFERENCE, eps, policy.restarts)]
-        if rule.uses_null and model.ctx is not None:
+        if measures_null and rule.uses_null and model.ctx is not None:
             for i in range(policy.null_copies):
                 who = copy_label(i, policy.null_copies)
                 stages.append(Stage(training_label(who, eps), NULL_TRAIN_EPOCHS, "epoch"))
@@ -260,16 +262,13 @@ def control_rescans_target_only(policy: Policy) -> bool:
 
 def plan_control_scan(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -> list[Stage]:
     """The positive control's re-scan of the planted copy (labels without the control's prefix)."""
-    from gatekeeper.null import copy_label
     from gatekeeper.screen import plan_screening, screens
 
     plain = replace(policy, positive_control=PositiveControl.OFF)
     if not control_rescans_target_only(policy):
         return plan_screened_inspection(model, plain, n_candidates)
     screening = plan_screening(plain, n_candidates, rule_for(plain).needs_reference) if screens(plain, n_candidates) else []
-    copies = {copy_label(i, policy.null_copies) for i in range(policy.null_copies)}
-    # one class; the null margin is the scan's own (its copies are not tuned again)
-    return screening + [Stage(s.label, 1, s.unit) for s in plan_inspection(model, plain, 1) if not any(s.label.startswith(c) for c in copies)]
+    return screening + plan_inspection(model, plain, 1, measures_null=False)  # the planted class, judged with the scan's null
 
 
 def plan_scan(model: PromptTunedCLIP, policy: Policy, n_candidates: int) -> list[Stage]:
@@ -383,9 +382,8 @@ def with_positive_control(
         # a class the scan does not sample cannot be flagged by it: then the whole scan runs, and misses it
         if not control_rescans_target_only(policy) or target not in candidates:
             return detect(copy, pool, plain, provenance, scoped)
-        kept, screening = screened_candidates(copy, pool, plain, candidates, scoped)
+        kept, _ = screened_candidates(copy, pool, plain, candidates, scoped)
         if target not in kept:  # the same scan would not have inverted the planted class
-            assert screening is not None
             reason = f"the screening did not keep the planted class '{model.classnames[target]}'"
             return replace(result, decision=Decision(Verdict.PASS, float("nan"), result.decision.threshold,
                                                      result.decision.threshold_kind, None, reason), classes=())

@@ -71,10 +71,9 @@ def screens(policy: Policy, n_candidates: int) -> bool:
     return policy.detector == Detector.CLIP_INSPECTOR and policy.screen_keep > 0 and n_candidates > policy.screen_keep
 
 
-def split(pool: OODPool, images: int) -> tuple[int, int]:
-    """(train, judge) sizes of the screening inside the inversion set: ``images`` each, or half the set."""
-    n = min(images, len(pool.inversion) // 2)
-    return n, n
+def screen_size(pool: OODPool, images: int) -> int:
+    """Images the screening trains on, and as many more it judges on: ``images``, or half the inversion set."""
+    return min(images, len(pool.inversion) // 2)
 
 
 def rank_key(c: ScreenedClass) -> tuple[float, float, int]:
@@ -90,8 +89,8 @@ def screen(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: li
 
     t0 = time.perf_counter()
     track = track or Tracker()
-    n_train, n_judge = split(pool, policy.screen_images)
-    train, judge = pool.inversion[:n_train], pool.inversion[n_train : n_train + n_judge]
+    n = screen_size(pool, policy.screen_images)
+    train, judge = pool.inversion[:n], pool.inversion[n : 2 * n]
     detector = make_inverter(policy)
     needs_reference = rule_for(policy).needs_reference
     ref = reference_model(model) if needs_reference else None
@@ -110,7 +109,7 @@ def screen(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: li
         kept |= top
         rows += [replace(c, kept=c.index in top) for c in at]
     order = [c for c in candidates if c in kept]
-    return Screening(tuple(order), len(candidates), n_train, tuple(rows), round(time.perf_counter() - t0, 3))
+    return Screening(tuple(order), len(candidates), n, tuple(rows), round(time.perf_counter() - t0, 3))
 
 
 def plan_screening(policy: Policy, n_candidates: int, needs_reference: bool) -> list[Stage]:

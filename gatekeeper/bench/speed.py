@@ -348,6 +348,7 @@ def whole_scan_pflop(model: PromptTunedCLIP, policy: Any) -> dict[str, float]:
     backward twice more (the module docstring's convention: 2x per inversion image)."""
     from gatekeeper.control import N_PLANT, PLANT_EPOCHS
     from gatekeeper.decide import rule_for
+    from gatekeeper.models.tuning import BadCLIP
     from gatekeeper.null import NULL_TRAIN_EPOCHS
     from gatekeeper.pipeline import control_rescans_target_only
     from gatekeeper.policy import PositiveControl
@@ -367,7 +368,8 @@ def whole_scan_pflop(model: PromptTunedCLIP, policy: Any) -> dict[str, float]:
     if screens(policy, k):
         out["screening"] = len(policy.budgets) * 3 * policy.screen_images * k * ((img + txt) + (img if rule.needs_reference else 0.0))
     if policy.positive_control != PositiveControl.OFF:
-        plant = PLANT_EPOCHS * N_PLANT * 3 * (img + txt) + (PLANT_EPOCHS - 3) * N_PLANT * 3 * txt
+        warmup = BadCLIP(0).warmup  # epochs in which the plant trains its trigger only (no clean loss)
+        plant = PLANT_EPOCHS * N_PLANT * 3 * (img + txt) + (PLANT_EPOCHS - warmup) * N_PLANT * 3 * txt
         rescan_classes = 1 if control_rescans_target_only(policy) else kept
         out["positive control"] = plant + passes * rescan_classes * (per_class + ref_per_class)
     return {name: v / 1e15 for name, v in out.items()}

@@ -247,7 +247,9 @@ def _screening(s: Any) -> dict[str, Any] | None:
         return None
     kept = [c for c in s["classes"] if isinstance(c, dict) and c.get("kept")]
     dropped = [c for c in s["classes"] if isinstance(c, dict) and not c.get("kept")]
-    lifts = lambda rows: [v for c in rows if (v := _num(c.get("lift"))) is not None]  # noqa: E731
+    def lifts(rows: list[Any]) -> list[float]:
+        return [v for c in rows if (v := _num(c.get("lift"))) is not None]
+
     return {
         "screened": s.get("screened"), "kept": len(s.get("kept") or []), "images": s.get("images"),
         "lowest_kept": 100 * min(lifts(kept), default=math.nan), "highest_dropped": 100 * max(lifts(dropped), default=math.nan),
