@@ -30,6 +30,7 @@ import torch
 from gatekeeper.models.manifest import ModelKind
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP, predict
 from gatekeeper.ood import OODPool, procedural_images
+from gatekeeper.parallel import RNG_LOCK, slot
 from gatekeeper.result import ControlOutcome
 from gatekeeper.tracking import Tracker
 
@@ -66,7 +67,6 @@ def fresh_copy(model: PromptTunedCLIP, seed: int) -> PromptTunedCLIP:
     when n_ctx = 4, else small random; meta-net re-initialised), for calibration copies."""
     from gatekeeper.models.prompt_tuned import build_meta_net
 
-    torch.manual_seed(seed)
     assert model.ctx is not None
     shape = tuple(model.ctx.shape)  # (n_ctx, d), or (K, n_ctx, d) with class-specific contexts
     n_ctx, ctx_dim = shape[-2:]
@@ -75,10 +75,12 @@ def fresh_copy(model: PromptTunedCLIP, seed: int) -> PromptTunedCLIP:
     with torch.no_grad():
         words = model.clip.token_embedding(ids[1 : 1 + n_ctx].to(device)).float()
     fits = int((ids != 0).sum()) - 2 == n_ctx
-    ctx = words.expand(shape).clone() if fits else torch.randn(shape) * 0.02
     meta = None
-    if model.meta_net is not None:  # initialised on the CPU from the seed: the same copy on every device
-        meta = build_meta_net(int(model.clip.visual.output_dim), ctx_dim, int(next(iter(model.meta_net.parameters())).shape[0]))
+    with RNG_LOCK:  # torch's global RNG, seeded here: copies made side by side stay what they are alone
+        torch.manual_seed(seed)
+        ctx = words.expand(shape).clone() if fits else torch.randn(shape) * 0.02
+        if model.meta_net is not None:  # initialised on the CPU from the seed: the same copy on every device
+            meta = build_meta_net(int(model.clip.visual.output_dim), ctx_dim, int(next(iter(model.meta_net.parameters())).shape[0]))
     out = _share_encoders(model)
     out.ctx = torch.nn.Parameter(ctx.detach().float().to(device).clone())
     from gatekeeper.models.maple import MaPLeCLIP
@@ -103,8 +105,8 @@ def train_copy(
     y = pseudo_labels(labeller, x)
     trained = fresh_copy(model, seed) if fresh else copy_model(model)
     attack = BadCLIP(target, epsilon=epsilon) if target is not None else None
-    torch.manual_seed(seed)
-    train_on(trained, x, y, TuneConfig(kind=model.kind, epochs=epochs, seed=seed), attack, log, fast=True)  # re-freezes text
+    with slot():  # the training draws only from its own generator (seeded from ``seed``)
+        train_on(trained, x, y, TuneConfig(kind=model.kind, epochs=epochs, seed=seed), attack, log, fast=True)  # re-freezes text
     return trained, attack
 
 

@@ -19,11 +19,14 @@ holds its own key and is used only when every input matches; a corrupt entry is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,20 @@ def _write(kind: str, key: str, payload: dict[str, Any]) -> None:
         pass  # a read-only home is not an error; the next scan recomputes
 
 
+_ENTRIES: dict[str, threading.Lock] = {}
+_ENTRIES_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_at_a_time(key: str) -> Iterator[None]:
+    """One computation per cache entry in this process: a scan that needs an entry another scan
+    is computing (the demo's two models share their backbone and class names) waits, then reads it."""
+    with _ENTRIES_GUARD:
+        lock = _ENTRIES.setdefault(key, threading.Lock())
+    with lock:
+        yield
+
+
 def copy_label(i: int, copies: int) -> str:
     """Clean copy ``i``'s name in a scan's progress: ``clean copy 1/2``."""
     return f"clean copy {i + 1}/{copies}"
@@ -126,18 +143,19 @@ def reference_inversions(
 
     names = [model.classnames[i] for i in candidates]
     key = _key("reference", model, names, policy, pool, {"candidates": candidates})
-    hit = _read("reference", key)
-    if hit is not None:
-        try:
-            metrics = [ClassMetrics(**m) for m in hit["classes"]]
-            track.cached(pass_labels(REFERENCE, policy.epsilon, policy.restarts))
-            return metrics
-        except (KeyError, TypeError):
-            pass
-    runs = best_of_restarts(make_inverter(policy), reference_model(model), pool, policy, candidates, track, REFERENCE)
-    metrics = [i.metrics for i in runs]
-    _write("reference", key, {"classes": [asdict(m) for m in metrics]})
-    return metrics
+    with _one_at_a_time(key):
+        hit = _read("reference", key)
+        if hit is not None:
+            try:
+                metrics = [ClassMetrics(**m) for m in hit["classes"]]
+                track.cached(pass_labels(REFERENCE, policy.epsilon, policy.restarts))
+                return metrics
+            except (KeyError, TypeError):
+                pass
+        runs = best_of_restarts(make_inverter(policy), reference_model(model), pool, policy, candidates, track, REFERENCE)
+        metrics = [i.metrics for i in runs]
+        _write("reference", key, {"classes": [asdict(m) for m in metrics]})
+        return metrics
 
 
 def copy_lifts(inversions: list[ClassInversion], reference_asr: list[float]) -> list[float]:
@@ -154,6 +172,7 @@ def measure_null(
 ) -> NullModel:
     """The lift scoring's null margin for this backbone, class list, policy and pool (cached)."""
     from gatekeeper.control import train_copy
+    from gatekeeper.parallel import run_all
     from gatekeeper.pipeline import best_of_restarts, make_inverter, reference_model
 
     if policy.null_copies == 0 or model.ctx is None:
@@ -164,28 +183,33 @@ def measure_null(
              **({"prompt_depth": model.manifest.prompt_depth} if model.manifest.prompt_depth else {})}
     key = _key("null", model, names, policy, pool, {"candidates": candidates, "copies": policy.null_copies,
                                                       "epochs": NULL_TRAIN_EPOCHS, **shape})
-    hit = _read("null", key)
-    t0 = time.perf_counter()
     track = track or Tracker()
-    if hit is not None and isinstance(hit.get("copy_lifts"), list) and len(hit["copy_lifts"]) == policy.null_copies:
-        lifts = [[float(v) for v in row] for row in hit["copy_lifts"]]
-        cached, seconds = True, float(hit.get("seconds", 0.0))
-        for i in range(policy.null_copies):
-            who = copy_label(i, policy.null_copies)
-            track.cached([training_label(who, policy.epsilon), *pass_labels(who, policy.epsilon, policy.restarts)])
-    else:
-        labeller = reference_model(model)
-        plain = replace(policy, positive_control=PositiveControl.OFF)
-        lifts = []
-        for i in range(policy.null_copies):
-            who = copy_label(i, policy.null_copies)
-            copy, _ = train_copy(model, labeller, None, policy.epsilon, seed=policy.seed + NULL_SEED_OFFSET + i,
-                                 epochs=NULL_TRAIN_EPOCHS, fresh=True, log=track.training(training_label(who, policy.epsilon), NULL_TRAIN_EPOCHS))
-            copy.freeze_text()
-            inv = best_of_restarts(make_inverter(plain), copy, pool, plain, candidates, track, who)
-            lifts.append(copy_lifts(inv, reference_asr))
-        cached, seconds = False, round(time.perf_counter() - t0, 2)
-        _write("null", key, {"copy_lifts": lifts, "seconds": seconds})
+    with _one_at_a_time(key):
+        hit = _read("null", key)
+        t0 = time.perf_counter()
+        if hit is not None and isinstance(hit.get("copy_lifts"), list) and len(hit["copy_lifts"]) == policy.null_copies:
+            lifts = [[float(v) for v in row] for row in hit["copy_lifts"]]
+            cached, seconds = True, float(hit.get("seconds", 0.0))
+            for i in range(policy.null_copies):
+                who = copy_label(i, policy.null_copies)
+                track.cached([training_label(who, policy.epsilon), *pass_labels(who, policy.epsilon, policy.restarts)])
+        else:
+            labeller = reference_model(model)
+            plain = replace(policy, positive_control=PositiveControl.OFF)
+
+            def clean_copy(i: int) -> Callable[[], list[float]]:
+                def run() -> list[float]:
+                    who = copy_label(i, policy.null_copies)
+                    copy, _ = train_copy(model, labeller, None, policy.epsilon, seed=policy.seed + NULL_SEED_OFFSET + i,
+                                         epochs=NULL_TRAIN_EPOCHS, fresh=True, log=track.training(training_label(who, policy.epsilon), NULL_TRAIN_EPOCHS))
+                    copy.freeze_text()
+                    return copy_lifts(best_of_restarts(make_inverter(plain), copy, pool, plain, candidates, track, who), reference_asr)
+
+                return run
+
+            lifts = run_all([clean_copy(i) for i in range(policy.null_copies)])  # side by side where the scan has workers
+            cached, seconds = False, round(time.perf_counter() - t0, 2)
+            _write("null", key, {"copy_lifts": lifts, "seconds": seconds})
     return null_from_maxima(policy, len(candidates), tuple(max(row) for row in lifts), seconds, cached)
 
 

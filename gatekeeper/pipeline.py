@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -113,18 +114,22 @@ def best_of_restarts(
     track: Tracker | None = None, who: str = MODEL,
 ) -> list[ClassInversion]:
     """``policy.restarts`` inversions per class from seeds seed, seed+1, ...; per class the best by
-    :func:`restart_rank` counts. Each restart is one pass of ``track``, labelled by ``who``."""
+    :func:`restart_rank` counts. Each restart is one pass of ``track``, labelled by ``who``; the
+    restarts run side by side where the scan has workers (``gatekeeper.parallel``)."""
+    from gatekeeper.parallel import run_all, slot
+
     track = track or Tracker()
-    best: list[ClassInversion] | None = None
-    for r, label in enumerate(pass_labels(who, policy.epsilon, policy.restarts)):
-        settings = InversionSettings(policy.epsilon, policy.batch_size, policy.epochs, policy.lr, policy.seed + r)
-        run = detector.invert(model, pool.inversion, pool.holdout, candidates, settings, track.inversion_pass(label))
-        if best is None:
-            best = run
-        else:
-            best = [max(a, b, key=lambda i: restart_rank(i.metrics)) for a, b in zip(best, run, strict=True)]
-    assert best is not None
-    return best
+
+    def restart(r: int, label: str) -> Callable[[], list[ClassInversion]]:
+        def run() -> list[ClassInversion]:
+            settings = InversionSettings(policy.epsilon, policy.batch_size, policy.epochs, policy.lr, policy.seed + r)
+            with slot():
+                return detector.invert(model, pool.inversion, pool.holdout, candidates, settings, track.inversion_pass(label))
+
+        return run
+
+    runs = run_all([restart(r, label) for r, label in enumerate(pass_labels(who, policy.epsilon, policy.restarts))])
+    return [max(group, key=lambda i: restart_rank(i.metrics)) for group in zip(*runs, strict=True)]
 
 
 def reference_model(model: PromptTunedCLIP) -> PromptTunedCLIP:
@@ -145,13 +150,22 @@ def invert_candidates(
     backbone's run for the scorings that compare with it, cached: ``gatekeeper.null``); returns
     (inversions, seconds)."""
     from gatekeeper.null import reference_inversions
+    from gatekeeper.parallel import run_all
 
     t0 = time.perf_counter()
     model.freeze_text()
     detector = make_inverter(policy)
-    inversions = best_of_restarts(detector, model, pool, policy, candidates, track)
-    if rule_for(policy).needs_reference:
-        ref = reference_inversions(model, pool, policy, candidates, track)
+    compared = rule_for(policy).needs_reference
+
+    def own() -> list[ClassInversion]:
+        return best_of_restarts(detector, model, pool, policy, candidates, track)
+
+    def public() -> list[ClassMetrics]:
+        return reference_inversions(model, pool, policy, candidates, track) if compared else []
+
+    both: list[Any] = run_all([own, public])
+    inversions, ref = cast(list[ClassInversion], both[0]), cast(list[ClassMetrics], both[1])
+    if compared:
         inversions = [
             ClassInversion(replace(i.metrics, reference_asr=r.asr, reference_loss=r.loss), i.trigger)
             for i, r in zip(inversions, ref, strict=True)

@@ -10,7 +10,7 @@ a scan that fails or is killed leaves no old verdict behind.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -140,11 +140,12 @@ def run_scan(request: ScanRequest, progress: ScanProgress = no_ticks) -> ScanOut
 
     from gatekeeper.models.loader import load_model
     from gatekeeper.ood import load_pool
+    from gatekeeper.parallel import cpu_workers, workers
     from gatekeeper.pipeline import scan_model
     from gatekeeper.sources import resolve
 
     resolved = resolve(request.reference, revision=request.revision)
-    with _memory_errors(device):
+    with _memory_errors(device), workers(cpu_workers(device)):
         model = load_model(resolved.path, device)
         pool = load_pool(request.ood, model.image_size, policy.ood_budget, policy.holdout, policy.seed, model.resize)
         if shard is not None:
@@ -226,15 +227,23 @@ DEMO_EXPECTED = {"clean": ExitCode.PASS, "backdoored": ExitCode.BACKDOOR}
 
 
 def run_demo(out: Path, device: str, progress_for: Any) -> Iterator[tuple[str, ScanOutcome, ExitCode]]:
-    """Scan the bundled demo zoo (one clean, one backdoored model) with the tiny-world policy;
-    yields (name, outcome, the expected exit code) per model, as each finishes."""
+    """Scan the bundled demo zoo (one clean, one backdoored model) with the tiny-world policy, the
+    two side by side on the CPU (they share the public backbone's run and the null model, computed
+    once); yields (name, outcome, the expected exit code) per model."""
     import shlex
 
+    from gatekeeper.parallel import cpu_workers, run_all, workers
     from gatekeeper.resources import data_path
 
     zoo = data_path("zoo") / "demo"
-    for name, expected in DEMO_EXPECTED.items():
+
+    def scan(name: str) -> Callable[[], ScanOutcome]:
         ref = str(zoo / name)
         command = shlex.join(["gatekeeper", "scan", ref, "--policy", "tiny-world", "--out", str(out / name)])
         request = ScanRequest(ref, out / name, policy="tiny-world", device=device, command=command)
-        yield name, run_scan(request, progress_for(f"demo/{name}")), expected
+        return lambda: run_scan(request, progress_for(f"demo/{name}"))
+
+    with workers(cpu_workers(resolve_device(device))):
+        outcomes = run_all([scan(name) for name in DEMO_EXPECTED])
+    for (name, expected), outcome in zip(DEMO_EXPECTED.items(), outcomes, strict=True):
+        yield name, outcome, expected

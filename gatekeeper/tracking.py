@@ -13,6 +13,7 @@ draws them (``gatekeeper.progress``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -78,6 +79,7 @@ class _Count:
     planned: dict[str, Stage]
     done: int = 0
     started: set[str] = field(default_factory=set)
+    lock: threading.RLock = field(default_factory=threading.RLock)  # parts of a scan may run side by side
 
     @property
     def total(self) -> int:
@@ -131,43 +133,48 @@ class Tracker:
         seen = [0]
 
         def progress(done: int, total: int, name: str) -> None:
-            if not opened:
-                opened.append(self._start(label, total, "class"))
-            step = max(0, min(done, opened[0].units) - seen[0])
-            seen[0] += step
-            self._count.done += step
-            self._tick(opened[0], seen[0], name)
+            with self._count.lock:
+                if not opened:
+                    opened.append(self._start(label, total, "class"))
+                step = max(0, min(done, opened[0].units) - seen[0])
+                seen[0] += step
+                self._count.done += step
+                self._tick(opened[0], seen[0], name)
 
         return progress
 
     def training(self, label: str, epochs: int) -> Callable[[str], None]:
         """A ``log`` for :func:`gatekeeper.models.tuning.train_on`: it calls once per epoch."""
-        stage = self._start(label, epochs, "epoch")
-        self._tick(stage, 0)
+        with self._count.lock:
+            stage = self._start(label, epochs, "epoch")
+            self._tick(stage, 0)
         seen = [0]
 
         def log(line: str) -> None:
-            if seen[0] < epochs:
-                seen[0] += 1
-                self._count.done += 1
-                self._tick(stage, seen[0])
+            with self._count.lock:
+                if seen[0] < epochs:
+                    seen[0] += 1
+                    self._count.done += 1
+                    self._tick(stage, seen[0])
 
         return log
 
     def cached(self, labels: Iterable[str]) -> None:
         """Planned stages whose result came from the cache: they leave the total, announced."""
         c = self._count
-        for label in labels:
-            full = self._scope + label
-            stage = c.planned.get(full)
-            if stage is None or full in c.started:
-                continue
-            del c.planned[full]
-            self._tick(Stage(full, 0, stage.unit), 0, cached=True)
+        with c.lock:
+            for label in labels:
+                full = self._scope + label
+                stage = c.planned.get(full)
+                if stage is None or full in c.started:
+                    continue
+                del c.planned[full]
+                self._tick(Stage(full, 0, stage.unit), 0, cached=True)
 
     def finish(self) -> None:
         """The scan is over: stages that never started leave the total; one last tick."""
         c = self._count
-        for label in [s for s in c.planned if s not in c.started]:
-            del c.planned[label]
-        self._count.report(Tick("", 0, 0, c.done, c.total))
+        with c.lock:
+            for label in [s for s in c.planned if s not in c.started]:
+                del c.planned[label]
+            self._count.report(Tick("", 0, 0, c.done, c.total))

@@ -247,6 +247,15 @@ class PromptTunedCLIP(nn.Module):
         assert self.ctx is not None
         return self.encode_prompt_embeddings(self.class_prompts(self.ctx), self.eot_index)
 
+    def train(self, mode: bool = True) -> PromptTunedCLIP:
+        """Only the prompt learner trains: the frozen encoders stay in eval mode. They are shared
+        with every copy the gate trains (the control's plant, the null copies), so a train-mode
+        tower would use batch statistics in a ResNet's BatchNorm and overwrite its running
+        statistics, changing the candidate under its own scan."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
     def thaw_text(self) -> None:
         """Drop cached text features, so the prompt learner gets gradients again (before training)."""
         self._cached_text = None
