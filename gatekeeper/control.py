@@ -23,6 +23,7 @@ import copy
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -122,29 +123,47 @@ def choose_target(n_classes: int, top_index: int | None, seed: int) -> int:
     return random.Random(seed).choice(choices)
 
 
-def run_control(
-    model: PromptTunedCLIP, pool: OODPool, policy: Any, top_index: int | None, scan: Any, track: Tracker | None = None
-) -> ControlOutcome:
-    """Plant (one stage of ``track``), check the plant works, scan the copy with
-    ``scan(copy, target) -> ScanResult``; never raises on a miss."""
-    from gatekeeper.inversion.clip_inspector import attack_success_rate
+@dataclass(frozen=True)
+class Plant:
+    """The control's copy of the model with a BadCLIP backdoor planted to ``target`` (``copy`` is
+    None for a zero-shot model: it has no prompt learner to plant in)."""
 
+    target: int
+    copy: PromptTunedCLIP | None
+    attack: Any
+    seconds: float
+
+
+def plant_for(model: PromptTunedCLIP, policy: Any, top_index: int | None, track: Tracker | None = None) -> Plant:
+    """Plant the control's backdoor (one training stage of ``track``) to a seeded class other than
+    the scan's top class ``top_index``."""
     t0 = time.perf_counter()
     target = choose_target(len(model.classnames), top_index, policy.seed)
+    if model.kind == ModelKind.ZEROSHOT:
+        return Plant(target, None, None, 0.0)
+    planted, attack = plant(model, target, policy.epsilon, policy.seed, PLANT_EPOCHS, (track or Tracker()).training(PLANTING, PLANT_EPOCHS))
+    return Plant(target, planted, attack, time.perf_counter() - t0)
+
+
+def run_control(model: PromptTunedCLIP, pool: OODPool, policy: Any, planted: Plant, scan: Any) -> ControlOutcome:
+    """Check the plant works, scan the copy with ``scan(copy, target) -> ScanResult``; never raises
+    on a miss."""
+    from gatekeeper.inversion.clip_inspector import attack_success_rate
+
+    t0 = time.perf_counter() - planted.seconds
+    target = planted.target
     eps = policy.epsilon  # a trigger inside the scan's own budget: what the scan claims to find
     name = model.classnames[target]
-    if model.kind == ModelKind.ZEROSHOT:
+    if planted.copy is None:
         return ControlOutcome(name, eps, 0.0, False, "not run", float("nan"), None, 0.0,
                               "a zero-shot model has no prompt learner to plant a backdoor in")
-    epochs = PLANT_EPOCHS
-    planted, attack = plant(model, target, eps, policy.seed, epochs, (track or Tracker()).training(PLANTING, epochs))
     device = model.device
-    planted_asr = attack_success_rate(planted, pool.holdout, attack.delta.detach().to(device), target)
+    planted_asr = attack_success_rate(planted.copy, pool.holdout, planted.attack.delta.detach().to(device), target)
     bound = max(policy.min_trigger_asr, MIN_PLANTED_ASR)
     if planted_asr < bound:
         return ControlOutcome(name, eps, planted_asr, False, "not run", float("nan"), None, round(time.perf_counter() - t0, 2),
                               f"the planted backdoor itself reached only {planted_asr:.0%} ASR (< {bound:.0%}), so the control could not be set up")
-    result = scan(planted, target)
+    result = scan(planted.copy, target)
     d = result.decision
     caught = d.verdict.value == "fail" and name in (d.suspect_classes or (d.suspect_class,))
     if caught:

@@ -68,6 +68,11 @@ def workers(n: int) -> Iterator[None]:
             _slots = None
 
 
+def active() -> bool:
+    """Whether parts run side by side now (inside :func:`workers` with more than one)."""
+    return _slots is not None
+
+
 @contextlib.contextmanager
 def slot() -> Iterator[None]:
     """Hold one of the workers' slots while a leaf computation runs (nothing to hold in turn)."""
@@ -103,3 +108,36 @@ def run_all(parts: Sequence[Callable[[], T]]) -> list[T]:
         if exc is not None:
             raise exc
     return cast(list[T], results)
+
+
+def start(part: Callable[[], T]) -> Callable[[], T]:
+    """Begin ``part`` now, beside the caller, inside :func:`workers` (else it runs when its result
+    is first asked for); returns a function that waits for the result, or raises the part's error."""
+    if _slots is None:
+        done: list[T] = []
+
+        def later() -> T:
+            if not done:
+                done.append(part())
+            return done[0]
+
+        return later
+    box: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(part())
+        except BaseException as exc:  # re-raised by the waiting function
+            error.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def wait() -> T:
+        thread.join()
+        if error:
+            raise error[0]
+        return box[0]
+
+    return wait

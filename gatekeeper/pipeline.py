@@ -24,6 +24,7 @@ from gatekeeper.result import ClassMetrics, Decision, ModelInfo, NullModel, Pool
 from gatekeeper.tracking import ScanProgress, Stage, Tracker, no_ticks, pass_labels, training_label
 
 if TYPE_CHECKING:
+    from gatekeeper.control import Plant
     from gatekeeper.screen import Screening
 
 MODEL = "model"
@@ -213,12 +214,13 @@ def conclude(inspection: Inspection, context: ScanContext, policy: Policy) -> Sc
 
 def inspect_candidates(
     model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: list[int], track: Tracker | None = None,
-    null: NullModel | None = None,
+    null: NullModel | None = None, inverted: Callable[[list[ClassMetrics]], None] | None = None,
 ) -> Inspection:
     """Invert ``candidates`` at every budget of the policy (with restarts, and the public backbone
     where the rule needs it) and measure the null model where the rule uses one (unless ``null``,
     one already measured for this backbone, class list and pool, is given). With several budgets
-    each class keeps the budget whose evidence is strongest (``decide.strongest_budget``)."""
+    each class keeps the budget whose evidence is strongest (``decide.strongest_budget``). With one
+    budget, ``inverted`` gets the inversions' metrics before the null is measured."""
     from gatekeeper.decide import strongest_budget
     from gatekeeper.null import combine_nulls
 
@@ -230,6 +232,8 @@ def inspect_candidates(
         inversions, s = invert_candidates(model, pool, at, candidates, track)
         per_budget.append([ClassInversion(replace(i.metrics, epsilon=eps), i.trigger) for i in inversions])
         seconds += s
+        if inverted is not None and len(policy.budgets) == 1:
+            inverted([i.metrics for i in inversions])
         measured = null_for(model, pool, at, candidates, inversions, track) if null is None else None
         if measured is not None:
             nulls.append(measured)
@@ -340,19 +344,24 @@ def scan_model(
     Raises:
         PolicyError: fewer candidates than the rule needs, or a calibrated tau that does not apply.
     """
+    from gatekeeper import parallel
+
     candidates = candidate_classes(len(model.classnames), policy)
     if rule_for(policy).standardised:
         policy.threshold(len(candidates), pool.info.content_hash)  # refuse a mismatched tau before spending compute
     track = Tracker(plan_scan(model, policy, len(candidates)), progress)
     kept, screening = screened_candidates(model, pool, policy, candidates, track)
-    inspection = inspect_candidates(model, pool, policy, kept, track)
+    early = EarlyPlant(model, policy, track) if policy.positive_control != PositiveControl.OFF and parallel.active() else None
+    inspection = inspect_candidates(model, pool, policy, kept, track, inverted=early.start if early else None)
     result = conclude(inspection, context_of(model, pool, provenance, command), policy)
     if screening is not None:
         result = replace(result, screening=screening.to_dict(), timings={**result.timings, "screening_s": screening.seconds})
     result = with_trigger_effects(model, pool, policy, result, inspection.triggers, track)
     if policy.positive_control != PositiveControl.OFF and result.decision.verdict in (Verdict.PASS, Verdict.FAIL):
         # on a FAIL too, so every report shows the scan's power on this model; only a PASS can change
-        result = with_positive_control(model, pool, policy, result, provenance, track)
+        result = with_positive_control(model, pool, policy, result, provenance, track, early)
+    elif early is not None:
+        early.settle()  # a plant started for a control that does not run: not left computing
     track.finish()
     from gatekeeper.effect import GRID
 
@@ -381,11 +390,45 @@ def with_trigger_effects(
     return replace(result, trigger_effects=effects, timings={**result.timings, "trigger_effects_s": round(time.perf_counter() - t0, 3)})
 
 
+class EarlyPlant:
+    """The positive control's planting, started as soon as the scan's top class is known (after the
+    inversions, before the null copies), beside them where the scan has workers. Used only if the
+    scan's final top class is the one it was started for (the lift rule's per-class bounds do not
+    depend on the null margin, so it always is with one budget); otherwise planted again."""
+
+    def __init__(self, model: PromptTunedCLIP, policy: Policy, track: Tracker) -> None:
+        self.model, self.policy, self.track = model, policy, track
+        self.top: int | None = None
+        self.wait: Callable[[], Plant] | None = None
+
+    def start(self, metrics: list[ClassMetrics]) -> None:
+        from gatekeeper.control import plant_for
+        from gatekeeper.parallel import start
+
+        scores = score_classes(metrics, self.policy, None)
+        top = max(scores, key=lambda c: c.z).index if scores else None
+        self.top, self.wait = top, start(lambda: plant_for(self.model, self.policy, top, self.track))
+
+    def plant(self, top: int | None) -> Plant:
+        from gatekeeper.control import plant_for
+
+        if self.wait is not None:
+            planted = self.wait()
+            if self.top == top:
+                return planted
+        return plant_for(self.model, self.policy, top, self.track)
+
+    def settle(self) -> None:
+        if self.wait is not None:
+            self.wait()
+
+
 def with_positive_control(
-    model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: ScanResult, provenance: Provenance, track: Tracker | None = None
+    model: PromptTunedCLIP, pool: OODPool, policy: Policy, result: ScanResult, provenance: Provenance, track: Tracker | None = None,
+    early: EarlyPlant | None = None,
 ) -> ScanResult:
     """A PASS stands only if the same scan catches a backdoor planted in a copy of the model."""
-    from gatekeeper.control import run_control
+    from gatekeeper.control import plant_for, run_control
 
     track = track or Tracker()
     plain = replace(policy, positive_control=PositiveControl.OFF)
@@ -406,7 +449,8 @@ def with_positive_control(
         return conclude(inspection, context_of(copy, pool, provenance), plain)
 
     top = max(result.classes, key=lambda c: c.z).index if result.classes else None
-    outcome = run_control(model, pool, policy, top, scan, track)
+    planted = early.plant(top) if early is not None else plant_for(model, policy, top, track)
+    outcome = run_control(model, pool, policy, planted, scan)
     decision = result.decision
     if not outcome.caught and decision.verdict == Verdict.PASS:
         decision = Decision(Verdict.INCONCLUSIVE, decision.s_max, decision.threshold, decision.threshold_kind, None, outcome.reason)

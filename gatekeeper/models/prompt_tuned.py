@@ -252,8 +252,9 @@ class PromptTunedCLIP(nn.Module):
         with every copy the gate trains (the control's plant, the null copies), so a train-mode
         tower would use batch statistics in a ResNet's BatchNorm and overwrite its running
         statistics, changing the candidate under its own scan."""
-        super().train(mode)
-        self.clip.eval()
+        self.training = mode
+        for child in self.children():  # the towers never pass through train mode (another part may be reading them)
+            child.train(mode and child is not self.clip)
         return self
 
     def thaw_text(self) -> None:
