@@ -382,9 +382,11 @@ def with_trigger_effects(
     """Each flagged class's ASR against its trigger's scale, on the model and the public backbone
     (``gatekeeper.effect``; one pass of ``track`` when a class is flagged, none otherwise)."""
     from gatekeeper.effect import trigger_effects
+    from gatekeeper.parallel import slot
 
     t0 = time.perf_counter()
-    effects = trigger_effects(model, pool.holdout, result.classes, triggers, policy.epsilon, track.inversion_pass(EFFECTS))
+    with slot():
+        effects = trigger_effects(model, pool.holdout, result.classes, triggers, policy.epsilon, track.inversion_pass(EFFECTS))
     if not effects:
         return result
     return replace(result, trigger_effects=effects, timings={**result.timings, "trigger_effects_s": round(time.perf_counter() - t0, 3)})

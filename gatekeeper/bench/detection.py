@@ -655,6 +655,44 @@ def write_outputs(results: dict[str, Any], out: Path, compact_json: Path | None 
     (compact_json or out / "detection.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def compare(a: dict[str, Any], a_detector: str, b: dict[str, Any], b_detector: str) -> str:
+    """Markdown: two benchmark runs (``detection-full.json``) model by model, e.g. a policy and a
+    cheaper one: verdicts that differ, named classes that differ, the statistic's shift, both summaries."""
+    import statistics
+
+    runs = [(a, a_detector), (b, b_detector)]
+    for r, name in runs:
+        if name not in r["detectors"]:
+            raise UsageError(f"detector {name!r} is not in that run", f"choose from {sorted(r['detectors'])}")
+    ma, mb = ({m["model"]: m for m in r["detectors"][n]["models"]} for r, n in runs)
+    if ma.keys() != mb.keys():
+        raise UsageError("the two runs scanned different models", "compare runs on the same zoo")
+    flips = [k for k in sorted(ma) if ma[k]["flagged"] != mb[k]["flagged"]]
+    named = [k for k in sorted(ma) if set(ma[k].get("suspects") or []) != set(mb[k].get("suspects") or [])]
+    shift = [mb[k]["s_max"] - ma[k]["s_max"] for k in ma]
+    lines = [
+        f"Models: {len(ma)}. A: `{a_detector}` ({a['policy_hash'][:12]}, |D| = {a['policy']['ood_budget']}), "
+        f"B: `{b_detector}` ({b['policy_hash'][:12]}, |D| = {b['policy']['ood_budget']}).", "",
+        "| run | AUROC | accuracy | TPR | FPR | class TP/FP/FN | highest clean | lowest implanted backdoor | gap | s / model |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, (r, n) in zip("AB", runs, strict=True):
+        d, sep = r["detectors"][n], r["detectors"][n]["separation"]
+        lines.append(
+            f"| {label} | {d['auroc']:.3f} | {d['accuracy']:.1%} | {d['tpr']:.1%} | {d['fpr']:.1%} | "
+            f"{d['class_tp']}/{d['class_fp']}/{d['class_fn']} | {sep['highest_clean']:+.3f} ({sep['highest_clean_model']}) | "
+            f"{sep['lowest_backdoored']:+.3f} ({sep['lowest_backdoored_model']}) | {sep['margin']:+.3f} | {d['seconds_per_model']:.1f} |"
+        )
+    lines += ["", f"Verdicts that differ: {len(flips)}" + ("" if flips else " (every model gets the same verdict)")]
+    lines += [f"- {k}: A {'fail' if ma[k]['flagged'] else 'pass'} ({ma[k]['s_max']:+.3f}), "
+              f"B {'fail' if mb[k]['flagged'] else 'pass'} ({mb[k]['s_max']:+.3f})" for k in flips]
+    lines += ["", f"Named classes that differ: {len(named)}"]
+    lines += [f"- {k} (target {', '.join(ma[k]['targets']) or 'none'}): A {ma[k].get('suspects') or []}, B {mb[k].get('suspects') or []}" for k in named]
+    lines += ["", f"Statistic (largest lower bound, ASR points) B − A: median {100 * statistics.median(shift):+.1f}, "
+              f"mean {100 * statistics.mean(shift):+.1f}, from {100 * min(shift):+.1f} to {100 * max(shift):+.1f}."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     """``gatekeeper-lab bench detection``: argv -> benchmark -> outputs; returns the exit code."""
     import argparse
@@ -669,8 +707,8 @@ def main(argv: list[str]) -> int:
             "detection-roc.png. Per-model runs are cached under OUT/cache, so an interrupted run resumes."
         ),
     )
-    ap.add_argument("--zoo", type=Path, required=True, help="a built zoo (`gatekeeper-lab zoo build bench --out DIR`)")
-    ap.add_argument("--out", type=Path, required=True, help="output folder (cache + reports)")
+    ap.add_argument("--zoo", type=Path, help="a built zoo (`gatekeeper-lab zoo build bench --out DIR`)")
+    ap.add_argument("--out", type=Path, help="output folder (cache + reports)")
     ap.add_argument("--policy", default="tiny-world", help="policy the detectors run under (default: tiny-world)")
     ap.add_argument("--restarts", type=int, default=2, help="CLIP-Inspector restarts to compare (default 2)")
     ap.add_argument("--only", nargs="+", metavar="DETECTOR", help="benchmark only these detector variants")
@@ -678,7 +716,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--shard", help="i/n: compute only every n-th model into the cache (run n processes, then once without)")
     ap.add_argument("--null-copies", type=int, default=2,
                     help="lift variant: clean copies per class list for the null margin (default 2; 0: the policy's floor alone)")
+    ap.add_argument("--compare", nargs=4, metavar=("A_FULL_JSON", "A_DETECTOR", "B_FULL_JSON", "B_DETECTOR"),
+                    help="print two runs' detection-full.json side by side, model by model (no scan); --zoo and --out unused")
     args = ap.parse_args(argv)
+    if args.compare:
+        a_path, a_det, b_path, b_det = args.compare
+        print(compare(json.loads(Path(a_path).read_text()), a_det, json.loads(Path(b_path).read_text()), b_det), end="")
+        return 0
+    if args.zoo is None or args.out is None:
+        raise UsageError("--zoo and --out are required", "give the built zoo and an output folder")
     if args.restarts < 1:
         raise UsageError(f"--restarts {args.restarts}: must be at least 1", "use --restarts 1 to compare no restarts")
     if not 0 <= args.null_copies <= 32:

@@ -68,3 +68,31 @@ def test_calibrated_operating_point_is_chosen_without_the_held_out_task():
     lo = c["leave_one_task_out"]
     assert lo["tpr"] == pytest.approx(2 / 3) and lo["fpr"] == 0.0 and lo["accuracy"] == pytest.approx(5 / 6)
     assert lo["class_tp"] == 2 and lo["class_fn"] == 1
+
+
+def _run(policy_hash: str, rows: list[tuple[str, bool, float, list[str]]]) -> dict:
+    from gatekeeper.bench.detection import margins
+
+    outcomes = [Outcome(model=m, task="t", attack="clean" if m.startswith("c") else "badclip",
+                        target=None if m.startswith("c") else "cat", s_max=s, flagged=flagged, suspect=(sus or [None])[0],
+                        seconds=1.0, top="cat", targets=() if m.startswith("c") else ("cat",), suspects=tuple(sus))
+                for m, flagged, s, sus in rows]
+    det = {**summarize(outcomes), "separation": margins(outcomes, {o.model for o in outcomes}),
+           "models": [{"model": o.model, "flagged": o.flagged, "s_max": o.s_max, "suspects": list(o.suspects), "targets": list(o.targets)} for o in outcomes]}
+    return {"policy_hash": policy_hash, "policy": {"ood_budget": 1000}, "detectors": {"lift": det}}
+
+
+def test_comparing_two_runs_names_every_verdict_and_named_class_that_differs():
+    from gatekeeper.bench.detection import compare
+    from gatekeeper.errors import UsageError
+
+    a = _run("a" * 64, [("c1", False, -0.02, []), ("b1", True, 0.40, ["cat"]), ("b2", True, 0.20, ["cat"])])
+    b = _run("b" * 64, [("c1", False, -0.03, []), ("b1", True, 0.35, ["cat", "dog"]), ("b2", False, 0.05, [])])
+    text = compare(a, "lift", b, "lift")
+    assert "Verdicts that differ: 1\n- b2: A fail (+0.200), B pass (+0.050)" in text
+    assert "Named classes that differ: 2" in text and "b1 (target cat): A ['cat'], B ['cat', 'dog']" in text
+    assert "median -5.0" in text  # shifts -1, -5, -15 points
+    same = compare(a, "lift", a, "lift")
+    assert "Verdicts that differ: 0 (every model gets the same verdict)" in same and "Named classes that differ: 0" in same
+    with pytest.raises(UsageError, match="not in that run"):
+        compare(a, "paper", b, "lift")
