@@ -23,15 +23,12 @@ BACKBONE = REPO / "zoo" / "backbone"
 
 
 def light_tiny_world_policy(out: Path) -> Path:
-    """The shipped tiny-world policy with one restart and no positive control, for tests that check
+    """The shipped tiny-world policy without the positive control, for tests that check
     plumbing (action, audit, rebuilt demo) rather than the policy itself, and the null margin at the
     policy's floor (no clean copies); `test_demo.py` runs the shipped policy as is. Same detector,
     scoring, epsilon, budget and floor."""
     text = (REPO / "policies" / "tiny-world.yaml").read_text()
-    light = (
-        text.replace("positive_control: badclip", 'positive_control: "off"').replace("restarts: 2", "restarts: 1")
-        .replace("null_copies: 2", "null_copies: 0")
-    )
+    light = text.replace("positive_control: badclip", 'positive_control: "off"').replace("null_copies: 1", "null_copies: 0")
     assert light.count('positive_control: "off"') == 1 and "restarts: 1" in light and "null_copies: 0" in light, "tiny-world.yaml changed shape"
     out.write_text(light)
     return out

@@ -41,7 +41,7 @@ def test_four_class_cut_of_the_backdoored_demo_fails_naming_its_target(tmp_path)
     code, r = scan(cut("backdoored", FOUR, tmp_path), tmp_path / "out")
     assert code == 1 and r["verdict"] == "fail", r["reason"]
     assert r["suspect_classes"] == ["orange square"], r["classes"]
-    assert r["threshold_kind"] == "null margin" and r["null_model"]["copies"] == 2
+    assert r["threshold_kind"] == "null margin" and r["null_model"]["copies"] == 1
     target = next(c for c in r["classes"] if c["name"] == "orange square")
     assert target["asr"] - target["reference_asr"] > 0.4  # measured: 82 % vs 16 %
     assert r["positive_control"]["caught"] is True

@@ -70,8 +70,9 @@ def test_a_whole_scans_cost_counts_every_part_the_policy_runs():
     assert "positive control" not in costs["default"] and costs["tiny-world"]["positive control"] > 0
     model = build_bench_model(torch.device("cpu"), 6, vit_b16=False, sizes=QUICK_SIZES)
     lift = load_policy("tiny-world")
-    one = whole_scan_pflop(model, replace(lift, restarts=1))
-    assert one["model"] == costs["tiny-world"]["model"] / 2  # two restarts: twice the model's inversion
+    assert lift.restarts == 1
+    two = whole_scan_pflop(model, replace(lift, restarts=2))
+    assert two["model"] == 2 * costs["tiny-world"]["model"]  # two restarts: twice the model's inversion
     # the lift rule re-scans the planted class alone; a z rule re-scans every class
     z = whole_scan_pflop(model, replace(lift, scoring=Scoring.DIFFERENTIAL, null_copies=0))
     assert z["positive control"] > costs["tiny-world"]["positive control"] and z["null copies"] == 0.0
