@@ -41,7 +41,7 @@ from gatekeeper._alloc import heap_mode, minor_faults
 from gatekeeper.decide import anomaly_scores
 from gatekeeper.inversion.base import ClassInversion, InversionSettings
 from gatekeeper.inversion.clip_inspector import ClipInspector, apply_trigger, margin_loss
-from gatekeeper.inversion.fast import FastClipInspector, fast_logits, row_bytes, text_plan
+from gatekeeper.inversion.fast import FastClipInspector, cocoop_text_features, fast_logits, row_bytes, text_plan
 from gatekeeper.models.manifest import BackboneRef, Manifest, ModelKind
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP, build_meta_net
 
@@ -398,6 +398,24 @@ def measured_full_class(ks: tuple[int, ...] = (10, 50), n_pool: int = 32, n_hold
         if log:
             log(f"  K = {k}: {rows[-1]['seconds']:.1f} s")
     return rows
+
+
+def tower_split(k: int = 50, batch: int = 4, repeats: int = 2, sizes: dict[str, int] | None = None) -> dict[str, float]:
+    """One fast inversion step at ViT-B/16 shapes (random weights; ``sizes``: the small shapes
+    instead), timed on the CPU: the whole step (image tower + CoCoOp text path over K classes,
+    forward and backward to the trigger) and the image tower alone (the same step with the text
+    features held fixed), per image; beside them the analytic forward-FLOP share of the image tower."""
+    cpu = torch.device("cpu")
+    model = build_bench_model(cpu, k, vit_b16=sizes is None, sizes=sizes)
+    plan = text_plan(model)
+    x = torch.rand(batch, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # fixed text features: what the image tower alone feeds
+        text = cocoop_text_features(model, model.image_features(x[:1]), plan)[0]
+    whole = _step_time(lambda t: fast_logits(model, t, plan), x, 1, 0, cpu, repeats) / batch
+    image = _step_time(lambda t: model.logit_scale * model.image_features(t) @ text.T, x, 1, 0, cpu, repeats) / batch
+    img_flops, txt_flops = image_text_flops(model, fast=True)
+    return {"classes": k, "batch": batch, "step_s_per_image": whole, "image_s_per_image": image,
+            "image_share_measured": image / whole, "image_share_analytic": img_flops / (img_flops + txt_flops)}
 
 
 def _compare(ref: list[ClassInversion], fast: list[ClassInversion]) -> dict[str, Any]:
@@ -1114,6 +1132,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"print the analytic cost of scanning every class of a ViT-B/16 CoCoOp for K = {', '.join(map(str, FULL_CLASS_KS))} and exit",
     )
     p.add_argument(
+        "--tower-split",
+        action="store_true",
+        help="time one fast inversion step of a 50-class ViT-B/16-shaped CoCoOp on the CPU (random weights): "
+        "the whole step and the image tower alone, per image, with the tower's analytic share, and exit",
+    )
+    p.add_argument(
         "--budget-s",
         type=float,
         default=GPU_CHECK_BUDGET_S,
@@ -1142,6 +1166,15 @@ def main(argv: list[str] | None = None) -> int:
         print("K | seconds | seconds per class")
         for row in measured_full_class(log=lambda s: print(s, flush=True)):
             print(f"{row['classes']} | {row['seconds']:.1f} | {row['seconds'] / row['classes']:.3f}")
+        return 0
+    if args.tower_split:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        row = tower_split(args.classes)
+        print(f"ViT-B/16 shapes, CoCoOp, K = {row['classes']}, batch {row['batch']}, one fast inversion step on the CPU "
+              f"({torch.get_num_threads()} torch threads), per image:")
+        print(f"  whole step {row['step_s_per_image']:.3f} s; image tower alone {row['image_s_per_image']:.3f} s")
+        print(f"  image tower's share: measured {row['image_share_measured']:.0%}, analytic (forward FLOPs) {row['image_share_analytic']:.0%}")
         return 0
     if args.gpu_check:
         if args.threads:

@@ -78,3 +78,18 @@ def test_a_whole_scans_cost_counts_every_part_the_policy_runs():
     assert z["positive control"] > costs["tiny-world"]["positive control"] and z["null copies"] == 0.0
     screened = whole_scan_pflop(model, replace(lift, screen_keep=2, positive_control=PositiveControl.OFF))
     assert screened["screening"] > 0 and screened["model"] == costs["tiny-world"]["model"] / 3
+
+
+def test_the_tower_split_times_the_whole_step_and_the_image_tower_alone():
+    import math
+
+    import torch
+
+    from gatekeeper.bench.speed import QUICK_SIZES, build_bench_model, image_text_flops, tower_split
+
+    row = tower_split(6, batch=2, repeats=1, sizes=QUICK_SIZES)
+    assert row["classes"] == 6 and row["batch"] == 2
+    assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("step_s_per_image", "image_s_per_image"))
+    assert row["image_share_measured"] == row["image_s_per_image"] / row["step_s_per_image"]
+    img, txt = image_text_flops(build_bench_model(torch.device("cpu"), 6, sizes=QUICK_SIZES), fast=True)
+    assert row["image_share_analytic"] == img / (img + txt)
