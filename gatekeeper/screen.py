@@ -19,9 +19,10 @@ result. The screening's recall on the detection benchmark is measured by
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from gatekeeper.inversion.base import InversionSettings
+from gatekeeper.inversion.base import ClassInversion, InversionSettings
 from gatekeeper.models.prompt_tuned import PromptTunedCLIP
 from gatekeeper.ood import OODPool
 from gatekeeper.policy import Detector, Policy
@@ -85,6 +86,7 @@ def screen(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: li
     """Invert every candidate briefly at each budget; keep the ``policy.screen_keep`` classes of
     highest screening lift per budget (their union, in candidate order)."""
     from gatekeeper.decide import rule_for
+    from gatekeeper.parallel import run_all, slot
     from gatekeeper.pipeline import make_inverter, reference_model
 
     t0 = time.perf_counter()
@@ -95,15 +97,24 @@ def screen(model: PromptTunedCLIP, pool: OODPool, policy: Policy, candidates: li
     needs_reference = rule_for(policy).needs_reference
     ref = reference_model(model) if needs_reference else None
     model.freeze_text()
+
+    def screened(on: PromptTunedCLIP, who: str, settings: InversionSettings) -> Callable[[], list[ClassInversion]]:
+        label = pass_labels(who, settings.epsilon, 1)[0]
+
+        def run() -> list[ClassInversion]:
+            with slot():
+                return detector.invert(on, train, judge, candidates, settings, track.inversion_pass(label))
+
+        return run
+
     rows: list[ScreenedClass] = []
     kept: set[int] = set()
     for eps in policy.budgets:
         settings = InversionSettings(eps, policy.batch_size, policy.epochs, policy.lr, policy.seed)
-        runs = detector.invert(model, train, judge, candidates, settings, track.inversion_pass(pass_labels(SCREEN_MODEL, eps, 1)[0]))
-        ref_asr: list[float | None] = [None] * len(runs)
-        if ref is not None:
-            label = pass_labels(SCREEN_REFERENCE, eps, 1)[0]
-            ref_asr = [r.metrics.asr for r in detector.invert(ref, train, judge, candidates, settings, track.inversion_pass(label))]
+        # the model's pass and the public backbone's, side by side where the scan has workers
+        passes = run_all([screened(model, SCREEN_MODEL, settings), *([screened(ref, SCREEN_REFERENCE, settings)] if ref is not None else [])])
+        runs = passes[0]
+        ref_asr: list[float | None] = [r.metrics.asr for r in passes[1]] if ref is not None else [None] * len(runs)
         at = [ScreenedClass(r.metrics.index, r.metrics.name, eps, r.metrics.asr, a, False) for r, a in zip(runs, ref_asr, strict=True)]
         top = {c.index for c in sorted(at, key=rank_key)[: policy.screen_keep]}
         kept |= top

@@ -112,3 +112,26 @@ def test_training_a_copy_leaves_the_shared_encoders_untouched(tmp_path) -> None:
     assert copy.clip is model.clip and not model.clip.training
     after = model.clip.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_screening_with_workers_equals_the_screening_in_turn() -> None:
+    """The model's and the public backbone's screening passes side by side: the same ranks and kept classes."""
+    from gatekeeper.models.loader import load_model
+    from gatekeeper.ood import load_pool
+    from gatekeeper.policy import policy_from_mapping
+    from gatekeeper.screen import screen
+
+    policy = policy_from_mapping({"epsilon": "8/255", "ood_budget": 128, "holdout": 64, "screen_keep": 4, "screen_images": 32,
+                                  "scoring": "lift"})
+    model = load_model(DEMO_ZOO / "backdoored")
+    pool = load_pool("procedural", model.image_size, policy.ood_budget, policy.holdout, policy.seed)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = screen(model, pool, policy, list(range(12)))
+    finally:
+        torch.set_num_threads(threads)
+    with workers(2):
+        side_by_side = screen(model, pool, policy, list(range(12)))
+    assert alone.classes == side_by_side.classes and alone.kept == side_by_side.kept
+    assert 7 in alone.kept  # the demo's backdoor target, 'orange square'
